@@ -1,0 +1,126 @@
+"""The exception tree of hami-ray, rooted at :class:`HamiRayError`.
+
+Every error raised by hami-ray code is one of these; third-party exceptions are translated at the edge
+(the Ray shell, the Kubernetes bridge, the device backends). Retry semantics come from the type: a
+:class:`TemporaryError` may succeed when tried again (capacity frees, a node actor restarts), a
+:class:`PermanentError` will not until the input changes.
+
+    HamiRayError
+    ├── PermanentError
+    │   ├── InvalidRequest          bad input: names the field and the reason
+    │   │   └── AnnotationFormatError   a malformed HAMi annotation
+    │   ├── UnknownPolicy           a policy name the registry does not know (also an InvalidRequest)
+    │   ├── LeaseError
+    │   │   ├── LeaseNotFound
+    │   │   └── LeaseTokenMismatch  releasing with a wrong token
+    │   └── InvariantViolation      an allocation would break a ledger invariant (a bug or a race)
+    └── TemporaryError
+        ├── Unschedulable           nothing fits now; carries kube-scheduler-style reason counts
+        ├── ReservationRefused      a node actor refused a reservation (two-phase placement)
+        └── DeviceError             a device backend failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class HamiRayError(Exception):
+    """Root of every hami-ray error."""
+
+
+class PermanentError(HamiRayError):
+    """Retrying with the same input will fail the same way."""
+
+
+class TemporaryError(HamiRayError):
+    """May succeed later (capacity frees, a component restarts)."""
+
+
+class InvalidRequest(PermanentError, ValueError):
+    """A request (Python keyword, Kubernetes resource or annotation) is malformed.
+
+    Example: ``InvalidRequest("gpu_memory", "unknown unit 'gigs' in '8 gigs'")``.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid {field}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.field, self.reason))
+
+
+class AnnotationFormatError(InvalidRequest):
+    """A HAMi annotation (pod allocation, node register) cannot be decoded."""
+
+
+class UnknownPolicy(InvalidRequest):
+    """A node or device policy name that is not registered."""
+
+
+class LeaseError(PermanentError):
+    """A lease operation was refused."""
+
+
+class LeaseNotFound(LeaseError, KeyError):
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        super().__init__(f"no lease {lease_id!r}")
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return f"no lease {self.lease_id!r}"
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.lease_id,))
+
+
+class LeaseTokenMismatch(LeaseError):
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        super().__init__(f"wrong token for lease {lease_id!r}: release refused")
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.lease_id,))
+
+
+class InvariantViolation(PermanentError):
+    """An allocation would over-commit a device; nothing was changed."""
+
+
+class Unschedulable(TemporaryError):
+    """No node can hold the request now.
+
+    The message reads like kube-scheduler's:
+    ``0/1213 nodes available: 800 insufficient device memory, 413 device type mismatch``.
+    ``reasons`` maps a reason (a :class:`hami_ray.core.verdict.Reason` value) to the number of nodes
+    that failed for it; ``never`` is true when no node could hold it even when empty.
+    """
+
+    def __init__(self, total_nodes: int, reasons: Mapping[str, int], *, never: bool = False) -> None:
+        self.total_nodes = total_nodes
+        self.reasons = dict(reasons)
+        self.never = never
+        parts = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        msg = f"0/{total_nodes} nodes available"
+        if parts:
+            msg += f": {parts}"
+        if never:
+            msg += " (no node could ever hold this request)"
+        super().__init__(msg)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_unschedulable, (self.total_nodes, self.reasons, self.never))
+
+
+def _rebuild_unschedulable(total: int, reasons: dict[str, int], never: bool) -> Unschedulable:
+    return Unschedulable(total, reasons, never=never)
+
+
+class ReservationRefused(TemporaryError):
+    """The node actor that owns a device refused a reservation (it saw a conflicting lease)."""
+
+
+class DeviceError(TemporaryError):
+    """A device backend failed (NVML error, device lost)."""

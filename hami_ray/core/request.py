@@ -1,0 +1,85 @@
+"""Building a :class:`SliceRequest` from the Python keywords of ``@hami_ray.remote(...)``.
+
+Called by the Ray user API at ``.remote()``/``.options()`` time, so that bad input fails there with an
+:class:`InvalidRequest` naming the keyword, never later in the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.model import SliceRequest
+from hami_ray.core.names import device_policy_name, node_policy_name
+from hami_ray.core.units import parse_cores, parse_count, parse_memory
+
+KEYWORDS = frozenset({
+    "gpus", "gpu_memory", "gpu_cores", "gpu_type", "exclude_gpu_type", "gpu_uuid", "exclude_gpu_uuid",
+    "numa_bind", "priority", "node_policy", "device_policy", "vendor",
+})
+
+
+def _names(value: object, field: str) -> tuple[str, ...]:
+    """A name or a list of names (``"A100"``, ``"A100,H100"``, ``["A100", "H100"]``)."""
+    if value is None:
+        return ()
+    items: Iterable[object]
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    else:
+        raise InvalidRequest(field, f"expected a name or a list of names, got {type(value).__name__}")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidRequest(field, f"expected names, got {item!r}")
+        if item.strip():
+            out.append(item.strip())
+    return tuple(out)
+
+
+def slice_request(options: Mapping[str, object]) -> SliceRequest:
+    """Validate ``@hami_ray.remote`` keywords and build the request.
+
+    Example: ``slice_request({"gpus": 1, "gpu_memory": "8GiB", "gpu_cores": 30})``.
+
+    Raises:
+        InvalidRequest: an unknown keyword or any malformed value (the field is named).
+    """
+    unknown = sorted(set(options) - KEYWORDS)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown option (known: {', '.join(sorted(KEYWORDS))})")
+    fields: dict[str, object] = {}
+    if options.get("gpus") is not None:
+        fields["count"] = parse_count(options["gpus"], "gpus")
+    if options.get("gpu_memory") is not None:
+        memory = parse_memory(options["gpu_memory"], "gpu_memory")
+        if memory.mib is not None:
+            fields["memory_mib"] = memory.mib
+        else:
+            fields["memory_percent"] = memory.percent
+    if options.get("gpu_cores") is not None:
+        fields["cores"] = parse_cores(options["gpu_cores"], "gpu_cores")
+    fields["include_types"] = _names(options.get("gpu_type"), "gpu_type")
+    fields["exclude_types"] = _names(options.get("exclude_gpu_type"), "exclude_gpu_type")
+    fields["include_uuids"] = _names(options.get("gpu_uuid"), "gpu_uuid")
+    fields["exclude_uuids"] = _names(options.get("exclude_gpu_uuid"), "exclude_gpu_uuid")
+    numa = options.get("numa_bind", False)
+    if not isinstance(numa, bool):
+        raise InvalidRequest("numa_bind", f"expected True or False, got {numa!r}")
+    fields["numa_bind"] = numa
+    priority = options.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidRequest("priority", f"expected an integer, got {priority!r}")
+    fields["priority"] = priority
+    if options.get("node_policy") is not None:
+        fields["node_policy"] = node_policy_name(options["node_policy"])
+    if options.get("device_policy") is not None:
+        fields["device_policy"] = device_policy_name(options["device_policy"])
+    if options.get("vendor") is not None:
+        vendor = options["vendor"]
+        if not isinstance(vendor, str) or not vendor.strip():
+            raise InvalidRequest("vendor", f"expected a vendor name such as 'NVIDIA', got {vendor!r}")
+        fields["vendor"] = vendor.strip()
+    return SliceRequest.model_validate(fields)
