@@ -20,7 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hami-ray: isolated fractional GPU slices for Ray tasks and Kubernetes pods.")
 console = Console()
 
-TRACE_DIR = Path("../shared/traces/openb-v2023")
+# the project's shared/ folder sits beside the repository (a source checkout)
+TRACE_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces" / "openb-v2023"
 PAPER_POLICIES = "random,dotprod,clustering,packing,bestfit,fgd"
 # The FGD artifact's medians of unallocated GPU % at 100 % arrival on the default trace (reference/fgd.md)
 ARTIFACT_AT_100 = {"random": 13.75, "dotprod": 9.44, "clustering": 8.42, "packing": 8.19, "bestfit": 7.09,
