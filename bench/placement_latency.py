@@ -3,7 +3,9 @@
 Each cluster is filled to about half of its device memory with mixed slices (random placement, so
 every policy starts from the same state), then each policy makes DECISIONS decisions; after every
 decision the lease is recorded and an older one released, so the cluster stays half full and the
-policies' caches see real churn. Only ``Scheduler.place`` is timed.
+policies' caches see real churn. Only ``Scheduler.place`` is timed. Percentiles are over steady-state
+decisions (after ``--warmup`` unmeasured ones); the first decision for a request shape never seen
+before fills the joint policies' per-shape score cache and is reported apart (``first_of_shape_*``).
 
     python bench/placement_latency.py --json out/placement_latency.json
 
@@ -33,6 +35,7 @@ MODELS = (("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA H100 80GB HBM3", 81920), ("
 POLICIES = {
     "binpack": (NodePolicyName.BINPACK, DevicePolicyName.BINPACK),
     "spread": (NodePolicyName.SPREAD, DevicePolicyName.SPREAD),
+    "fgd": (NodePolicyName.BINPACK, DevicePolicyName.FGD),
     "default": (DEFAULT_NODE_POLICY, DEFAULT_DEVICE_POLICY),
 }
 
@@ -84,33 +87,46 @@ def fill_half(ledger: Ledger, rng: np.random.Generator) -> deque[str]:
     return live
 
 
-def measure(nodes: int, policy: str, decisions: int, seed: int) -> dict[str, float]:
+def measure(nodes: int, policy: str, decisions: int, seed: int, warmup: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     ledger = Ledger(make_cluster(nodes, rng))
     live = fill_half(ledger, rng)
     node_policy, device_policy = POLICIES[policy]
     scheduler = Scheduler(ledger, node_policy=node_policy, device_policy=device_policy, seed=seed)
-    for _ in range(2000):  # the default policy learns its target workload from what it sees
+    for _ in range(2000):  # the FGD policies learn their target workload from what they see
         scheduler.observe(random_request(rng))
-    requests = [random_request(rng) for _ in range(decisions)]
-    times = []
+    steady: list[float] = []
+    cold: list[float] = []
+    seen: set[tuple[object, ...]] = set()
     failed = 0
-    for i, request in enumerate(requests):
+    for i in range(warmup + decisions):
+        request = random_request(rng)
+        first = request.shape() not in seen
+        seen.add(request.shape())
         t0 = time.perf_counter()
         try:
             alloc = scheduler.place(request)
         except Unschedulable:
             failed += 1
             alloc = None
-        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if first:
+            cold.append(elapsed)
+        elif i >= warmup:
+            steady.append(elapsed)
         if alloc is not None:
             ledger.allocate(Lease(lease_id=f"b-{i}", owner="bench", token="t", allocation=alloc))
             live.append(f"b-{i}")
         ledger.release(live.popleft())
-    ms = np.array(times) * 1000
+    ledger.check_invariants()
+    ms = np.array(steady) * 1000
+    cold_ms = np.array(cold) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4),
             "max_ms": round(float(ms.max()), 3), "mean_ms": round(float(ms.mean()), 4),
-            "decisions": decisions, "unschedulable": failed}
+            "decisions": int(ms.size), "unschedulable": failed,
+            "first_of_shape_count": int(cold_ms.size),
+            "first_of_shape_p50_ms": round(float(np.percentile(cold_ms, 50)), 3),
+            "first_of_shape_max_ms": round(float(cold_ms.max()), 3)}
 
 
 def main() -> None:
@@ -120,12 +136,13 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--decisions", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured decisions first (steady state)")
     args = parser.parse_args()
     results: dict[str, object] = {}
     for policy in args.policies.split(","):
         per: dict[str, object] = {}
         for nodes in (int(n) for n in args.nodes.split(",")):
-            per[str(nodes)] = measure(nodes, policy, args.decisions, args.seed)
+            per[str(nodes)] = measure(nodes, policy, args.decisions, args.seed, args.warmup)
             print(policy, nodes, per[str(nodes)], flush=True)
         results[policy] = per
     results["meta"] = {"python": platform.python_version(), "machine": platform.machine(),

@@ -69,6 +69,7 @@ def simulate(
     json_out: Path | None = typer.Option(None, "--json", help="write results here"),
     plot: Path | None = typer.Option(None, help="write a Fig. 9(a)-style PNG here"),
     workers: int = typer.Option(0, help="worker processes (0 = one per CPU)"),
+    two_dim: bool = typer.Option(False, "--two-dim", help="decouple memory and cores of partial-GPU pods"),
 ) -> None:
     """Replay an openb trace with the FGD artifact's protocol and compare policies."""
     from hami_ray.sim.experiment import run_experiment
@@ -88,7 +89,8 @@ def simulate(
                             f"{at100:.2f} % unallocated @100 % ({r.runtime_s:.1f} s)")
 
         try:
-            results = run_experiment(nodes, pods, names, seeds, workers=workers or None, on_done=done)
+            results = run_experiment(nodes, pods, names, seeds, workers=workers or None, on_done=done,
+                                     two_dim=two_dim)
         except HamiRayError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
@@ -110,7 +112,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the
                   "6,212 GPUs, one seed per policy")
     simulate(nodes=TRACE_DIR / "openb_node_list_gpu_node.csv", pods=TRACE_DIR / "openb_pod_list_default.csv",
              policies=PAPER_POLICIES + ",default", seeds=1, json_out=out / "simulate.json",
-             plot=out / "unallocated.png", workers=0)
+             plot=out / "unallocated.png", workers=0, two_dim=False)
 
 
 def main() -> None:

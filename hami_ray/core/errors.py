@@ -13,7 +13,8 @@ Every error raised by hami-ray code is one of these; third-party exceptions are 
     │   ├── LeaseError
     │   │   ├── LeaseNotFound
     │   │   └── LeaseTokenMismatch  releasing with a wrong token
-    │   └── InvariantViolation      an allocation would break a ledger invariant (a bug or a race)
+    │   ├── InvariantViolation      an allocation would break a ledger invariant (a bug or a race)
+    │   └── SliceQuotaExceeded      a process stayed over its slice's device memory and was stopped
     └── TemporaryError
         ├── Unschedulable           nothing fits now; carries kube-scheduler-style reason counts
         ├── ReservationRefused      a node actor refused a reservation (two-phase placement)
@@ -87,6 +88,29 @@ class LeaseTokenMismatch(LeaseError):
 
 class InvariantViolation(PermanentError):
     """An allocation would over-commit a device; nothing was changed."""
+
+
+class SliceQuotaExceeded(PermanentError):
+    """A slice used more device memory than it holds, for longer than the grace period.
+
+    Raised (or returned, by a node actor's enforcement pass) after the node actor stopped the slice's
+    processes and freed its lease; the task fails with it. Permanent: the same work in the same slice
+    will overrun it again. Example message: ``slice 'lease-7' used 9000 MiB on device GPU-0 over its
+    limit of 8192 MiB (process 4242); the process was stopped``.
+    """
+
+    def __init__(self, lease_id: str, uuid: str, used_mib: int, limit_mib: int, pid: int) -> None:
+        self.lease_id = lease_id
+        self.uuid = uuid
+        self.used_mib = used_mib
+        self.limit_mib = limit_mib
+        self.pid = pid
+        super().__init__(
+            f"slice {lease_id!r} used {used_mib} MiB on device {uuid} over its limit of {limit_mib} MiB "
+            f"(process {pid}); the process was stopped")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, int, int]]:
+        return (type(self), (self.lease_id, self.uuid, self.used_mib, self.limit_mib, self.pid))
 
 
 class Unschedulable(TemporaryError):

@@ -53,6 +53,13 @@ class CapacityIndex:
         self.slot_cap: IntArray = np.zeros((n, d), dtype=np.int64)
         self.slot_used: IntArray = np.zeros((n, d), dtype=np.int64)
         self.excl: BoolArray = np.zeros((n, d), dtype=bool)  # held by a 100-core slice
+        # per-node sums of the device columns above (HAMi's node score reads only these)
+        self.node_mem_cap: IntArray = np.zeros(n, dtype=np.int64)
+        self.node_mem_used: IntArray = np.zeros(n, dtype=np.int64)
+        self.node_core_cap: IntArray = np.zeros(n, dtype=np.int64)
+        self.node_core_used: IntArray = np.zeros(n, dtype=np.int64)
+        self.node_slot_cap: IntArray = np.zeros(n, dtype=np.int64)
+        self.node_slot_used: IntArray = np.zeros(n, dtype=np.int64)
 
     def _grow(self, n: int, d: int) -> None:
         old_n, old_d = self.alive.shape[0], self.width
@@ -112,6 +119,10 @@ class CapacityIndex:
             self.mem_cap[row, col] = dev.memory_capacity_mib
             self.core_cap[row, col] = dev.core_capacity
             self.slot_cap[row, col] = dev.slice_capacity
+        self.node_mem_cap[row] = self.mem_cap[row].sum()
+        self.node_core_cap[row] = self.core_cap[row].sum()
+        self.node_slot_cap[row] = self.slot_cap[row].sum()
+        self.node_mem_used[row] = self.node_core_used[row] = self.node_slot_used[row] = 0
         self.version[row] += 1
         return row
 
@@ -119,6 +130,9 @@ class CapacityIndex:
         row = self.rows.pop(name)
         self.alive[row] = False
         self.exists[row] = False
+        for arr in (self.node_mem_cap, self.node_mem_used, self.node_core_cap, self.node_core_used,
+                    self.node_slot_cap, self.node_slot_used):
+            arr[row] = 0
         self.version[row] += 1
         self.names[row] = ""
         self._free_rows.append(row)
@@ -136,6 +150,9 @@ class CapacityIndex:
         self.mem_used[row, col] += sign * mem
         self.core_used[row, col] += sign * cores
         self.slot_used[row, col] += sign
+        self.node_mem_used[row] += sign * mem
+        self.node_core_used[row] += sign * cores
+        self.node_slot_used[row] += sign
         if cores >= 100:
             self.excl[row, col] = sign > 0
 

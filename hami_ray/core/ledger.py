@@ -115,6 +115,7 @@ class Ledger:
                 self._apply(lease, +1)
             except InvariantViolation:
                 lost.append(lease.model_copy(update={"state": LeaseState.LOST}))
+                self._remember(lease_id)
                 continue
             self._leases[lease_id] = lease
             self._by_node[node.name].add(lease_id)
@@ -129,6 +130,7 @@ class Ledger:
         for lease_id in sorted(self._by_node.pop(name, ())):
             lease = self._leases.pop(lease_id)
             lost.append(lease.model_copy(update={"state": LeaseState.LOST}))
+            self._remember(lease_id)
         for dev in node.devices:
             self._where.pop(dev.uuid, None)
             self._devices.pop(dev.uuid, None)
@@ -163,9 +165,17 @@ class Ledger:
         return lease
 
     def update(self, lease_id: str, **changes: object) -> Lease:
-        """Change a live lease's state or pids (not its allocation)."""
-        if "allocation" in changes:
-            raise InvariantViolation("a lease's allocation cannot change; release and allocate again")
+        """Change a live lease's state (reserved/active), pids, owner or priority; never its allocation.
+
+        Raises:
+            LeaseNotFound: no such live lease.
+            InvariantViolation: another field, or an ending state (use :meth:`release`).
+        """
+        unknown = set(changes) - {"state", "pids", "owner", "priority"}
+        if unknown:
+            raise InvariantViolation(f"cannot change {sorted(unknown)} of a live lease; release and allocate again")
+        if changes.get("state") in (LeaseState.RELEASED, LeaseState.LOST):
+            raise InvariantViolation("a live lease ends through release() or remove_node(), not update()")
         lease = self._leases.get(lease_id)
         if lease is None:
             raise LeaseNotFound(lease_id)
@@ -192,10 +202,14 @@ class Ledger:
         self._apply(lease, -1)
         del self._leases[lease_id]
         self._by_node[lease.allocation.node].discard(lease_id)
+        self._remember(lease_id)
+        return lease.model_copy(update={"state": LeaseState.RELEASED})
+
+    def _remember(self, lease_id: str) -> None:
+        """Keep an ended lease's id so that releasing it again is a no-op (bounded memory)."""
         self._released[lease_id] = None
         while len(self._released) > RELEASED_MEMORY:
             self._released.popitem(last=False)
-        return lease.model_copy(update={"state": LeaseState.RELEASED})
 
     # --- arithmetic --------------------------------------------------------------------------
     def _apply(self, lease: Lease, sign: int) -> None:
@@ -283,6 +297,23 @@ class Ledger:
                 raise InvariantViolation(f"device {uuid}: over capacity {u}")
             if excl and slices > 1:
                 raise InvariantViolation(f"device {uuid}: exclusive slice shares its device")
+            r, c = self._where[uuid]
+            if bool(self.index.excl[r, c]) != bool(excl):
+                raise InvariantViolation(f"device {uuid}: exclusive flag disagrees with leases")
+        host: dict[str, list[int]] = {name: [0, 0] for name in self._nodes}
+        for lease in self._leases.values():
+            h = host[lease.allocation.node]
+            h[0] += lease.allocation.cpu_milli
+            h[1] += lease.allocation.host_memory_mib
+        for name, (cpu, hmem) in host.items():
+            row = self.index.rows[name]
+            if (int(self.index.cpu_used[row]), int(self.index.hmem_used[row])) != (cpu, hmem):
+                raise InvariantViolation(f"node {name}: host counters disagree with leases ({cpu}, {hmem})")
+            idx = self.index
+            for total, column in ((idx.node_mem_used, idx.mem_used), (idx.node_core_used, idx.core_used),
+                                  (idx.node_slot_used, idx.slot_used)):
+                if int(total[row]) != int(column[row].sum()):
+                    raise InvariantViolation(f"node {name}: node totals disagree with its devices")
 
     # --- persistence -------------------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:

@@ -12,7 +12,7 @@ cluster touches a few rows in Python.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -142,7 +142,7 @@ class Scheduler:
         fits = [self.view.device_fit(r) for r in device_reqs]
         ok = self.view.host_fit(self._host_total(reqs))
         for r, fit in zip(device_reqs, fits):
-            ok &= fit.sum(axis=1) >= r.count
+            ok &= self._numa_ok(fit, r.count) if r.numa_bind else fit.sum(axis=1) >= r.count
         rows = ok.nonzero()[0]
         if rows.size == 0:
             raise self._explain(reqs)
@@ -159,32 +159,35 @@ class Scheduler:
         raise self._explain(reqs)
 
     def _row_order(self, rows: IntArray, dp: DevicePolicy, np_: NodePolicy, fit: BoolArray,
-                   state: CycleState) -> list[int]:
-        """Candidate rows, best first (the first is usually the answer; the rest are fallbacks)."""
+                   state: CycleState) -> Iterator[int]:
+        """Candidate rows, best first. Lazy: the first is nearly always the answer, and ordering every
+        row of a 10,000-node cluster for nothing would cost more than the decision itself."""
         if not dp.joint:
             scores = np_.score(self.view, rows, state)
             best = int(rows[int(np.argmax(scores))])
-            return [best] + [int(r) for r in rows[np.argsort(-scores, kind="stable")] if r != best]
-        pick = getattr(dp, "pick_row", None)
-        if pick is not None:  # random-fit: no scoring at all
-            first = int(pick(self.view, rows, state))
-            return [first] + [int(r) for r in rows if r != first]
-        scores = self._joint_scores(rows, dp, fit, state)
-        normalize = getattr(dp, "normalize", None)
-        if normalize is not None:
-            scores = normalize(scores)
-        finite = np.isfinite(scores)
-        if not finite.any():
-            return []
-        tied = rows[scores == scores[finite].max()]
-        if tied.size == 1:
-            best = int(tied[0])
-        elif self.tie_break is TieBreak.RANDOM:
-            best = int(tied[int(np.argmin(self._priority(tied)))])
+        elif (pick := getattr(dp, "pick_row", None)) is not None:  # random-fit: no scoring at all
+            best = int(pick(self.view, rows, state))
+            scores = np.zeros(rows.size)
         else:
-            best = int(tied[int(np.argmax(np_.score(self.view, tied, state)))])
-        order = rows[np.argsort(-scores, kind="stable")]
-        return [best] + [int(r) for r in order[np.isfinite(np.sort(-scores))] if r != best]
+            scores = self._joint_scores(rows, dp, fit, state)
+            normalize = getattr(dp, "normalize", None)
+            if normalize is not None:
+                scores = normalize(scores)
+            finite = np.isfinite(scores)
+            if not finite.any():
+                return
+            tied = rows[scores == scores[finite].max()]
+            if tied.size == 1:
+                best = int(tied[0])
+            elif self.tie_break is TieBreak.RANDOM:
+                best = int(tied[int(np.argmin(self._priority(tied)))])
+            else:
+                best = int(tied[int(np.argmax(np_.score(self.view, tied, state)))])
+        yield best
+        order = np.argsort(-scores, kind="stable")
+        for i in order[np.isfinite(scores[order])]:
+            if rows[i] != best:
+                yield int(rows[i])
 
     def _priority(self, rows: IntArray) -> IntArray:
         """A random but fixed rank per row (the artifact's random node-name prefixes)."""
@@ -216,27 +219,40 @@ class Scheduler:
                 self._rows.clear()
             self._rows[key] = cache
         stale = rows[cache.version[rows] != idx.version[rows]]
-        memo_ok = (getattr(dp, "memo_across_rows", True) and not request.include_uuids
-                   and not request.exclude_uuids)
-        for row in stale.tolist():
-            choice: DeviceChoice | None
-            if memo_ok:
-                mkey = (key, idx.state_key(row))
-                if mkey in self._memo:
-                    choice = self._memo[mkey]
-                else:
-                    choice = dp.select(self.view, row, fit[row], state)
-                    if len(self._memo) > MEMO_LIMIT:
-                        self._memo.clear()
-                    self._memo[mkey] = choice
-            else:
-                choice = dp.select(self.view, row, fit[row], state)
+        if stale.size:
+            self._refresh(cache, key, stale, dp, fit, state)
+        state.data["joint_cache"] = cache
+        result: FloatArray = cache.score[rows]
+        return result
+
+    def _refresh(self, cache: _ScoreRows, key: tuple[object, ...], stale: IntArray, dp: DevicePolicy,
+                 fit: BoolArray, state: CycleState) -> None:
+        """Recompute the cached choices of rows whose state changed: in one batch where the policy can."""
+        batch = getattr(dp, "select_rows", None)
+        if batch is not None:
+            cols, scores = batch(self.view, stale, fit[stale], state)
+            choices = [None if c is None else DeviceChoice(c, float(v)) for c, v in zip(cols, scores)]
+        else:
+            request = state.request
+            memo = (getattr(dp, "memo_across_rows", True) and not request.include_uuids
+                    and not request.exclude_uuids)
+            choices = [self._select_memo(key, int(row), dp, fit, state, memo) for row in stale]
+        for row, choice in zip(stale.tolist(), choices):
             cache.choice[row] = choice
             cache.score[row] = -np.inf if choice is None else choice.score
-            cache.version[row] = idx.version[row]
-        state.data["joint_cache"] = cache
-        scores: FloatArray = cache.score[rows]
-        return scores
+        cache.version[stale] = self.ledger.index.version[stale]
+
+    def _select_memo(self, key: tuple[object, ...], row: int, dp: DevicePolicy, fit: BoolArray,
+                     state: CycleState, memo: bool) -> DeviceChoice | None:
+        """``dp.select`` on one row, shared across rows in the same state (idle nodes of one model)."""
+        if not memo:
+            return dp.select(self.view, row, fit[row], state)
+        mkey = (key, self.ledger.index.state_key(row))
+        if mkey not in self._memo:
+            if len(self._memo) > MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[mkey] = dp.select(self.view, row, fit[row], state)
+        return self._memo[mkey]
 
     def _fit_row(self, row: int, reqs: list[SliceRequest], dp: DevicePolicy,
                  state: CycleState) -> Allocation | None:
@@ -247,20 +263,25 @@ class Scheduler:
         extra_cores = np.zeros(idx.width, dtype=np.int64)
         extra_slots = np.zeros(idx.width, dtype=np.int64)
         slices: list[tuple[DeviceGrant, ...]] = []
-        for i, request in enumerate(reqs):
+        cached = state.data.get("joint_cache")
+        lead = True  # the first request with devices: the one the policy scored the rows for
+        for request in reqs:
             if request.count == 0:
                 slices.append(())
                 continue
-            cached = state.data.get("joint_cache")
             choice: DeviceChoice | None = None
-            if i == 0 and isinstance(cached, _ScoreRows) and cached.version[row] == idx.version[row]:
+            if lead and isinstance(cached, _ScoreRows) and cached.version[row] == idx.version[row]:
                 choice = cached.choice[row]
+            lead = False
+            if choice is not None and request.numa_bind and not self._one_numa(row, choice.cols):
+                choice = None
             if choice is None:
                 fit = self._row_fit(row, request, extra_mem, extra_cores, extra_slots)
                 if int(fit.sum()) < request.count:
                     return None
-                sub = CycleState(request, state.rng, state.data)
-                choice = self._select_with_overlay(row, fit, dp, sub, i > 0)
+                # numa_bind is a must whatever the device policy (HAMi's nvidia.com/numa-bind)
+                policy = self.device_policy_for(DevicePolicyName.NUMA) if request.numa_bind else dp
+                choice = policy.select(self.view, row, fit, CycleState(request, state.rng, state.data))
                 if choice is None:
                     return None
             grants = []
@@ -275,14 +296,16 @@ class Scheduler:
         return Allocation(node=node, slices=tuple(slices), cpu_milli=host.cpu_milli,
                           host_memory_mib=host.host_memory_mib)
 
-    def _select_with_overlay(self, row: int, fit: BoolArray, dp: DevicePolicy, state: CycleState,
-                             overlaid: bool) -> DeviceChoice | None:
-        if not overlaid:
-            return dp.select(self.view, row, fit, state)
-        # later containers of a pod: choose by the node's device order without the overlay in the
-        # scores (the overlay is already in ``fit``); good enough for the few multi-container pods
-        cols = tuple(int(c) for c in fit.nonzero()[0][: state.request.count])
-        return DeviceChoice(cols) if len(cols) == state.request.count else None
+    def _one_numa(self, row: int, cols: tuple[int, ...]) -> bool:
+        return len({int(self.ledger.index.numa[row, c]) for c in cols}) <= 1
+
+    def _numa_ok(self, devices: BoolArray, count: int) -> BoolArray:
+        """Per node: some NUMA node has ``count`` of the marked devices."""
+        idx = self.ledger.index
+        ok = np.zeros(devices.shape[0], dtype=bool)
+        for numa in np.unique(idx.numa[idx.exists]):
+            ok |= (devices & (idx.numa == numa)).sum(axis=1) >= count
+        return ok
 
     def _row_fit(self, row: int, request: SliceRequest, mem: IntArray, cores: IntArray,
                  slots: IntArray) -> BoolArray:
@@ -326,23 +349,28 @@ class Scheduler:
             unset[hit] = False
 
         host = self._host_total(reqs)
-        for request in [r for r in reqs if r.count > 0] or reqs[:1]:
-            need = request.count
-            vendor = view.vendor_ok(request)
+        device_reqs = [r for r in reqs if r.count > 0]
+        typed_of = []
+        for request in device_reqs:  # static reasons first: they hold whatever the load
+            vendor = view.vendor_ok(request).sum(axis=1)
             typed = view.type_ok(request)
-            mark(vendor.sum(axis=1) < max(need, 1), Reason.VENDOR_MISMATCH)
-            mark(typed.sum(axis=1) < need, Reason.TYPE_MISMATCH)
+            mark(vendor == 0, Reason.VENDOR_MISMATCH)
+            mark(vendor < request.count, Reason.TOO_FEW_DEVICES)
+            mark(typed.sum(axis=1) < request.count, Reason.TYPE_MISMATCH)
             uuid = view.uuid_ok(request)
             if uuid is not None:
                 typed = typed & uuid
-                mark(typed.sum(axis=1) < need, Reason.UUID_MISMATCH)
+                mark(typed.sum(axis=1) < request.count, Reason.UUID_MISMATCH)
+            typed_of.append(typed)
+        if host.cpu_milli:
+            mark((idx.cpu_cap > 0) & (idx.cpu_cap - idx.cpu_used < host.cpu_milli), Reason.INSUFFICIENT_CPU)
+        if host.host_memory_mib:
+            mark((idx.hmem_cap > 0) & (idx.hmem_cap - idx.hmem_used < host.host_memory_mib),
+                 Reason.INSUFFICIENT_HOST_MEMORY)
+        for request, typed in zip(device_reqs, typed_of):
+            need = request.count
             healthy = typed & idx.healthy
             mark(healthy.sum(axis=1) < need, Reason.UNHEALTHY)
-            if host.cpu_milli:
-                mark((idx.cpu_cap > 0) & (idx.cpu_cap - idx.cpu_used < host.cpu_milli), Reason.INSUFFICIENT_CPU)
-            if host.host_memory_mib:
-                mark((idx.hmem_cap > 0) & (idx.hmem_cap - idx.hmem_used < host.host_memory_mib),
-                     Reason.INSUFFICIENT_HOST_MEMORY)
             step = healthy & (idx.slot_used < idx.slot_cap)
             mark(step.sum(axis=1) < need, Reason.SLICES_EXHAUSTED)
             step &= ~idx.excl
@@ -354,7 +382,7 @@ class Scheduler:
             step &= (idx.core_cap - idx.core_used) >= max(request.cores, 1)
             mark(step.sum(axis=1) < need, Reason.INSUFFICIENT_CORES)
             if request.numa_bind:
-                mark(alive, Reason.NUMA_MISMATCH)
+                mark(~self._numa_ok(step, need), Reason.NUMA_MISMATCH)
         mark(alive, Reason.TOO_FEW_DEVICES)
         never = not self._could_ever_fit(reqs)
         return unschedulable(total, [Reason(r) for r in reasons[alive]], never=never)
@@ -370,6 +398,7 @@ class Scheduler:
         if host.host_memory_mib:
             ok &= (idx.hmem_cap == 0) | (idx.hmem_cap >= host.host_memory_mib)
         need = 0
+        numa_bind = False
         can = np.ones_like(idx.exists)
         for request in reqs:
             if request.count == 0:
@@ -380,6 +409,7 @@ class Scheduler:
                 dev &= uuid
             can &= dev
             need = max(need, request.count)
+            numa_bind |= request.numa_bind
         if need:
-            ok &= can.sum(axis=1) >= need
+            ok &= self._numa_ok(can, need) if numa_bind else can.sum(axis=1) >= need
         return bool(ok.any())

@@ -56,7 +56,10 @@ def parse_percent(value: object, field: str) -> float:
         except ValueError:
             raise InvalidRequest(field, f"not a percentage: {value!r}") from None
     elif isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidRequest(field, f"percentage must be in (0, 100], got {value!r}") from None
     else:
         raise InvalidRequest(field, f"expected a percentage, got {type(value).__name__}")
     if not math.isfinite(number) or number <= 0 or number > 100:
@@ -96,6 +99,8 @@ def parse_memory(value: object, field: str = "gpu_memory") -> MemoryQuantity:
         raise InvalidRequest(field, f"not a memory size: {value!r} (use e.g. '8GiB', '512MiB', 4096 or '25%')")
     number_text, unit = match.groups()
     number = float(number_text)
+    if not math.isfinite(number):
+        raise InvalidRequest(field, f"memory size out of range: {value!r}")
     if unit == "%":
         return MemoryQuantity(percent=parse_percent(value, field))
     if unit == "":
@@ -145,6 +150,10 @@ def parse_count(value: object, field: str = "gpus") -> int:
         number = float(value)
     except ValueError:
         raise InvalidRequest(field, f"not a number: {value!r}") from None
+    except OverflowError:
+        raise InvalidRequest(field, f"device count out of range: {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(field, f"device count out of range: {value!r}")
     if not number.is_integer():
         raise InvalidRequest(field, f"device count must be whole (use gpu_memory/gpu_cores for fractions), got {value!r}")
     if number < 1:

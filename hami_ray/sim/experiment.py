@@ -24,15 +24,16 @@ import numpy as np
 
 from hami_ray.core.scheduler import DEFAULT_DEVICE_POLICY
 from hami_ray.sim.arrival import REPORT_POINTS, RunResult, run
-from hami_ray.sim.trace import TracePod, load_nodes, load_pods
+from hami_ray.sim.trace import TracePod, load_nodes, load_pods, two_dimensional
 
 FIRST_SEED = 42  # the artifact's tuneseed 42..51
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(nodes_path: str, pods_path: str) -> None:
+def _init_worker(nodes_path: str, pods_path: str, two_dim: bool = False) -> None:
     _WORKER["nodes"] = load_nodes(nodes_path)
-    _WORKER["pods"] = load_pods(pods_path)
+    pods = load_pods(pods_path)
+    _WORKER["pods"] = two_dimensional(pods) if two_dim else pods
 
 
 def _run_job(policy: str, seed: int) -> RunResult:
@@ -47,7 +48,7 @@ def _cost(policy: str) -> int:
 
 
 def run_experiment(nodes_path: str | Path, pods_path: str | Path, policies: Sequence[str], seeds: int = 10,
-                   *, first_seed: int = FIRST_SEED, workers: int | None = None,
+                   *, first_seed: int = FIRST_SEED, workers: int | None = None, two_dim: bool = False,
                    on_done: Callable[[RunResult], None] | None = None) -> dict[str, object]:
     """Run every policy with ``seeds`` seeds and aggregate; ``on_done`` is called per finished run."""
     started = time.perf_counter()
@@ -58,14 +59,14 @@ def run_experiment(nodes_path: str | Path, pods_path: str | Path, policies: Sequ
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     results: dict[str, list[RunResult]] = {p: [] for p in policies}
     if workers <= 1:
-        _init_worker(nodes_path, pods_path)
+        _init_worker(nodes_path, pods_path, two_dim)
         for policy, seed in jobs:
             result = _run_job(policy, seed)
             results[policy].append(result)
             if on_done:
                 on_done(result)
     else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(nodes_path, pods_path)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(nodes_path, pods_path, two_dim)) as pool:
             futures = [pool.submit(_run_job, p, s) for p, s in jobs]
             for future in as_completed(futures):
                 result = future.result()
@@ -75,7 +76,8 @@ def run_experiment(nodes_path: str | Path, pods_path: str | Path, policies: Sequ
     out: dict[str, object] = {p: summarize(rs) for p, rs in results.items()}
     out["runtime_s"] = round(time.perf_counter() - started, 2)
     out["meta"] = {"nodes": nodes_path, "pods": pods_path, "gpus": gpus, "first_seed": first_seed,
-                   "seeds": [first_seed + i for i in range(seeds)], "default_policy": str(DEFAULT_DEVICE_POLICY)}
+                   "seeds": [first_seed + i for i in range(seeds)], "default_policy": str(DEFAULT_DEVICE_POLICY),
+                   "two_dimensional": two_dim}
     return out
 
 

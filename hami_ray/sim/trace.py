@@ -9,6 +9,7 @@ device types. Called by :mod:`hami_ray.sim.arrival` and ``hami-ray simulate``.
 from __future__ import annotations
 
 import csv
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,31 @@ def pod_request(cpu_milli: int, memory_mib: int, num_gpu: int, gpu_milli: int, g
     milli = 1000 if num_gpu > 1 else gpu_milli
     return SliceRequest(count=num_gpu, memory_percent=milli / 10, cores=milli // 10, cpu_milli=cpu_milli,
                         host_memory_mib=memory_mib, include_types=types)
+
+
+def two_dimensional(pods: list[TracePod]) -> list[TracePod]:
+    """A two-dimensional variant of a trace: memory and cores of partial-GPU pods stop moving together.
+
+    Each partial-GPU pod (chosen by a stable hash of its name) stays as it is (1/3), becomes
+    memory-heavy (half the cores: an inference server holding a large model, 1/3) or compute-heavy
+    (half the memory: a small model run hard, 1/3). A pod's size is then the mean of its memory and
+    cores shares, so the simulator's "allocated GPU" counts both dimensions equally.
+    """
+    out = []
+    for pod in pods:
+        r = pod.request
+        if pod.num_gpu != 1 or pod.gpu_milli >= 1000:
+            out.append(pod)
+            continue
+        kind = zlib.crc32(pod.name.encode()) % 3
+        mem_milli, core_milli = pod.gpu_milli, pod.gpu_milli
+        if kind == 1:
+            core_milli = max(10, pod.gpu_milli // 2)
+        elif kind == 2:
+            mem_milli = max(10, pod.gpu_milli // 2)
+        request = r.model_copy(update={"memory_percent": mem_milli / 10, "cores": core_milli // 10})
+        out.append(TracePod(pod.name, request, (mem_milli + core_milli) // 2, pod.num_gpu, pod.gpu_spec))
+    return out
 
 
 def load_pods(path: str | Path) -> list[TracePod]:

@@ -160,3 +160,31 @@ def test_parse_count_rejects_fractions_and_garbage(value: object) -> None:
 def test_fractional_gpu_message_points_to_slices() -> None:
     with pytest.raises(InvalidRequest, match="gpu_memory/gpu_cores"):
         parse_count(0.5)
+
+
+# --- regressions ---------------------------------------------------------------------------------------------
+
+HUGE = 10**400  # an int too large for a float
+HUGE_TEXT = "1" * 400  # parses to float('inf')
+
+
+# Regression test for a bug this suite found (since fixed): units.py parse_count() calls float(value) and catches only
+# ValueError; a huge int (gpus=10**400) escapes as OverflowError instead of InvalidRequest
+def test_huge_count_is_invalid_request() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_count(HUGE, "gpus")
+
+
+# Regression test for a bug this suite found (since fixed): units.py parse_memory() never checks that float(number_text) is
+# finite; '111...1MiB' (400 digits) gives inf and math.ceil(inf) raises OverflowError instead of InvalidRequest
+@pytest.mark.parametrize("unit", ["MiB", "GiB", "GB"])
+def test_huge_memory_is_invalid_request(unit: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_memory(HUGE_TEXT + unit, "gpu_memory")
+
+
+# Regression test for a bug this suite found (since fixed): units.py parse_percent() calls float(value) on an int without
+# catching OverflowError
+def test_huge_percent_is_invalid_request() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_percent(HUGE, "gpumem-percentage")

@@ -19,14 +19,12 @@ MAX_USAGE_SCORE = 30.0
 def node_usage_scores(view: ClusterView, rows: IntArray, *, reverse: bool) -> FloatArray:
     """HAMi's node score for each row, mapped to 0-100 (higher wins; ``reverse`` for spread)."""
     idx = view.index
-    live = idx.exists[rows]
 
     def ratio(used: IntArray, cap: IntArray) -> FloatArray:
-        return usage_score((used[rows] * live).sum(axis=1).astype(np.float64),
-                           (cap[rows] * live).sum(axis=1).astype(np.float64))
+        return usage_score(used[rows].astype(np.float64), cap[rows].astype(np.float64))
 
-    raw = 10 * (ratio(idx.slot_used, idx.slot_cap) + ratio(idx.core_used, idx.core_cap)
-                + ratio(idx.mem_used, idx.mem_cap))
+    raw = 10 * (ratio(idx.node_slot_used, idx.node_slot_cap) + ratio(idx.node_core_used, idx.node_core_cap)
+                + ratio(idx.node_mem_used, idx.node_mem_cap))
     score: FloatArray = raw * (100.0 / MAX_USAGE_SCORE)
     return 100.0 - score if reverse else score
 

@@ -16,6 +16,7 @@ from hami_ray.core.model import SliceRequest
 
 POPULARITY = 0.95
 REFRESH_EVERY = 256  # observations between recomputations of the typical set
+DRIFT = 0.01  # a frequency change smaller than this keeps the current set (and the score caches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,18 @@ class TargetWorkload:
             ShapeClass(count, mib, pct, cores, cpu, types, n / covered)
             for (count, mib, pct, cores, cpu, types), n in kept
         )
-        if classes != self.classes:
+        if self._differs(classes):
             self.classes = classes
             self.generation += 1
+
+    def _differs(self, classes: tuple[ShapeClass, ...]) -> bool:
+        """A new typical set, or a frequency moved by more than ``DRIFT``: worth dropping caches for."""
+        if len(classes) != len(self.classes):
+            return True
+        for new, old in zip(classes, self.classes):
+            if (new.count, new.memory_mib, new.memory_percent, new.cores, new.cpu_milli, new.include_types) != (
+                    old.count, old.memory_mib, old.memory_percent, old.cores, old.cpu_milli, old.include_types):
+                return True
+            if abs(new.p - old.p) > DRIFT:
+                return True
+        return False

@@ -1,0 +1,301 @@
+"""The node agent: the plain class a node actor wraps, the authority for one node's devices.
+
+The placement actor decides; the node agent confirms (DESIGN, Ray runtime). It keeps its own
+:class:`~hami_ray.core.ledger.Ledger` of this one node, journals every lease, hands out each lease's
+isolation environment, frees leases whose holder processes died, and stops processes that overrun
+their slice (DESIGN, Isolation 5). A restarted agent rebuilds from its journal; leases whose processes
+died meanwhile are freed at the first reap.
+
+Called by the Ray node actor shell (one method call at a time, as a sync Ray actor runs them) and by
+tests, with a fake clock and the simulated backend. Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hami_ray.core.errors import (
+    InvalidRequest,
+    InvariantViolation,
+    LeaseNotFound,
+    ReservationRefused,
+    SliceQuotaExceeded,
+)
+from hami_ray.core.ledger import Ledger
+from hami_ray.core.model import Lease, LeaseState, Node
+from node_actors.backends.base import DeviceBackend
+from node_actors.enforcement import NodeSample, QuotaWatch, slice_usage
+from node_actors.isolation import region_key
+from node_actors.journal import Event, EventKind, Journal
+from node_actors.processes import kill_all, pid_alive
+from node_actors.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    """Leases, isolation and enforcement of one node.
+
+    Args:
+        node_name: this node's name (the Ray node id).
+        backend: the node's device backend; the caller owns it (and closes it).
+        state_dir: where the journal and HAMi-core caches live.
+        clock: seconds, injectable for tests; defaults to ``time.time``.
+        settings: tolerance, grace and reap intervals.
+        cpu_milli: host CPU capacity to track (0: not tracked).
+        memory_mib: host memory capacity to track (0: not tracked).
+        labels: node labels.
+    """
+
+    def __init__(self, node_name: str, backend: DeviceBackend, state_dir: str | Path, *,
+                 clock: Callable[[], float] = time.time, settings: AgentSettings | None = None,
+                 cpu_milli: int = 0, memory_mib: int = 0, labels: Mapping[str, str] | None = None) -> None:
+        self.node_name = node_name
+        self.state_dir = Path(state_dir)
+        (self.state_dir / "vgpu").mkdir(parents=True, exist_ok=True)  # HAMi-core creates files, not dirs
+        self.settings = settings or AgentSettings()
+        self._backend = backend
+        self._clock = clock
+        devices = backend.discover()
+        self._health = {d.uuid: d.healthy for d in devices}
+        node = Node(name=node_name, devices=tuple(devices), cpu_milli=cpu_milli, memory_mib=memory_mib,
+                    labels=dict(labels or {}))
+        self._ledger = Ledger([node])
+        self._journal = Journal(self.state_dir)
+        self._journal.prune_events()
+        self._watch = QuotaWatch(self.settings.tolerance_mib, self.settings.grace_s)
+        self._regions: dict[str, tuple[str, int]] = {}
+        self._waiting_since: dict[str, float] = {}
+        self._last_reap = -math.inf
+        self.lost: list[Lease] = []
+        self._restore()
+
+    # --- restart -----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        now = self._clock()
+        for stored in self._journal.leases():
+            lease = stored.lease
+            try:
+                if lease.allocation.node != self.node_name:
+                    raise InvariantViolation(f"lease {lease.lease_id} is for node {lease.allocation.node}")
+                self._ledger.allocate(lease)
+            except InvariantViolation as exc:
+                log.warning("node %s: journaled lease %s is lost: %s", self.node_name, lease.lease_id, exc)
+                self._journal.delete_lease(lease.lease_id)
+                self._journal.append_event(now, EventKind.LOST, lease.lease_id, {"reason": str(exc)})
+                self.lost.append(lease.model_copy(update={"state": LeaseState.LOST}))
+                continue
+            self._regions[lease.lease_id] = (region_key(lease.allocation.devices), stored.slot)
+            self._waiting_since[lease.lease_id] = now  # a fresh grace period: our clock restarted
+            self._journal.append_event(now, EventKind.RESTORED, lease.lease_id, {"pids": list(lease.pids)})
+
+    # --- queries -----------------------------------------------------------------------------
+    def node(self) -> Node:
+        """This node's inventory as the placement actor should see it (health included)."""
+        return self._ledger.node(self.node_name)
+
+    def leases(self) -> list[Lease]:
+        """Live leases on this node (reserved or active), by id."""
+        return self._ledger.leases_on(self.node_name)
+
+    def events(self, lease_id: str | None = None, kind: str | None = None) -> list[Event]:
+        """The journal's events, oldest first."""
+        return self._journal.events(lease_id=lease_id, kind=kind)
+
+    def _live(self, lease_id: str) -> Lease:
+        lease = self._ledger.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(lease_id)
+        return lease
+
+    # --- reserve / activate / release --------------------------------------------------------
+    def reserve(self, lease: Lease) -> Lease:
+        """Confirm a placement's reservation and journal it. Retrying the same reservation is a no-op.
+
+        Raises:
+            ReservationRefused: the lease is for another node, names an unknown or unhealthy device,
+                conflicts with leases held here, or reuses a live lease id with other contents.
+
+        Example: ``agent.reserve(Lease(lease_id="l1", owner="task", token="t", allocation=alloc))``.
+        """
+        held = self._ledger.leases.get(lease.lease_id)
+        if held is not None:
+            if held.allocation == lease.allocation and held.token == lease.token:
+                return held
+            raise ReservationRefused(f"lease {lease.lease_id} is already held here with other contents")
+        if lease.allocation.node != self.node_name:
+            raise ReservationRefused(f"lease {lease.lease_id} is for node {lease.allocation.node}, "
+                                     f"not {self.node_name}")
+        sick = [g.uuid for g in lease.allocation.devices if not self._health.get(g.uuid, True)]
+        if sick:
+            raise ReservationRefused(f"lease {lease.lease_id}: device {sick[0]} is unhealthy")
+        now = self._clock()
+        if not lease.created_at:
+            lease = lease.model_copy(update={"created_at": now})
+        try:
+            lease = self._ledger.allocate(lease)
+        except InvariantViolation as exc:
+            raise ReservationRefused(str(exc)) from exc
+        key = region_key(lease.allocation.devices)
+        taken = {slot for k, slot in self._regions.values() if k == key}
+        slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        self._regions[lease.lease_id] = (key, slot)
+        self._waiting_since[lease.lease_id] = now
+        self._journal.upsert_lease(lease, slot)
+        self._journal.append_event(now, EventKind.RESERVED, lease.lease_id, {"owner": lease.owner})
+        return lease
+
+    def activate(self, lease_id: str, pid: int) -> Lease:
+        """The holder process ``pid`` started: the lease becomes active.
+
+        Raises:
+            LeaseNotFound: the lease is not live here.
+            InvalidRequest: ``pid`` is not positive.
+        """
+        return self._add_pid(lease_id, pid, EventKind.ACTIVATED)
+
+    def attach_pid(self, lease_id: str, pid: int) -> Lease:
+        """Another process (a subprocess, a data loader) uses the lease; it is reaped and enforced too.
+
+        Raises:
+            LeaseNotFound: the lease is not live here.
+            InvalidRequest: ``pid`` is not positive.
+        """
+        return self._add_pid(lease_id, pid, EventKind.ATTACHED)
+
+    def _add_pid(self, lease_id: str, pid: int, kind: EventKind) -> Lease:
+        if pid <= 0:
+            raise InvalidRequest("pid", f"must be a positive process id, got {pid}")
+        lease = self._live(lease_id)
+        pids = lease.pids if pid in lease.pids else (*lease.pids, pid)
+        lease = self._ledger.update(lease_id, pids=pids, state=LeaseState.ACTIVE)
+        self._journal.upsert_lease(lease, self._regions[lease_id][1])
+        self._journal.append_event(self._clock(), kind, lease_id, {"pid": pid})
+        return lease
+
+    def release(self, lease_id: str, token: str) -> Lease | None:
+        """Free a lease. Idempotent, also across restarts: a lease that already ended returns None.
+
+        Raises:
+            LeaseTokenMismatch: ``token`` is not the lease's.
+            LeaseNotFound: this node never held the lease.
+        """
+        try:
+            return self._end(lease_id, EventKind.RELEASED, token=token)
+        except LeaseNotFound:
+            if any(EventKind(e.kind).ends_lease for e in self._journal.events(lease_id=lease_id)):
+                return None
+            raise
+
+    def _end(self, lease_id: str, kind: EventKind, detail: Mapping[str, Any] | None = None,
+             token: str | None = None) -> Lease | None:
+        freed = self._ledger.release(lease_id, token)
+        if freed is None:
+            return None
+        self._journal.delete_lease(lease_id)
+        self._journal.append_event(self._clock(), kind, lease_id, detail)
+        self._regions.pop(lease_id, None)
+        self._waiting_since.pop(lease_id, None)
+        self._watch.forget(lease_id)
+        return freed
+
+    # --- isolation ---------------------------------------------------------------------------
+    def isolation_env(self, lease_id: str) -> dict[str, str]:
+        """The environment a worker of this lease starts with (no lease id or token in it).
+
+        The HAMi-core cache is named by the slice's shape and a slot: leases of the same shape held
+        at once get different slots (separate accounting), one after another reuse slot 0, so their
+        ``runtime_env`` is identical and Ray can reuse the worker.
+
+        Raises:
+            LeaseNotFound: the lease is not live here.
+        """
+        lease = self._live(lease_id)
+        key, slot = self._regions[lease_id]
+        return self._backend.isolation_env(lease.allocation.devices, f"{key}-{slot}")
+
+    # --- housekeeping ------------------------------------------------------------------------
+    def reap(self) -> list[Lease]:
+        """Free leases whose holder processes all died, and reservations no process claimed in time.
+
+        Dead pids of a lease that still has live ones are dropped from it. Returns the freed leases.
+        """
+        now = self._clock()
+        self._last_reap = now
+        freed: list[Lease | None] = []
+        for lease in self.leases():
+            if lease.pids:
+                alive = tuple(p for p in lease.pids if pid_alive(p))
+                if not alive:
+                    freed.append(self._end(lease.lease_id, EventKind.REAPED, {"pids": list(lease.pids)}))
+                elif alive != lease.pids:
+                    kept = self._ledger.update(lease.lease_id, pids=alive)
+                    self._journal.upsert_lease(kept, self._regions[lease.lease_id][1])
+            elif now - self._waiting_since.get(lease.lease_id, now) > self.settings.reserve_grace_s:
+                freed.append(self._end(lease.lease_id, EventKind.EXPIRED, {"waited_s": self.settings.reserve_grace_s}))
+        return [f for f in freed if f is not None]
+
+    def refresh_health(self) -> dict[str, bool]:
+        """Ask the backend for device health; update the inventory when it changed."""
+        health = self._backend.health()
+        if health and health != self._health:
+            node = self.node()
+            devices = tuple(d.model_copy(update={"healthy": health.get(d.uuid, d.healthy)}) for d in node.devices)
+            self.lost.extend(self._ledger.add_node(node.model_copy(update={"devices": devices})))
+            self._health = {d.uuid: d.healthy for d in devices}
+        return dict(self._health)
+
+    def sample(self) -> NodeSample:
+        """Usage per device (from the backend) and per slice (memory of the lease's processes).
+
+        Raises:
+            DeviceError: the backend failed while sampling.
+        """
+        usage = self._backend.usage()
+        return NodeSample(devices=usage.devices, slices=tuple(slice_usage(self.leases(), usage)))
+
+    def enforce(self) -> list[SliceQuotaExceeded]:
+        """Stop the processes of slices that stayed over limit + tolerance for longer than the grace.
+
+        Every live process of such a lease gets SIGKILL (its slice is freed, so none may stay on the
+        device), an event is journaled and the lease is released. Returns one error per stopped lease
+        for the caller to fail its task with; nothing is raised.
+
+        Raises:
+            DeviceError: the backend failed while sampling.
+        """
+        now = self._clock()
+        out: list[SliceQuotaExceeded] = []
+        for usage in self._watch.due(self.sample().slices, now):
+            lease = self._ledger.leases.get(usage.lease_id)
+            if lease is None:
+                continue  # a second device of a lease already stopped in this pass
+            pid = usage.top_pid or lease.pids[0]
+            refused = kill_all(lease.pids)
+            if refused:
+                log.warning("cannot stop processes %s of slice %s: not permitted", refused, lease.lease_id)
+                self._journal.append_event(now, EventKind.KILL_FAILED, lease.lease_id, {"pids": refused})
+                continue
+            error = SliceQuotaExceeded(lease.lease_id, usage.uuid, usage.used_mib, usage.limit_mib, pid)
+            self._end(lease.lease_id, EventKind.QUOTA_EXCEEDED, {
+                "uuid": usage.uuid, "used_mib": usage.used_mib, "limit_mib": usage.limit_mib, "pid": pid,
+                "killed": list(lease.pids), "message": str(error)})
+            log.warning("node %s: %s", self.node_name, error)
+            out.append(error)
+        return out
+
+    def tick(self) -> list[SliceQuotaExceeded]:
+        """One housekeeping pass for the actor shell's timer: reap when due, refresh health, enforce."""
+        if self._clock() - self._last_reap >= self.settings.reap_interval_s:
+            self.reap()
+        self.refresh_health()
+        return self.enforce()
+
+    def close(self) -> None:
+        """Close the journal (the backend belongs to the caller)."""
+        self._journal.close()

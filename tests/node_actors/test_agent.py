@@ -1,0 +1,265 @@
+"""NodeAgent: reservations, releases, restarts, reaping and enforcement, with real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hami_ray.core.errors import (
+    InvalidRequest,
+    LeaseNotFound,
+    LeaseTokenMismatch,
+    ReservationRefused,
+    SliceQuotaExceeded,
+)
+from hami_ray.core.model import Allocation, DeviceGrant, LeaseState
+from node_actors import simulated_usage
+from node_actors.agent import NodeAgent
+from node_actors.backends.simulated import SimulatedBackend
+from node_actors.journal import Journal
+from tests.node_actors.conftest import NODE, PYTHON, FakeClock, make_lease, uuid
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+# --- reserve / release ----------------------------------------------------------------------------
+def test_reserve_journals_and_conflicts_are_refused(agent: NodeAgent, clock: FakeClock) -> None:
+    lease = agent.reserve(make_lease((0, 60000, 50), lease_id="a"))
+    assert lease.created_at == clock.now and lease.state is LeaseState.RESERVED
+    assert [l.lease_id for l in agent.leases()] == ["a"]
+    assert agent.events(lease_id="a")[0].kind == "reserved"
+    with pytest.raises(ReservationRefused, match="memory over capacity"):
+        agent.reserve(make_lease((0, 30000, 10), lease_id="b"))  # 60000 + 30000 > 81920
+    with pytest.raises(ReservationRefused, match="cores over capacity"):
+        agent.reserve(make_lease((0, 1000, 60), lease_id="c"))
+    assert agent.reserve(make_lease((0, 21920, 50), lease_id="d")).lease_id == "d"  # exactly fills it
+    assert {l.lease_id for l in agent.leases()} == {"a", "d"}
+
+
+def test_reserve_retry_is_idempotent_but_a_different_lease_with_the_same_id_is_refused(agent: NodeAgent) -> None:
+    first = agent.reserve(make_lease((0, 1024, 0), lease_id="a"))
+    assert agent.reserve(make_lease((0, 1024, 0), lease_id="a")) == first
+    with pytest.raises(ReservationRefused, match="other contents"):
+        agent.reserve(make_lease((1, 1024, 0), lease_id="a"))
+
+
+def test_reserve_refuses_other_node_unknown_and_unhealthy_devices(agent: NodeAgent, backend: SimulatedBackend) -> None:
+    with pytest.raises(ReservationRefused, match="for node other"):
+        agent.reserve(make_lease((0, 1024, 0), node="other"))
+    bogus = make_lease((0, 1, 0)).model_copy(update={"allocation": Allocation(
+        node=NODE, slices=((DeviceGrant(uuid="GPU-nope", memory_mib=1, cores=0),),))})
+    with pytest.raises(ReservationRefused, match="GPU-nope"):
+        agent.reserve(bogus)
+    backend.set_healthy(uuid(1), False)
+    assert agent.refresh_health()[uuid(1)] is False
+    assert not next(d for d in agent.node().devices if d.uuid == uuid(1)).healthy
+    with pytest.raises(ReservationRefused, match="unhealthy"):
+        agent.reserve(make_lease((1, 1024, 0)))
+
+
+def test_release_token_idempotency_and_unknown(agent: NodeAgent) -> None:
+    lease = agent.reserve(make_lease((0, 1024, 0), token="right"))
+    with pytest.raises(LeaseTokenMismatch):
+        agent.release(lease.lease_id, "wrong")
+    freed = agent.release(lease.lease_id, "right")
+    assert freed is not None and freed.state is LeaseState.RELEASED
+    assert agent.release(lease.lease_id, "right") is None
+    assert agent.leases() == []
+    with pytest.raises(LeaseNotFound):
+        agent.release("never-held", "x")
+
+
+def test_activate_and_attach_pid(agent: NodeAgent) -> None:
+    lease = agent.reserve(make_lease((0, 1024, 0)))
+    assert agent.activate(lease.lease_id, 111).state is LeaseState.ACTIVE
+    assert agent.attach_pid(lease.lease_id, 222).pids == (111, 222)
+    assert agent.attach_pid(lease.lease_id, 222).pids == (111, 222)
+    with pytest.raises(InvalidRequest):
+        agent.activate(lease.lease_id, 0)
+    with pytest.raises(LeaseNotFound):
+        agent.activate("nope", 1)
+
+
+# --- restart --------------------------------------------------------------------------------------
+def test_restart_restores_leases_slots_and_release_stays_idempotent(
+        make_agent: Callable[[], NodeAgent]) -> None:
+    first = make_agent()
+    kept = first.reserve(make_lease((0, 8192, 30), (1, 8192, 30), lease_id="kept"))
+    first.reserve(make_lease((0, 8192, 30), (1, 8192, 30), lease_id="kept-2"))
+    first.activate("kept", os.getpid())
+    gone = first.reserve(make_lease((2, 1024, 0), lease_id="gone"))
+    first.release(gone.lease_id, gone.token)
+    env = first.isolation_env("kept-2")
+    first.close()
+
+    second = make_agent()
+    leases = {l.lease_id: l for l in second.leases()}
+    assert set(leases) == {"kept", "kept-2"}
+    assert leases["kept"].pids == (os.getpid(),) and leases["kept"].allocation == kept.allocation
+    assert second.isolation_env("kept-2") == env  # same slot after the restart
+    assert second.release("gone", gone.token) is None  # ended before the restart
+    with pytest.raises(ReservationRefused):
+        second.reserve(make_lease((0, 80000, 0)))  # restored leases hold the capacity
+    assert second.reap() == []  # this test process is alive
+
+
+def test_restart_drops_leases_that_no_longer_fit(tmp_path: Path, clock: FakeClock) -> None:
+    big = NodeAgent(NODE, SimulatedBackend("2xA100-80GB", NODE, tmp_path), tmp_path, clock=clock)
+    big.reserve(make_lease((1, 1024, 0), lease_id="on-dev-1"))
+    big.close()
+    small = NodeAgent(NODE, SimulatedBackend("1xA100-80GB", NODE, tmp_path), tmp_path, clock=clock)
+    assert small.leases() == []
+    assert [l.lease_id for l in small.lost] == ["on-dev-1"]
+    assert small.events(kind="lost")[0].lease_id == "on-dev-1"
+    small.close()
+    assert Journal(tmp_path).leases() == []
+
+
+# --- reaping --------------------------------------------------------------------------------------
+def test_reap_frees_lease_of_killed_child(agent: NodeAgent, spawn: Spawn) -> None:
+    child = spawn("sleep", "30")
+    lease = agent.reserve(make_lease((0, 1024, 0)))
+    agent.activate(lease.lease_id, child.pid)
+    assert agent.reap() == []
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    freed = agent.reap()
+    assert [l.lease_id for l in freed] == [lease.lease_id]
+    assert agent.leases() == []
+    assert agent.events(lease_id=lease.lease_id)[-1].kind == "reaped"
+    assert agent.release(lease.lease_id, lease.token) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombie detection reads /proc")
+def test_reap_treats_an_unwaited_zombie_as_dead(agent: NodeAgent, spawn: Spawn) -> None:
+    child = spawn("sleep", "30")
+    lease = agent.reserve(make_lease((0, 1024, 0)))
+    agent.activate(lease.lease_id, child.pid)
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not agent.reap():
+        time.sleep(0.02)  # the kernel turns it into a zombie asynchronously; we never wait() for it
+    assert agent.leases() == []
+
+
+def test_reap_drops_dead_pids_but_keeps_lease_with_a_live_one(agent: NodeAgent, spawn: Spawn) -> None:
+    dead, live = spawn("sleep", "30"), spawn("sleep", "30")
+    lease = agent.reserve(make_lease((0, 1024, 0)))
+    agent.activate(lease.lease_id, dead.pid)
+    agent.attach_pid(lease.lease_id, live.pid)
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait(timeout=10)
+    assert agent.reap() == []
+    assert agent.leases()[0].pids == (live.pid,)
+
+
+def test_unclaimed_reservation_expires_after_grace(agent: NodeAgent, clock: FakeClock) -> None:
+    lease = agent.reserve(make_lease((0, 1024, 0)))
+    clock.advance(59)
+    assert agent.reap() == []
+    clock.advance(2)  # reserve_grace_s = 60
+    assert [l.lease_id for l in agent.reap()] == [lease.lease_id]
+    assert agent.events(lease_id=lease.lease_id)[-1].kind == "expired"
+
+
+def test_restored_lease_of_dead_process_is_freed_at_first_tick(make_agent: Callable[[], NodeAgent],
+                                                               spawn: Spawn) -> None:
+    child = spawn("sleep", "30")
+    first = make_agent()
+    lease = first.reserve(make_lease((0, 1024, 0)))
+    first.activate(lease.lease_id, child.pid)
+    first.close()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    second = make_agent()
+    assert [l.lease_id for l in second.leases()] == [lease.lease_id]
+    assert second.tick() == []
+    assert second.leases() == []
+
+
+# --- enforcement ----------------------------------------------------------------------------------
+def _reporting_child(spawn: Spawn, state_dir: Path, device: str, mib: int) -> subprocess.Popen[bytes]:
+    code = (f"from node_actors import simulated_usage as s; s.report({str(state_dir)!r}, {device!r}, {mib}); "
+            "import time; time.sleep(60)")
+    child = spawn(PYTHON, "-c", code)
+    report = state_dir / "sim-usage" / f"{child.pid}.json"
+    deadline = time.monotonic() + 30
+    while not report.exists():
+        assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child died"
+        assert time.monotonic() < deadline, "child never reported its usage"
+        time.sleep(0.02)
+    return child
+
+
+def test_enforce_kills_a_child_over_its_slice_after_grace(agent: NodeAgent, clock: FakeClock, tmp_path: Path,
+                                                          spawn: Spawn) -> None:
+    child = _reporting_child(spawn, tmp_path, uuid(0), 9000)
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    sample = agent.sample()
+    assert sample.slice(lease.lease_id, uuid(0)).used_mib == 9000  # type: ignore[union-attr]
+    assert agent.enforce() == []  # over, but the grace period starts now
+    clock.advance(10)
+    assert agent.enforce() == []  # not longer than grace yet
+    assert child.poll() is None
+    clock.advance(1)
+    [error] = agent.enforce()
+    assert isinstance(error, SliceQuotaExceeded)
+    assert (error.lease_id, error.uuid, error.used_mib, error.limit_mib, error.pid) == (
+        lease.lease_id, uuid(0), 9000, 8192, child.pid)
+    assert lease.lease_id in str(error)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert agent.leases() == []
+    event = agent.events(lease_id=lease.lease_id)[-1]
+    assert event.kind == "quota-exceeded" and event.detail["used_mib"] == 9000
+    assert agent.release(lease.lease_id, lease.token) is None  # the runtime's later release is a no-op
+
+
+def test_below_limit_plus_tolerance_nothing_happens(agent: NodeAgent, clock: FakeClock, tmp_path: Path,
+                                                    spawn: Spawn) -> None:
+    child = _reporting_child(spawn, tmp_path, uuid(0), 8192 + 64)  # at limit + tolerance: still fine
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    for _ in range(3):
+        assert agent.enforce() == []
+        clock.advance(100)
+    assert child.poll() is None
+    assert [l.lease_id for l in agent.leases()] == [lease.lease_id]
+
+
+def test_dipping_under_the_limit_restarts_the_grace_period(agent: NodeAgent, clock: FakeClock, tmp_path: Path,
+                                                           spawn: Spawn) -> None:
+    child = spawn("sleep", "30")
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    simulated_usage.report(tmp_path, uuid(0), 9000, pid=child.pid)
+    assert agent.enforce() == []
+    clock.advance(8)
+    simulated_usage.report(tmp_path, uuid(0), 100, pid=child.pid)
+    assert agent.enforce() == []
+    simulated_usage.report(tmp_path, uuid(0), 9000, pid=child.pid)
+    clock.advance(8)
+    assert agent.enforce() == []  # 16 s since it first went over, but only 0 s in this stretch
+    clock.advance(11)
+    assert len(agent.enforce()) == 1
+    assert child.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_slice_usage_sums_the_lease_processes(agent: NodeAgent, tmp_path: Path, spawn: Spawn) -> None:
+    a, b, stranger = spawn("sleep", "30"), spawn("sleep", "30"), spawn("sleep", "30")
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, a.pid)
+    agent.attach_pid(lease.lease_id, b.pid)
+    simulated_usage.report(tmp_path, uuid(0), 3000, pid=a.pid)
+    simulated_usage.report(tmp_path, uuid(0), 5000, pid=b.pid)
+    simulated_usage.report(tmp_path, uuid(0), 7000, pid=stranger.pid)
+    usage = agent.sample().slice(lease.lease_id, uuid(0))
+    assert usage is not None
+    assert (usage.used_mib, usage.limit_mib, usage.top_pid) == (8000, 8192, b.pid)

@@ -1,0 +1,134 @@
+"""The isolation environment: exact contents, and what must never be in it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.model import Device, DeviceGrant
+from node_actors.agent import NodeAgent
+from node_actors.isolation import IsolationConfig, build_env, memory_fraction, visibility_for
+from tests.node_actors.conftest import make_lease, uuid
+
+
+def inventory(vendor: str = "NVIDIA") -> dict[str, Device]:
+    devices = [
+        Device(uuid="GPU-a", index=0, vendor=vendor, model="A100", memory_mib=81920),
+        Device(uuid="GPU-b", index=1, vendor=vendor, model="A100", memory_mib=81920),
+        Device(uuid="GPU-c", index=2, vendor=vendor, model="T4", memory_mib=16384),
+    ]
+    return {d.uuid: d for d in devices}
+
+
+def grants(cores: int = 30) -> list[DeviceGrant]:
+    # slice order differs from index order on purpose: the slice decides device 0 and 1
+    return [DeviceGrant(uuid="GPU-c", memory_mib=4096, cores=cores),
+            DeviceGrant(uuid="GPU-a", memory_mib=20480, cores=cores)]
+
+
+def test_two_device_slice_exact_env(tmp_path: Path) -> None:
+    env = build_env(grants(), inventory(), "abc-0", IsolationConfig(state_dir=tmp_path))
+    assert env == {
+        "CUDA_VISIBLE_DEVICES": "GPU-c,GPU-a",
+        "NVIDIA_VISIBLE_DEVICES": "GPU-c,GPU-a",
+        "CUDA_DEVICE_MEMORY_LIMIT_0": "4096m",
+        "CUDA_DEVICE_MEMORY_LIMIT_1": "20480m",
+        "CUDA_DEVICE_SM_LIMIT": "30",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(tmp_path / "vgpu" / "abc-0.cache"),
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.25",  # min(4096/16384, 20480/81920)
+        "HAMI_RAY_SLICE": '{"devices":[{"cores":30,"memory_mib":4096,"uuid":"GPU-c"},'
+                          '{"cores":30,"memory_mib":20480,"uuid":"GPU-a"}]}',
+    }
+    assert json.loads(env["HAMI_RAY_SLICE"])["devices"][1]["uuid"] == "GPU-a"
+
+
+@pytest.mark.parametrize("cores", [0, 100])
+def test_no_sm_limit_for_zero_or_whole_cores(tmp_path: Path, cores: int) -> None:
+    env = build_env(grants(cores), inventory(), "r", IsolationConfig(state_dir=tmp_path, mps=True))
+    assert "CUDA_DEVICE_SM_LIMIT" not in env
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env
+
+
+def test_ld_preload_only_when_library_exists(tmp_path: Path) -> None:
+    lib = tmp_path / "libvgpu.so"
+    missing = IsolationConfig(state_dir=tmp_path, libvgpu_path=lib)
+    assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", missing)
+    lib.write_bytes(b"\x7fELF")
+    assert build_env(grants(), inventory(), "r", missing)["LD_PRELOAD"] == str(lib)
+    assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path))
+
+
+def test_mps_vars_only_when_configured(tmp_path: Path) -> None:
+    plain = build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path))
+    assert not any(k.startswith("CUDA_MPS_") for k in plain)
+    mps = build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path, mps=True))
+    assert mps["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=4096M,1=20480M"
+    assert mps["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+
+
+@pytest.mark.parametrize(("vendor", "names", "ids"), [
+    ("AMD", ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"), "2,0"),
+    ("DCU", ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"), "2,0"),
+    ("Ascend910B", ("ASCEND_VISIBLE_DEVICES",), "2,0"),
+    ("MLU", ("MLU_VISIBLE_DEVICES",), "2,0"),
+])
+def test_other_vendors_by_index_without_cuda_layers(tmp_path: Path, vendor: str, names: tuple[str, ...],
+                                                    ids: str) -> None:
+    lib = tmp_path / "libvgpu.so"
+    lib.write_bytes(b"")
+    env = build_env(grants(), inventory(vendor), "r", IsolationConfig(state_dir=tmp_path, libvgpu_path=lib, mps=True))
+    for name in names:
+        assert env[name] == ids
+    assert not any(k.startswith("CUDA_") or k == "LD_PRELOAD" for k in env)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in env
+
+
+def test_unknown_vendor_device_or_mixed_slice_is_refused(tmp_path: Path) -> None:
+    cfg = IsolationConfig(state_dir=tmp_path)
+    with pytest.raises(InvalidRequest, match="no isolation"):
+        visibility_for("Vastai")
+    with pytest.raises(InvalidRequest, match="not on this node"):
+        build_env([DeviceGrant(uuid="GPU-x", memory_mib=1, cores=0)], inventory(), "r", cfg)
+    mixed = inventory() | {"GPU-m": Device(uuid="GPU-m", index=3, vendor="AMD", model="MI300", memory_mib=196608)}
+    with pytest.raises(InvalidRequest, match="one vendor"):
+        build_env([DeviceGrant(uuid="GPU-a", memory_mib=1, cores=0), DeviceGrant(uuid="GPU-m", memory_mib=1, cores=0)],
+                  mixed, "r", cfg)
+
+
+def test_empty_slice_hides_devices(tmp_path: Path) -> None:
+    assert build_env([], inventory(), "r", IsolationConfig(state_dir=tmp_path)) == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_zero_memory_grant_is_not_unlimited(tmp_path: Path) -> None:
+    env = build_env([DeviceGrant(uuid="GPU-a", memory_mib=0, cores=10)], inventory(), "r",
+                    IsolationConfig(state_dir=tmp_path))
+    assert env["CUDA_DEVICE_MEMORY_LIMIT_0"] == "1m"  # HAMi-core reads 0 as "no limit"
+
+
+def test_memory_fraction_rounds_down_and_caps() -> None:
+    devs = list(inventory().values())
+    assert memory_fraction([DeviceGrant(uuid="GPU-c", memory_mib=1000, cores=0)], devs[2:]) == "0.061"
+    assert memory_fraction([DeviceGrant(uuid="GPU-c", memory_mib=99999, cores=0)], devs[2:]) == "1"
+
+
+def test_agent_env_has_no_lease_id_or_token(agent: NodeAgent) -> None:
+    lease = agent.reserve(make_lease((0, 8192, 30), (1, 8192, 30), lease_id="lease-secret-id", token="tok-XYZ"))
+    env = agent.isolation_env(lease.lease_id)
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{uuid(0)},{uuid(1)}"
+    blob = json.dumps(env)
+    assert "lease-secret-id" not in blob
+    assert "tok-XYZ" not in blob
+
+
+def test_agent_env_shared_cache_by_shape_and_slot(agent: NodeAgent) -> None:
+    a = agent.reserve(make_lease((0, 8192, 30)))
+    b = agent.reserve(make_lease((0, 8192, 30)))  # same shape, held at the same time
+    env_a, env_b = agent.isolation_env(a.lease_id), agent.isolation_env(b.lease_id)
+    cache = "CUDA_DEVICE_MEMORY_SHARED_CACHE"
+    assert env_a[cache] != env_b[cache]  # separate HAMi-core accounting regions
+    agent.release(a.lease_id, a.token)
+    c = agent.reserve(make_lease((0, 8192, 30)))
+    assert agent.isolation_env(c.lease_id) == env_a  # identical runtime_env: Ray may reuse the worker
