@@ -262,6 +262,7 @@ class Scheduler:
         extra_mem = np.zeros(idx.width, dtype=np.int64)
         extra_cores = np.zeros(idx.width, dtype=np.int64)
         extra_slots = np.zeros(idx.width, dtype=np.int64)
+        extra_excl = np.zeros(idx.width, dtype=bool)  # taken whole by an earlier container of the pod
         slices: list[tuple[DeviceGrant, ...]] = []
         cached = state.data.get("joint_cache")
         lead = True  # the first request with devices: the one the policy scored the rows for
@@ -276,7 +277,7 @@ class Scheduler:
             if choice is not None and request.numa_bind and not self._one_numa(row, choice.cols):
                 choice = None
             if choice is None:
-                fit = self._row_fit(row, request, extra_mem, extra_cores, extra_slots)
+                fit = self._row_fit(row, request, extra_mem, extra_cores, extra_slots) & ~extra_excl
                 if int(fit.sum()) < request.count:
                     return None
                 # numa_bind is a must whatever the device policy (HAMi's nvidia.com/numa-bind)
@@ -291,6 +292,7 @@ class Scheduler:
                 extra_mem[col] += mem
                 extra_cores[col] += request.cores
                 extra_slots[col] += 1
+                extra_excl[col] |= request.exclusive
             slices.append(tuple(grants))
         host = self._host_total(reqs)
         return Allocation(node=node, slices=tuple(slices), cpu_milli=host.cpu_milli,
@@ -397,9 +399,8 @@ class Scheduler:
             ok &= (idx.cpu_cap == 0) | (idx.cpu_cap >= host.cpu_milli)
         if host.host_memory_mib:
             ok &= (idx.hmem_cap == 0) | (idx.hmem_cap >= host.host_memory_mib)
-        need = 0
-        numa_bind = False
-        can = np.ones_like(idx.exists)
+        exclusive = np.zeros_like(idx.exists)  # devices some whole-device container could take
+        exclusive_need = 0
         for request in reqs:
             if request.count == 0:
                 continue
@@ -407,9 +408,12 @@ class Scheduler:
             uuid = view.uuid_ok(request)
             if uuid is not None:
                 dev &= uuid
-            can &= dev
-            need = max(need, request.count)
-            numa_bind |= request.numa_bind
-        if need:
-            ok &= self._numa_ok(can, need) if numa_bind else can.sum(axis=1) >= need
+            # each container on its own must fit an empty node ...
+            ok &= self._numa_ok(dev, request.count) if request.numa_bind else dev.sum(axis=1) >= request.count
+            if request.exclusive:
+                exclusive |= dev
+                exclusive_need += request.count
+        # ... and whole-device containers cannot share their devices
+        if exclusive_need:
+            ok &= exclusive.sum(axis=1) >= exclusive_need
         return bool(ok.any())

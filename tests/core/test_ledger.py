@@ -35,7 +35,7 @@ from hami_ray.core.model import (
     SliceRequest,
 )
 from hami_ray.core.names import DevicePolicyName, NodePolicyName
-from hami_ray.core.scheduler import Scheduler
+from hami_ray.core.scheduler import Scheduler, TieBreak
 from tests.core.builders import allocate, hold, lease_of, make_node, raw_allocation, uuid_of
 
 A0, A1 = uuid_of("n1", 0), uuid_of("n1", 1)
@@ -605,11 +605,12 @@ def slice_requests(draw: st.DrawFn) -> SliceRequest:
 
 
 @st.composite
-def placements(draw: st.DrawFn) -> tuple[NodePolicyName, DevicePolicyName, list[SliceRequest]]:
+def placements(draw: st.DrawFn) -> tuple[NodePolicyName, DevicePolicyName, TieBreak, list[SliceRequest]]:
     node_policy = draw(st.sampled_from(list(NodePolicyName)))
     device_policy = draw(st.sampled_from(list(DevicePolicyName)))
+    tie_break = draw(st.sampled_from(list(TieBreak)))
     reqs = draw(st.lists(slice_requests(), min_size=1, max_size=2))
-    return node_policy, device_policy, reqs
+    return node_policy, device_policy, tie_break, reqs
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -622,7 +623,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger = Ledger(self.nodes.values())
         self.live: dict[str, Lease] = {}
         self.released: set[str] = set()
-        self.schedulers: dict[tuple[NodePolicyName, DevicePolicyName], Scheduler] = {}
+        self.schedulers: dict[tuple[NodePolicyName, DevicePolicyName, TieBreak], Scheduler] = {}
         self.clock = 0
 
     def _lease(self, allocation: Allocation, **kw: object) -> Lease:
@@ -631,13 +632,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # --- allocations ---------------------------------------------------------------------------
     @rule(placement=placements())
-    def place(self, placement: tuple[NodePolicyName, DevicePolicyName, list[SliceRequest]]) -> None:
-        node_policy, device_policy, reqs = placement
-        key = (node_policy, device_policy)
+    def place(self, placement: tuple[NodePolicyName, DevicePolicyName, TieBreak, list[SliceRequest]]) -> None:
+        node_policy, device_policy, tie_break, reqs = placement
+        key = (node_policy, device_policy, tie_break)
         sched = self.schedulers.get(key)
         if sched is None:
-            sched = self.schedulers[key] = Scheduler(self.ledger, node_policy=node_policy,
-                                                     device_policy=device_policy, seed=self.clock)
+            sched = self.schedulers[key] = Scheduler(self.ledger, node_policy=node_policy, device_policy=device_policy,
+                                                     tie_break=tie_break, seed=self.clock)
         for r in reqs:
             sched.observe(r)
         leases = list(self.live.values())
@@ -654,10 +655,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert not feasible_now(self.nodes, leases, reqs[0])
             return
         check_placement(self.nodes, reqs, alloc)
-        if joins_own_exclusive(alloc):
-            # a known scheduler bug with a strict xfail in test_scheduler.py
-            # (test_a_later_container_does_not_join_an_earlier_exclusive_one): drop this pod
-            return
+        assert not joins_own_exclusive(alloc), alloc
         lease = self._lease(alloc)
         assert holds(self.nodes, [*leases, lease]), "the scheduler over-committed"
         self.ledger.allocate(lease)  # must not raise

@@ -526,13 +526,9 @@ def test_numa_bind_that_fits_later_is_not_never() -> None:
     assert info.value.reasons == {"no NUMA node with enough devices": 1} and not info.value.never
 
 
-# --- bugs -----------------------------------------------------------------------------------------
+# --- regressions (bugs this suite found) ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: scheduler.py _could_ever_fit() intersects the device masks of a pod's containers (can &= dev), "
-    "so a pod whose containers ask for different device types (A100 + T4) on a node that has both is "
-    "reported never=True while it only waits for the busy A100"))
 def test_heterogeneous_pod_that_fits_an_empty_node_is_not_never() -> None:
     pod = [SliceRequest(memory_mib=1024, include_types=("A100",)),
            SliceRequest(memory_mib=1024, include_types=("T4",))]
@@ -545,9 +541,6 @@ def test_heterogeneous_pod_that_fits_an_empty_node_is_not_never() -> None:
     assert not info.value.never  # ... so it is not "never" when the A100 is merely busy
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: scheduler.py _could_ever_fit() takes max(count) over a pod's containers, so two whole-device "
-    "containers on a cluster of 1-GPU nodes are reported never=False and would wait forever"))
 def test_pod_of_two_exclusive_containers_on_one_gpu_nodes_is_never() -> None:
     ledger = Ledger([make_node("a").gpus(1).build(), make_node("b").gpus(1).build()])
     with pytest.raises(Unschedulable) as info:
@@ -555,10 +548,6 @@ def test_pod_of_two_exclusive_containers_on_one_gpu_nodes_is_never() -> None:
     assert info.value.never
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: scheduler.py _row_fit() filters on the ledger's exclusive flags (~idx.excl[row]) but the overlay of "
-    "the pod's earlier containers carries no exclusive flag; on a device with core_scaling > 1 a later "
-    "container joins an earlier container's 100-core slice, and the ledger then refuses the allocation"))
 def test_a_later_container_does_not_join_an_earlier_exclusive_one() -> None:
     ledger = Ledger([make_node("n").gpus(2, core_scaling=2.0).build()])
     pod = [SliceRequest(memory_mib=1, cores=FULL_CORES), SliceRequest(memory_mib=1, cores=0)]
