@@ -1,8 +1,10 @@
 """hami-ray: isolated fractional accelerator slices for Ray tasks and Kubernetes pods, one ledger.
 
-Today the package exports the placement engine (requests, ledger, scheduler, errors); the Ray user
-API (``hami_ray.init``, ``hami_ray.remote``, ``hami_ray.lease``) joins it with the runtime.
+The Ray user API (``init``, ``remote``, ``lease``, ``status``, ``current_slice``, ``shutdown``) loads Ray
+on first use, so the placement engine (requests, ledger, scheduler, errors) imports without it.
 """
+
+from typing import Any
 
 from hami_ray.core.errors import (
     AnnotationFormatError,
@@ -23,6 +25,22 @@ from hami_ray.core.scheduler import Scheduler
 
 __version__ = "0.1.0"
 
+_RUNTIME = ("check", "current_slice", "init", "lease", "queue_depth", "remote", "shutdown", "status",
+            "NotInitialized", "SliceQuotaExceeded")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SliceQuotaExceeded":
+        from hami_ray.core.errors import SliceQuotaExceeded
+
+        return SliceQuotaExceeded
+    if name in _RUNTIME:
+        from hami_ray.runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hami_ray' has no attribute {name!r}")
+
+
 __all__ = [
     "Allocation",
     "AnnotationFormatError",
@@ -41,10 +59,20 @@ __all__ = [
     "Ledger",
     "Node",
     "NodePolicyName",
+    "NotInitialized",
     "Scheduler",
+    "SliceQuotaExceeded",
     "SliceRequest",
     "UnknownPolicy",
     "Unschedulable",
     "__version__",
+    "check",
+    "current_slice",
+    "init",
+    "lease",
+    "queue_depth",
+    "remote",
+    "shutdown",
     "slice_request",
+    "status",
 ]

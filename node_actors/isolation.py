@@ -6,8 +6,8 @@ simulated backend hands out exactly the environment the NVIDIA backend does. Lay
 1. Visibility by vendor: ``CUDA_VISIBLE_DEVICES``/``NVIDIA_VISIBLE_DEVICES`` by uuid for NVIDIA; the
    vendor's own variable, by index, elsewhere (:data:`VISIBILITY`).
 2. HAMi-core (``libvgpu.so``, hami.md §2.6 and §3): ``CUDA_DEVICE_MEMORY_LIMIT_<i>=<MiB>m`` per device in
-   slice order, ``CUDA_DEVICE_SM_LIMIT`` when 0 < cores < 100, ``CUDA_DEVICE_MEMORY_SHARED_CACHE`` and,
-   where the library is installed, ``LD_PRELOAD``.
+   slice order, ``CUDA_DEVICE_SM_LIMIT`` when 0 < cores < 100 and, where the library is installed,
+   ``LD_PRELOAD`` with its ``CUDA_DEVICE_MEMORY_SHARED_CACHE``.
 3. CUDA MPS, when configured: ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` and
    ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``.
 4. Framework caps: ``XLA_PYTHON_CLIENT_MEM_FRACTION``, and ``HAMI_RAY_SLICE`` (compact JSON of the
@@ -155,8 +155,10 @@ def build_env(grants: Sequence[DeviceGrant], inventory: Mapping[str, Device], re
             env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{max(g.memory_mib, 1)}m"
         if 0 < cores < FULL_CORES:
             env["CUDA_DEVICE_SM_LIMIT"] = str(cores)
-        env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = str(Path(config.state_dir) / "vgpu" / f"{region}.cache")
         if config.libvgpu_path is not None and Path(config.libvgpu_path).is_file():
+            # the shared cache keys HAMi-core's accounting region; it means nothing without HAMi-core,
+            # and leaving it out keeps one runtime_env per slice shape, so Ray reuses workers
+            env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = str(Path(config.state_dir) / "vgpu" / f"{region}.cache")
             env["LD_PRELOAD"] = str(config.libvgpu_path)
         if config.mps:
             # Ordinals as the client sees them: CUDA_VISIBLE_DEVICES renumbers the slice from 0.

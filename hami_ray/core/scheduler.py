@@ -342,12 +342,13 @@ class Scheduler:
         view = self.view
         alive = idx.alive
         total = int(alive.sum())
-        reasons = np.full(idx.alive.shape[0], "", dtype=object)
+        codes = list(Reason)
+        reasons = np.full(idx.alive.shape[0], -1, dtype=np.int64)
         unset = alive.copy()
 
         def mark(failed: BoolArray, reason: Reason) -> None:
             hit = unset & failed
-            reasons[hit] = str(reason)
+            reasons[hit] = codes.index(reason)
             unset[hit] = False
 
         host = self._host_total(reqs)
@@ -387,7 +388,8 @@ class Scheduler:
                 mark(~self._numa_ok(step, need), Reason.NUMA_MISMATCH)
         mark(alive, Reason.TOO_FEW_DEVICES)
         never = not self._could_ever_fit(reqs)
-        return unschedulable(total, [Reason(r) for r in reasons[alive]], never=never)
+        counts = np.bincount(reasons[alive], minlength=len(codes))
+        return unschedulable(total, {codes[i]: int(n) for i, n in enumerate(counts) if n}, never=never)
 
     def _could_ever_fit(self, reqs: list[SliceRequest]) -> bool:
         """Would some node hold every request if it were empty?"""

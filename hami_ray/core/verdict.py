@@ -8,7 +8,7 @@ Not fitting is a result, not an exception, until the scheduler has looked at eve
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from hami_ray.core.errors import Unschedulable
@@ -32,7 +32,11 @@ class Reason(StrEnum):
     NUMA_MISMATCH = "no NUMA node with enough devices"
 
 
-def unschedulable(total_nodes: int, reasons: Iterable[Reason], *, never: bool = False) -> Unschedulable:
-    """Aggregate per-node reasons into the exception a caller sees."""
-    counts = Counter(str(r) for r in reasons)
+def unschedulable(total_nodes: int, reasons: Iterable[Reason] | Mapping[Reason, int], *,
+                  never: bool = False) -> Unschedulable:
+    """Aggregate per-node reasons (one per node, or already counted) into the exception a caller sees."""
+    if isinstance(reasons, Mapping):
+        counts = {str(r): n for r, n in reasons.items()}
+    else:
+        counts = dict(Counter(str(r) for r in reasons))
     return Unschedulable(total_nodes, counts, never=never)

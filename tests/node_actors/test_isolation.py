@@ -11,7 +11,8 @@ from hami_ray.core.errors import InvalidRequest
 from hami_ray.core.model import Device, DeviceGrant
 from node_actors.agent import NodeAgent
 from node_actors.isolation import IsolationConfig, build_env, memory_fraction, visibility_for
-from tests.node_actors.conftest import make_lease, uuid
+from node_actors.backends.simulated import SimulatedBackend
+from tests.node_actors.conftest import NODE, SPEC, make_lease, uuid
 
 
 def inventory(vendor: str = "NVIDIA") -> dict[str, Device]:
@@ -37,7 +38,6 @@ def test_two_device_slice_exact_env(tmp_path: Path) -> None:
         "CUDA_DEVICE_MEMORY_LIMIT_0": "4096m",
         "CUDA_DEVICE_MEMORY_LIMIT_1": "20480m",
         "CUDA_DEVICE_SM_LIMIT": "30",
-        "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(tmp_path / "vgpu" / "abc-0.cache"),
         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.25",  # min(4096/16384, 20480/81920)
         "HAMI_RAY_SLICE": '{"devices":[{"cores":30,"memory_mib":4096,"uuid":"GPU-c"},'
                           '{"cores":30,"memory_mib":20480,"uuid":"GPU-a"}]}',
@@ -56,8 +56,11 @@ def test_ld_preload_only_when_library_exists(tmp_path: Path) -> None:
     lib = tmp_path / "libvgpu.so"
     missing = IsolationConfig(state_dir=tmp_path, libvgpu_path=lib)
     assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", missing)
+    assert "CUDA_DEVICE_MEMORY_SHARED_CACHE" not in build_env(grants(), inventory(), "r", missing)
     lib.write_bytes(b"\x7fELF")
-    assert build_env(grants(), inventory(), "r", missing)["LD_PRELOAD"] == str(lib)
+    env = build_env(grants(), inventory(), "r", missing)
+    assert env["LD_PRELOAD"] == str(lib)
+    assert env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] == str(tmp_path / "vgpu" / "r.cache")  # HAMi-core's region
     assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path))
 
 
@@ -123,12 +126,26 @@ def test_agent_env_has_no_lease_id_or_token(agent: NodeAgent) -> None:
     assert "tok-XYZ" not in blob
 
 
-def test_agent_env_shared_cache_by_shape_and_slot(agent: NodeAgent) -> None:
+def test_agent_env_shared_cache_by_shape_and_slot(tmp_path: Path) -> None:
+    lib = tmp_path / "libvgpu.so"
+    lib.write_bytes(b"\x7fELF")  # HAMi-core installed: each live slice needs its own accounting region
+    backend = SimulatedBackend(SPEC, NODE, tmp_path, isolation=IsolationConfig(state_dir=tmp_path, libvgpu_path=lib))
+    agent = NodeAgent(NODE, backend, tmp_path)
+    try:
+        a = agent.reserve(make_lease((0, 8192, 30)))
+        b = agent.reserve(make_lease((0, 8192, 30)))  # same shape, held at the same time
+        env_a, env_b = agent.isolation_env(a.lease_id), agent.isolation_env(b.lease_id)
+        cache = "CUDA_DEVICE_MEMORY_SHARED_CACHE"
+        assert env_a[cache] != env_b[cache]  # separate HAMi-core accounting regions
+        agent.release(a.lease_id, a.token)
+        c = agent.reserve(make_lease((0, 8192, 30)))
+        assert agent.isolation_env(c.lease_id) == env_a  # identical runtime_env: Ray may reuse the worker
+    finally:
+        agent.close()
+
+
+def test_agent_env_is_one_per_shape_without_hami_core(agent: NodeAgent) -> None:
+    """No HAMi-core: two live slices of one shape share one environment, so Ray reuses workers."""
     a = agent.reserve(make_lease((0, 8192, 30)))
-    b = agent.reserve(make_lease((0, 8192, 30)))  # same shape, held at the same time
-    env_a, env_b = agent.isolation_env(a.lease_id), agent.isolation_env(b.lease_id)
-    cache = "CUDA_DEVICE_MEMORY_SHARED_CACHE"
-    assert env_a[cache] != env_b[cache]  # separate HAMi-core accounting regions
-    agent.release(a.lease_id, a.token)
-    c = agent.reserve(make_lease((0, 8192, 30)))
-    assert agent.isolation_env(c.lease_id) == env_a  # identical runtime_env: Ray may reuse the worker
+    b = agent.reserve(make_lease((0, 8192, 30)))
+    assert agent.isolation_env(a.lease_id) == agent.isolation_env(b.lease_id)

@@ -1,0 +1,241 @@
+"""The user API, mirroring Ray's: ``init``, ``remote`` (functions and classes), ``.options``, ``lease``,
+``status``, ``current_slice``.
+
+    import hami_ray
+    hami_ray.init()
+
+    @hami_ray.remote(gpus=1, gpu_memory="4GiB", gpu_cores=25)
+    def infer(batch): ...
+
+    refs = [infer.remote(b) for b in batches]   # returns at once, even when the cluster is full
+
+A task call goes to the placement actor, which waits for a slice (as a coroutine, not a process), starts
+the task on the slice's node with the slice's environment, and frees the slice when the task ends,
+fails or is cancelled. An actor's slice is acquired before the actor starts (``.remote()`` waits for
+it) and lives as long as the actor's process. Bad keywords fail at decoration or ``.options()`` time.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from hami_ray.core.errors import HamiRayError
+from hami_ray.core.model import ClusterSnapshot, DeviceGrant, Lease, SliceRequest
+from hami_ray.core.request import KEYWORDS, slice_request
+from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta
+from hami_ray.runtime.worker import NAMESPACE, current_slice, report_simulated_memory, slice_actor_class
+
+RAY_TASK_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_retries", "retry_exceptions",
+                              "runtime_env", "max_calls"})
+RAY_ACTOR_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_restarts", "max_concurrency",
+                               "runtime_env", "lifetime"})
+
+
+class NotInitialized(HamiRayError):
+    """The hami-ray API was used before ``hami_ray.init()``."""
+
+    def __init__(self) -> None:
+        super().__init__("hami-ray is not initialised: call hami_ray.init() first (it connects to or starts Ray)")
+
+
+_placement: Any = None
+
+
+def _handle() -> Any:
+    if _placement is None:
+        raise NotInitialized()
+    return _placement
+
+
+def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
+         simulate_per_node: dict[str, str] | None = None, agent: dict[str, Any] | None = None,
+         **ray_kwargs: Any) -> None:
+    """Connect to Ray (or start a local one) and make sure the hami-ray actors run.
+
+    Args:
+        address: Ray address; None starts or joins a local Ray like ``ray.init()``.
+        simulate: simulated devices for every node, e.g. ``"4xA100-80GB,2xT4-16GB"``; defaults to
+            ``$HAMI_RAY_SIMULATE``. Real NVIDIA GPUs win where NVML sees them.
+        state_root: where node actors keep journals (default: ``<tmp>/hami-ray-<user>``).
+        simulate_per_node: per Ray node id, its own simulation spec (multi-node tests).
+        agent: node agent settings (``tolerance_mib``, ``grace_s``, ``reap_interval_s``).
+        **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
+    """
+    global _placement
+    if not ray.is_initialized():
+        ray.init(address=address, **ray_kwargs)
+    config = {
+        "simulate": simulate if simulate is not None else os.environ.get("HAMI_RAY_SIMULATE"),
+        "simulate_for": simulate_per_node or {},
+        "state_root": state_root or os.path.join(tempfile.gettempdir(), f"hami-ray-{getpass.getuser()}"),
+        "agent": agent or {},
+    }
+    _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
+                                        get_if_exists=True).remote(config)
+    ray.get(_placement.ping.remote())
+
+
+def shutdown() -> None:
+    """Stop the hami-ray actors (their leases end) and forget the handle; Ray itself keeps running."""
+    global _placement
+    if _placement is None:
+        return
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor.get("namespace") == NAMESPACE:
+            try:
+                ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+    _placement = None
+
+
+def _split(options: dict[str, Any], ray_keys: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    ours = {k: v for k, v in options.items() if k in KEYWORDS}
+    theirs = {k: v for k, v in options.items() if k not in KEYWORDS}
+    unknown = sorted(set(theirs) - ray_keys)
+    if unknown:
+        slice_request({unknown[0]: None})  # raises InvalidRequest naming it, with the known keywords
+    return ours, theirs
+
+
+class RemoteFunction:
+    """What ``@hami_ray.remote`` makes of a function: ``.remote()`` and ``.options()`` as Ray's."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        ours, self._ray_options = _split(options, RAY_TASK_OPTIONS)
+        self._fn = fn
+        self._options = options
+        self._request = slice_request(ours)
+        self._fn_ref: Any = None
+        self.__name__ = getattr(fn, "__name__", "task")
+
+    def options(self, **options: Any) -> RemoteFunction:
+        merged = {**self._options, **options}
+        clone = RemoteFunction(self._fn, merged)
+        clone._fn_ref = self._fn_ref
+        return clone
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        handle = _handle()
+        if self._fn_ref is None:
+            self._fn_ref = ray.put(self._fn)
+        owner = f"task:{self.__name__}"
+        return handle.run.remote(self._request.model_dump(mode="json"), owner, [self._fn_ref], [args], [kwargs],
+                                 self._ray_options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"remote function {self.__name__} cannot be called directly: use .remote()")
+
+
+class ActorClass:
+    """What ``@hami_ray.remote`` makes of a class: ``.remote()`` starts the actor in its own slice."""
+
+    def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        ours, self._ray_options = _split(options, RAY_ACTOR_OPTIONS)
+        self._cls = cls
+        self._options = options
+        self._request = slice_request(ours)
+
+    def options(self, **options: Any) -> ActorClass:
+        return ActorClass(self._cls, {**self._options, **options})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        handle = _handle()
+        owner = f"actor:{self._cls.__name__}"
+        grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner))
+        lease = Lease.model_validate(grant["lease"])
+        env = {**self._ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
+        runtime_env = {**self._ray_options.get("runtime_env", {}), "env_vars": env}
+        opts = {k: v for k, v in self._ray_options.items() if k != "runtime_env"}
+        try:
+            return ray.remote(slice_actor_class(self._cls)).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
+                runtime_env=runtime_env, **opts,
+            ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
+        except Exception:
+            ray.get(handle.release.remote(lease.lease_id, lease.token))
+            raise
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """``@hami_ray.remote`` or ``@hami_ray.remote(gpus=1, gpu_memory="4GiB", gpu_cores=25, ...)``.
+
+    Raises:
+        InvalidRequest: a malformed or unknown keyword (at decoration time).
+    """
+    if len(args) == 1 and not options and callable(args[0]):
+        return _wrap(args[0], {})
+    if args:
+        raise TypeError("use @hami_ray.remote or @hami_ray.remote(**options)")
+    slice_request({k: v for k, v in options.items() if k in KEYWORDS})  # validate now
+
+    def decorate(target: Any) -> Any:
+        return _wrap(target, options)
+
+    return decorate
+
+
+def _wrap(target: Any, options: dict[str, Any]) -> Any:
+    if isinstance(target, type):
+        return ActorClass(target, options)
+    return RemoteFunction(target, options)
+
+
+@dataclass(frozen=True)
+class LeaseHandle:
+    """A driver-side slice: ``env`` to apply to a subprocess, ``devices`` held."""
+
+    lease: Lease
+    env: dict[str, str]
+
+    @property
+    def devices(self) -> tuple[DeviceGrant, ...]:
+        return self.lease.allocation.devices
+
+    @property
+    def lease_id(self) -> str:
+        return self.lease.lease_id
+
+
+@contextmanager
+def lease(**options: Any) -> Iterator[LeaseHandle]:
+    """Hold a slice in the driver: ``with hami_ray.lease(gpu_memory="2GiB") as lease: ...``."""
+    request = slice_request(options)
+    handle = _handle()
+    grant = ray.get(handle.acquire.remote(request.model_dump(mode="json"), f"driver:{os.getpid()}"))
+    held = LeaseHandle(Lease.model_validate(grant["lease"]), grant["env"])
+    actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
+    ray.get(actor.activate.remote(held.lease_id, os.getpid()))
+    try:
+        yield held
+    finally:
+        ray.get(handle.release.remote(held.lease_id, held.lease.token))
+
+
+def status() -> ClusterSnapshot:
+    """The cluster's nodes, devices and live leases."""
+    data = ray.get(_handle().status.remote())
+    return ClusterSnapshot.model_validate(data["snapshot"])
+
+
+def queue_depth() -> int:
+    return int(ray.get(_handle().status.remote())["queue_depth"])
+
+
+def check(**options: Any) -> None:
+    """Raise now if no node could ever hold this request (``Unschedulable`` with ``never``)."""
+    request: SliceRequest = slice_request(options)
+    ray.get(_handle().check.remote(request.model_dump(mode="json")))
+
+
+__all__ = ["init", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check",
+           "NotInitialized", "report_simulated_memory"]

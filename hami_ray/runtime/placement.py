@@ -1,0 +1,226 @@
+"""The placement actor: an async Ray actor over :class:`~hami_ray.runtime.service.PlacementService`.
+
+Named ``hami-ray-placement`` in namespace ``hami-ray``, detached, restarted on failure (it then rebuilds
+its ledger from the node actors). It decides; the node actor on the chosen node confirms (two phases,
+retried on refusal). Requests that do not fit wait here as coroutines, in priority then FIFO order, so
+ten thousand waiting tasks are ten thousand small futures, not processes. A background loop follows
+nodes joining and leaving (starting node actors for new nodes) and syncs the ledger with the node
+actors' truth (leases freed there, by dead processes or enforcement, are freed here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from hami_ray.core.errors import HamiRayError, ReservationRefused, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.model import Lease, Node, SliceRequest
+from hami_ray.runtime.service import PlacementService, Waiter
+from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
+
+log = logging.getLogger(__name__)
+PLACEMENT_NAME = "hami-ray-placement"
+SYNC_S = 1.0
+RESERVE_TRIES = 3
+
+
+class PlacementShell:
+    """The actor's body; ``PlacementActor`` below is this class made remote."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.svc = PlacementService()
+        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._actors: dict[str, Any] = {}
+        self._started = False
+        self.decisions_ms: list[float] = []
+
+    # --- membership --------------------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._sync_nodes()
+            asyncio.get_running_loop().create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await self._sync_nodes()
+            except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
+                log.exception("node sync failed")
+
+    def _node_actor(self, node_id: str) -> Any:
+        handle = self._actors.get(node_id)
+        if handle is None:
+            handle = NodeActor.options(
+                name=node_actor_name(node_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(node_id, self.config["state_root"], self.config.get("simulate_for", {}).get(
+                node_id, self.config.get("simulate")), self.config.get("agent", {}))
+            self._actors[node_id] = handle
+        return handle
+
+    async def _sync_nodes(self) -> None:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for node_id in list(self.svc.node_actor):
+            if node_id not in alive:
+                lost = self.svc.remove_node(node_id)
+                self._actors.pop(node_id, None)
+                log.warning("node %s left: %d leases lost", node_id, len(lost))
+        for node_id in alive:
+            handle = self._node_actor(node_id)
+            try:
+                if node_id not in self.svc.node_actor:
+                    info = await handle.info.remote()
+                    leases = [Lease.model_validate(x) for x in info["leases"]]
+                    self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
+                else:
+                    held = set(await handle.lease_ids.remote())
+                    for lease in self.svc.ledger.leases_on(node_id):
+                        if lease.lease_id not in held and lease.state == "active":
+                            self.svc.release(lease.lease_id, None)
+            except RayError:
+                continue  # the node actor is (re)starting; next round
+        self._kick()
+
+    # --- queue -------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        head = self.svc.head()
+        if head is not None:
+            fut = self._futures.get(head.waiter_id)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def _acquire(self, request: SliceRequest, owner: str) -> Lease:
+        await self._ensure_started()
+        self.svc.check(request)
+        waiter: Waiter | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                my_turn = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
+                if my_turn:
+                    lease = await self._try_place(request, owner)
+                    if lease is not None:
+                        if waiter is not None:
+                            self.svc.pop()
+                            self._futures.pop(waiter.waiter_id, None)
+                            waiter = None
+                            self._kick()
+                        return lease
+                if waiter is None:
+                    waiter = self.svc.enqueue(request, owner)
+                fut: asyncio.Future[None] = loop.create_future()
+                self._futures[waiter.waiter_id] = fut
+                await fut
+        except asyncio.CancelledError:
+            if waiter is not None:
+                self.svc.cancel(waiter)
+                self._futures.pop(waiter.waiter_id, None)
+                self._kick()
+            raise
+
+    async def _try_place(self, request: SliceRequest, owner: str) -> Lease | None:
+        for _ in range(RESERVE_TRIES):
+            t0 = time.perf_counter()
+            try:
+                plan = self.svc.plan(request, owner, time.time())
+            except Unschedulable:
+                return None
+            finally:
+                self.decisions_ms.append((time.perf_counter() - t0) * 1000)
+                del self.decisions_ms[:-10000]
+            try:
+                await self._node_actor(plan.node_id).reserve.remote(plan.lease.model_dump(mode="json"))
+            except (RayTaskError, RayActorError) as exc:
+                self.svc.abort(plan.lease.lease_id)
+                log.info("reservation refused on %s: %s", plan.node_id, exc)
+                continue
+            return self.svc.confirm(plan.lease)
+        return None
+
+    async def _release(self, lease: Lease) -> None:
+        self.svc.release(lease.lease_id, lease.token)
+        self._kick()
+        try:
+            await self._node_actor(lease.allocation.node).release.remote(lease.lease_id, lease.token)
+        except RayError:
+            pass  # the node actor reaps it
+
+    # --- API ---------------------------------------------------------------------------------
+    async def acquire(self, request: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Wait for a slice; returns the lease, the node actor's name and the isolation environment."""
+        lease = await self._acquire(SliceRequest.model_validate(request), owner)
+        env = await self._node_actor(lease.allocation.node).isolation_env.remote(lease.lease_id)
+        return {"lease": lease.model_dump(mode="json"), "env": env,
+                "node_actor": node_actor_name(lease.allocation.node), "state_root": self.config["state_root"]}
+
+    async def release(self, lease_id: str, token: str) -> bool:
+        lease = self.svc.ledger.leases.get(lease_id)
+        if lease is None:
+            return False
+        if lease.token != token:
+            self.svc.release(lease_id, token)  # raises LeaseTokenMismatch
+        await self._release(lease)
+        return True
+
+    async def run(self, request: dict[str, Any], owner: str, fn_ref: list[Any], args: list[Any],
+                  kwargs: list[dict[str, Any]], options: dict[str, Any]) -> Any:
+        """Run a task in a slice: wait for the lease, start the task on its node, free it at the end."""
+        from hami_ray.runtime.worker import run_in_slice  # noqa: PLC0415 - Ray-side module
+
+        grant = await self.acquire(request, owner)
+        lease = Lease.model_validate(grant["lease"])
+        ref = None
+        try:
+            ref = run_in_slice.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
+                runtime_env={"env_vars": grant["env"]}, max_retries=0, **options,
+            ).remote(fn_ref[0], slice_meta(grant, self.config["state_root"]), *args[0], **kwargs[0])
+            return await ref
+        except RayError as exc:
+            record = await self._node_actor(lease.allocation.node).quota_exceeded.remote(lease.lease_id)
+            if record:
+                raise SliceQuotaExceeded(**record) from exc
+            raise
+        except asyncio.CancelledError:
+            if ref is not None:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            await self._release(lease)
+
+    async def status(self) -> dict[str, Any]:
+        await self._ensure_started()
+        snap = self.svc.snapshot()
+        return {"snapshot": snap.model_dump(mode="json"), "queue_depth": self.svc.queue_depth,
+                "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]]}
+
+    async def check(self, request: dict[str, Any]) -> None:
+        """Raise now if the cluster could never hold ``request`` (InvalidRequest / Unschedulable)."""
+        await self._ensure_started()
+        self.svc.check(SliceRequest.model_validate(request))
+
+    async def ping(self) -> bool:
+        await self._ensure_started()
+        return True
+
+
+def slice_meta(grant: dict[str, Any], state_root: str) -> dict[str, Any]:
+    """What the worker needs to know about its slice (the lease id travels as an argument, not in env)."""
+    lease = grant["lease"]
+    node = lease["allocation"]["node"]
+    return {"lease_id": lease["lease_id"], "node_actor": grant["node_actor"], "node": node,
+            "slices": lease["allocation"]["slices"], "state_dir": node_state_dir(state_root, node)}
+
+
+PlacementActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                            max_concurrency=100_000)(PlacementShell)
+__all__ = ["PLACEMENT_NAME", "PlacementActor", "HamiRayError", "ReservationRefused"]

@@ -1,0 +1,141 @@
+"""The placement service: the plain class behind the placement actor (no Ray in here).
+
+It owns the cluster ledger and the scheduler, knows which node actor owns which node, and keeps the
+queue of requests waiting for capacity (priority first, then arrival order). The actor shell
+(:mod:`hami_ray.runtime.placement`) adds the Ray calls: the two-phase reservation with the node actor
+and the waiting itself.
+
+Called by the placement actor, and by tests directly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hami_ray.core.errors import InvalidRequest, Unschedulable
+from hami_ray.core.ledger import Ledger
+from hami_ray.core.model import ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
+from hami_ray.core.scheduler import Scheduler
+
+
+@dataclass(order=True)
+class Waiter:
+    """A request in the queue; ordering is (-priority, arrival)."""
+
+    sort_key: tuple[int, int]
+    request: SliceRequest = field(compare=False)
+    owner: str = field(compare=False)
+    waiter_id: int = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A lease the ledger holds as ``reserved``, to be confirmed by ``node_id``'s node actor."""
+
+    lease: Lease
+    node_id: str
+
+
+class PlacementService:
+    """Ledger, scheduler and queue of one hami-ray cluster."""
+
+    def __init__(self, scheduler_options: dict[str, object] | None = None) -> None:
+        self.ledger = Ledger()
+        self.scheduler = Scheduler(self.ledger, **(scheduler_options or {}))  # type: ignore[arg-type]
+        self.node_actor: dict[str, str] = {}  # node id -> node actor name
+        self._queue: list[Waiter] = []
+        self._seq = itertools.count()
+        self._cancelled: set[int] = set()
+        self.lost: list[Lease] = []
+
+    # --- nodes -------------------------------------------------------------------------------
+    def register_node(self, node: Node, actor_name: str, leases: Sequence[Lease] = ()) -> list[Lease]:
+        """Add or refresh a node with the leases its node actor holds (its truth wins)."""
+        for lease in self.ledger.leases_on(node.name):
+            self.ledger.release(lease.lease_id)
+        lost = self.ledger.add_node(node)
+        self.node_actor[node.name] = actor_name
+        for lease in leases:
+            self.ledger.allocate(lease)
+        return lost
+
+    def remove_node(self, node_id: str) -> list[Lease]:
+        """A node left the cluster: its leases become ``lost`` (returned)."""
+        self.node_actor.pop(node_id, None)
+        lost = self.ledger.remove_node(node_id)
+        self.lost.extend(lost)
+        return lost
+
+    # --- placement ---------------------------------------------------------------------------
+    def plan(self, request: SliceRequest, owner: str, created_at: float) -> Plan:
+        """Choose devices and hold them as ``reserved`` in the ledger.
+
+        Raises:
+            Unschedulable: nothing fits now (``never`` if nothing ever could).
+            InvalidRequest: the request can never be held by this cluster.
+        """
+        self.scheduler.observe(request)
+        allocation = self.scheduler.place(request)
+        lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
+                      token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at)
+        self.ledger.allocate(lease)
+        return Plan(lease, allocation.node)
+
+    def confirm(self, lease: Lease) -> Lease:
+        return self.ledger.update(lease.lease_id, state=LeaseState.ACTIVE)
+
+    def abort(self, lease_id: str) -> None:
+        """The node actor refused the reservation: forget it."""
+        self.ledger.release(lease_id)
+
+    def release(self, lease_id: str, token: str | None) -> Lease | None:
+        return self.ledger.release(lease_id, token)
+
+    # --- queue -------------------------------------------------------------------------------
+    def enqueue(self, request: SliceRequest, owner: str) -> Waiter:
+        waiter = Waiter((-request.priority, next(self._seq)), request, owner, 0)
+        waiter.waiter_id = waiter.sort_key[1]
+        heapq.heappush(self._queue, waiter)
+        return waiter
+
+    def cancel(self, waiter: Waiter) -> None:
+        self._cancelled.add(waiter.waiter_id)
+
+    def head(self) -> Waiter | None:
+        """The next waiter in order (cancelled ones are dropped)."""
+        while self._queue and self._queue[0].waiter_id in self._cancelled:
+            self._cancelled.discard(heapq.heappop(self._queue).waiter_id)
+        return self._queue[0] if self._queue else None
+
+    def pop(self) -> Waiter:
+        return heapq.heappop(self._queue)
+
+    def is_first(self, waiter: Waiter) -> bool:
+        return self.head() is waiter
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for w in self._queue if w.waiter_id not in self._cancelled)
+
+    def check(self, request: SliceRequest) -> None:
+        """Fail fast on requests the cluster could never hold (instead of waiting forever).
+
+        Raises:
+            InvalidRequest: see :meth:`Scheduler.validate`.
+            Unschedulable: with ``never=True``.
+        """
+        self.scheduler.validate(request)
+        try:
+            self.scheduler.place(request)
+        except Unschedulable as exc:
+            if exc.never:
+                raise
+        except InvalidRequest:
+            raise
+
+    def snapshot(self) -> ClusterSnapshot:
+        return self.ledger.snapshot()

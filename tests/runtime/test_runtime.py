@@ -1,0 +1,180 @@
+"""The Ray runtime on a local Ray with simulated devices: isolation env, capacity, lease lifetimes,
+queueing, enforcement, misuse. Marked ``ray``; they share one Ray (conftest)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+import hami_ray
+from hami_ray.core.errors import InvalidRequest, LeaseTokenMismatch, SliceQuotaExceeded, Unschedulable
+from hami_ray.runtime import api
+from tests.runtime.conftest import live_leases, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def test_api_before_init_is_a_clear_error() -> None:
+    saved, api._placement = api._placement, None
+    try:
+        with pytest.raises(api.NotInitialized, match="hami_ray.init"):
+            api.status()
+    finally:
+        api._placement = saved
+
+
+def test_task_sees_exactly_its_slice(hami: Path) -> None:
+    @hami_ray.remote(gpus=1, gpu_memory="20GiB", gpu_cores=25, gpu_type="A100")
+    def probe() -> dict[str, object]:
+        info = hami_ray.current_slice()
+        assert info is not None
+        return {"devices": info.devices, "env": dict(os.environ)}
+
+    out = ray.get(probe.remote())
+    (grant,) = out["devices"]
+    env = out["env"]
+    assert (grant.memory_mib, grant.cores) == (20480, 25)
+    assert env["CUDA_VISIBLE_DEVICES"] == grant.uuid == env["NVIDIA_VISIBLE_DEVICES"]
+    assert env["CUDA_DEVICE_MEMORY_LIMIT_0"] == "20480m"
+    assert env["CUDA_DEVICE_SM_LIMIT"] == "25"
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.25"
+    assert "lease" not in env.get("HAMI_RAY_SLICE", "")
+    snapshot = api.status()
+    model = {d.uuid: d.model for n in snapshot.nodes for d in n.devices}[grant.uuid]
+    assert "A100" in model
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_concurrent_tasks_never_exceed_a_device(hami: Path) -> None:
+    """300 mixed tasks record when they held what; at no instant does a device hold more than it has."""
+
+    @hami_ray.remote(gpu_memory="30GiB", gpu_cores=30)
+    def hold(seconds: float) -> tuple[str, int, int, float, float]:
+        info = hami_ray.current_slice()
+        assert info is not None
+        start = time.monotonic()
+        time.sleep(seconds)
+        g = info.devices[0]
+        return g.uuid, g.memory_mib, g.cores, start, time.monotonic()
+
+    shapes = [hold, hold.options(gpu_memory="10GiB", gpu_cores=10), hold.options(gpu_memory="50%", gpu_cores=50),
+              hold.options(gpu_memory="4GiB", gpu_cores=0)]
+    refs = [shapes[i % 4].remote(0.01 * (i % 3)) for i in range(300)]
+    spans = ray.get(refs, timeout=180)
+    capacity = {d.uuid: d.memory_mib for n in api.status().nodes for d in n.devices}
+    events = sorted([(s, +m, +c, u) for u, m, c, s, _ in spans] + [(e, -m, -c, u) for u, m, c, _, e in spans],
+                    key=lambda x: (x[0], x[1]))
+    mem = {u: 0 for u in capacity}
+    cores = {u: 0 for u in capacity}
+    for _, dm, dc, uuid in events:
+        mem[uuid] += dm
+        cores[uuid] += dc
+        assert mem[uuid] <= capacity[uuid], uuid
+        assert cores[uuid] <= 100, uuid
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_leases_end_with_failure_cancel_and_sigkill(hami: Path) -> None:
+    @hami_ray.remote(gpu_memory="1GiB")
+    def boom() -> None:
+        raise ValueError("user error")
+
+    with pytest.raises(ValueError, match="user error"):
+        ray.get(boom.remote())
+
+    @hami_ray.remote(gpu_memory="1GiB")
+    def sleeper() -> None:
+        time.sleep(60)
+
+    ref = sleeper.remote()
+    assert wait_until(lambda: live_leases() == 1)
+    ray.cancel(ref)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=30)
+    assert wait_until(lambda: live_leases() == 0)
+
+    @hami_ray.remote(gpu_memory="1GiB")
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(die.remote(), timeout=60)
+    assert wait_until(lambda: live_leases() == 0, timeout=10)
+
+
+def test_actor_lease_lives_as_long_as_the_actor(hami: Path) -> None:
+    @hami_ray.remote(gpu_memory="25%")
+    class Model:
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def where(self) -> tuple[int, int, str]:
+            info = hami_ray.current_slice()
+            assert info is not None
+            return self.k, info.devices[0].memory_mib, os.environ["CUDA_DEVICE_MEMORY_LIMIT_0"]
+
+    model = Model.remote(7)
+    k, mib, limit = ray.get(model.where.remote())
+    assert k == 7 and limit == f"{mib}m"
+    time.sleep(1.5)  # several reap rounds: the live actor keeps its lease
+    assert live_leases() == 1
+    ray.kill(model)
+    assert wait_until(lambda: live_leases() == 0, timeout=10)
+
+
+def test_a_waiting_request_runs_when_capacity_frees(hami: Path) -> None:
+    with api.lease(gpus=1, gpu_type="T4") as held:  # the only T4, whole
+        assert held.devices[0].memory_mib == 16384
+
+        @hami_ray.remote(gpu_memory="1GiB", gpu_type="T4")
+        def small() -> str:
+            info = hami_ray.current_slice()
+            assert info is not None
+            return info.devices[0].uuid
+
+        ref = small.remote()
+        ready, _ = ray.wait([ref], timeout=2)
+        assert not ready  # waits, and no worker holds a slot meanwhile
+        assert api.queue_depth() == 1
+    assert ray.get(ref, timeout=30) == held.devices[0].uuid
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_a_process_over_its_slice_is_stopped(hami: Path) -> None:
+    @hami_ray.remote(gpu_memory="2GiB")
+    def hog() -> None:
+        api.report_simulated_memory(3000)  # what NVML would show: 3000 MiB used in a 2048 MiB slice
+        time.sleep(60)
+
+    with pytest.raises(SliceQuotaExceeded) as info:
+        ray.get(hog.remote(), timeout=60)
+    assert info.value.used_mib == 3000 and info.value.limit_mib == 2048
+    assert "over its limit of 2048 MiB" in str(info.value)
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_bad_input_and_misuse(hami: Path) -> None:
+    with pytest.raises(InvalidRequest, match="gpu_memory"):
+        hami_ray.remote(gpu_memory="8 gigs")(lambda: None)
+
+    @hami_ray.remote(gpu_memory="1GiB")
+    def f() -> int:
+        return 1
+
+    with pytest.raises(InvalidRequest, match="gpu_cores"):
+        f.options(gpu_cores=150)
+    with pytest.raises(InvalidRequest, match="nonsense"):
+        f.options(nonsense=1)
+    with pytest.raises(InvalidRequest, match="gpu_memory"):  # more than any device has: fails fast
+        ray.get(f.options(gpu_memory="200GiB").remote(), timeout=30)
+    with pytest.raises(Unschedulable, match="no node could ever"):  # fits no device type present
+        ray.get(f.options(gpu_type="H100").remote(), timeout=30)
+    with api.lease(gpu_memory="1GiB") as held:
+        with pytest.raises(LeaseTokenMismatch):
+            ray.get(api._handle().release.remote(held.lease_id, "not-the-token"))
+    assert wait_until(lambda: live_leases() == 0)
