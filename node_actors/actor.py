@@ -70,9 +70,11 @@ class NodeActorShell:
         with self._lock:
             return [lease.lease_id for lease in self.agent.leases()]
 
-    def reserve(self, lease: dict[str, Any]) -> dict[str, Any]:
+    def reserve(self, lease: dict[str, Any]) -> dict[str, str]:
+        """Confirm a reservation and return its isolation environment (one round trip for both)."""
         with self._lock:
-            return self.agent.reserve(Lease.model_validate(lease)).model_dump(mode="json")
+            held = self.agent.reserve(Lease.model_validate(lease))
+            return self.agent.isolation_env(held.lease_id)
 
     def isolation_env(self, lease_id: str) -> dict[str, str]:
         with self._lock:

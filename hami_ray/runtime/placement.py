@@ -98,7 +98,7 @@ class PlacementShell:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-    async def _acquire(self, request: SliceRequest, owner: str) -> Lease:
+    async def _acquire(self, request: SliceRequest, owner: str) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
         self.svc.check(request)
         waiter: Waiter | None = None
@@ -107,14 +107,14 @@ class PlacementShell:
             while True:
                 my_turn = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
                 if my_turn:
-                    lease = await self._try_place(request, owner)
-                    if lease is not None:
+                    placed = await self._try_place(request, owner)
+                    if placed is not None:
                         if waiter is not None:
                             self.svc.pop()
                             self._futures.pop(waiter.waiter_id, None)
                             waiter = None
                             self._kick()
-                        return lease
+                        return placed
                 if waiter is None:
                     waiter = self.svc.enqueue(request, owner)
                 fut: asyncio.Future[None] = loop.create_future()
@@ -127,7 +127,7 @@ class PlacementShell:
                 self._kick()
             raise
 
-    async def _try_place(self, request: SliceRequest, owner: str) -> Lease | None:
+    async def _try_place(self, request: SliceRequest, owner: str) -> tuple[Lease, dict[str, str]] | None:
         for _ in range(RESERVE_TRIES):
             t0 = time.perf_counter()
             try:
@@ -138,12 +138,12 @@ class PlacementShell:
                 self.decisions_ms.append((time.perf_counter() - t0) * 1000)
                 del self.decisions_ms[:-10000]
             try:
-                await self._node_actor(plan.node_id).reserve.remote(plan.lease.model_dump(mode="json"))
+                env = await self._node_actor(plan.node_id).reserve.remote(plan.lease.model_dump(mode="json"))
             except (RayTaskError, RayActorError) as exc:
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
                 continue
-            return self.svc.confirm(plan.lease)
+            return self.svc.confirm(plan.lease), env
         return None
 
     async def _release(self, lease: Lease) -> None:
@@ -157,8 +157,7 @@ class PlacementShell:
     # --- API ---------------------------------------------------------------------------------
     async def acquire(self, request: dict[str, Any], owner: str) -> dict[str, Any]:
         """Wait for a slice; returns the lease, the node actor's name and the isolation environment."""
-        lease = await self._acquire(SliceRequest.model_validate(request), owner)
-        env = await self._node_actor(lease.allocation.node).isolation_env.remote(lease.lease_id)
+        lease, env = await self._acquire(SliceRequest.model_validate(request), owner)
         return {"lease": lease.model_dump(mode="json"), "env": env,
                 "node_actor": node_actor_name(lease.allocation.node), "state_root": self.config["state_root"]}
 

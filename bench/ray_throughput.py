@@ -1,0 +1,102 @@
+"""Throughput of 200 quarter-GPU tasks three ways, in one process and one Ray cluster, and the latency
+of one lease round trip (acquire + release) through the placement actor.
+
+    python bench/ray_throughput.py --json out/ray_throughput.json
+
+1. Ray's own ``num_gpus=0.25`` with its defaults: GPU tasks get ``max_calls=1``, a new worker process
+   per task (bookkeeping only: nothing stops a task from using the whole GPU).
+2. Ray's ``num_gpus=0.25, max_calls=0``: workers reused, still no isolation.
+3. ``hami_ray.remote(gpu_memory=<a quarter of the device>)``: a slice per task, visibility and HAMi-core
+   limits in the worker's environment; every task's environment is checked against its slice.
+
+No GPU is needed: Ray is told it has GPUs (``num_gpus``), hami-ray simulates the same count. Writes
+``ray_default_tasks_per_s``, ``ray_max_calls0_tasks_per_s``, ``hami_tasks_per_s``, the ratios and
+``lease_roundtrip_p50_ms`` / ``lease_roundtrip_p99_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+import hami_ray
+from hami_ray.runtime import api
+
+TASKS = 200
+GPUS = 2
+DEVICE_MIB = 16384  # simulated T4-16GB
+
+
+def task_body() -> tuple[int, str, str]:
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""), os.environ.get("CUDA_DEVICE_MEMORY_LIMIT_0", "")
+
+
+def timed(refs_fn) -> tuple[float, list[tuple[int, str, str]]]:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    out = ray.get(refs_fn())
+    return TASKS / (time.perf_counter() - start), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--tasks", type=int, default=TASKS)
+    parser.add_argument("--roundtrips", type=int, default=500)
+    args = parser.parse_args()
+    global TASKS
+    TASKS = args.tasks
+    ray.init(num_cpus=2, num_gpus=GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    api.init(simulate=f"{GPUS}xT4-16GB", state_root=tempfile.mkdtemp(prefix="hami-bench-"))
+    try:
+        ray_default = ray.remote(num_gpus=0.25)(task_body)
+        ray_reuse = ray.remote(num_gpus=0.25, max_calls=0)(task_body)
+        hami_task = hami_ray.remote(gpu_memory=DEVICE_MIB // 4)(task_body)
+        ray.get([ray_reuse.remote() for _ in range(4)])  # warm both pools alike
+        ray.get([hami_task.remote() for _ in range(4)])
+        default_tps, default_out = timed(lambda: [ray_default.remote() for _ in range(TASKS)])
+        reuse_tps, _ = timed(lambda: [ray_reuse.remote() for _ in range(TASKS)])
+        hami_tps, hami_out = timed(lambda: [hami_task.remote() for _ in range(TASKS)])
+        uuids = {d.uuid for n in api.status().nodes for d in n.devices}
+        isolated = all(cvd in uuids and limit == f"{DEVICE_MIB // 4}m" for _, cvd, limit in hami_out)
+        handle = api._handle()
+        request = hami_ray.slice_request({"gpu_memory": 1024}).model_dump(mode="json")
+        times = []
+        for _ in range(args.roundtrips):
+            t0 = time.perf_counter()
+            grant = ray.get(handle.acquire.remote(request, "bench"))
+            ray.get(handle.release.remote(grant["lease"]["lease_id"], grant["lease"]["token"]))
+            times.append((time.perf_counter() - t0) * 1000)
+        result = {
+            "tasks": TASKS,
+            "ray_default_tasks_per_s": round(default_tps, 2),
+            "ray_max_calls0_tasks_per_s": round(reuse_tps, 2),
+            "hami_tasks_per_s": round(hami_tps, 2),
+            "hami_vs_ray_default": round(hami_tps / default_tps, 2),
+            "hami_vs_ray_max_calls0": round(hami_tps / reuse_tps, 2),
+            "ray_default_worker_processes": len({pid for pid, _, _ in default_out}),
+            "hami_worker_processes": len({pid for pid, _, _ in hami_out}),
+            "hami_isolation_env_checked": isolated,
+            "lease_roundtrip_p50_ms": round(float(np.percentile(times, 50)), 3),
+            "lease_roundtrip_p99_ms": round(float(np.percentile(times, 99)), 3),
+            "meta": {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count()},
+        }
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+    finally:
+        api.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
