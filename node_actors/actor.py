@@ -103,4 +103,5 @@ class NodeActorShell:
         return True
 
 
-NodeActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(NodeActorShell)
+NodeActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,  # type: ignore[call-overload]
+                       max_concurrency=4)(NodeActorShell)

@@ -124,7 +124,7 @@ class RemoteFunction:
         clone._fn_ref = self._fn_ref
         return clone
 
-    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         handle = _handle()
         if self._fn_ref is None:
             self._fn_ref = ray.put(self._fn)

@@ -68,7 +68,7 @@ class PlacementShell:
         return handle
 
     async def _sync_nodes(self) -> None:
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
         for node_id in list(self.svc.node_actor):
             if node_id not in alive:
                 lost = self.svc.remove_node(node_id)
@@ -220,6 +220,6 @@ def slice_meta(grant: dict[str, Any], state_root: str) -> dict[str, Any]:
             "slices": lease["allocation"]["slices"], "state_dir": node_state_dir(state_root, node)}
 
 
-PlacementActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+PlacementActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,  # type: ignore[call-overload]
                             max_concurrency=100_000)(PlacementShell)
 __all__ = ["PLACEMENT_NAME", "PlacementActor", "HamiRayError", "ReservationRefused"]

@@ -90,7 +90,7 @@ def run_in_slice(fn: Callable[..., Any], meta: dict[str, Any], *args: Any, **kwa
 def slice_actor_class(cls: type) -> type:
     """A subclass of the user's actor class that enters its slice before the user's ``__init__``."""
 
-    class SliceActor(cls):  # type: ignore[misc, valid-type]
+    class SliceActor(cls):  # type: ignore[misc]
         def __init__(self, hami_slice_meta: dict[str, Any], *args: Any, **kwargs: Any) -> None:
             enter_slice(hami_slice_meta)
             super().__init__(*args, **kwargs)
