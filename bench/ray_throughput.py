@@ -39,10 +39,11 @@ def task_body() -> tuple[int, str, str]:
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""), os.environ.get("CUDA_DEVICE_MEMORY_LIMIT_0", "")
 
 
-def timed(refs_fn) -> tuple[float, list[tuple[int, str, str]]]:  # type: ignore[no-untyped-def]
+def timed(submit, n: int) -> tuple[float, list[tuple[int, str, str]]]:  # type: ignore[no-untyped-def]
+    """Tasks per second for ``n`` calls of ``submit`` (submitted at once, then all awaited)."""
     start = time.perf_counter()
-    out = ray.get(refs_fn())
-    return TASKS / (time.perf_counter() - start), out
+    out = ray.get([submit() for _ in range(n)])
+    return n / (time.perf_counter() - start), out
 
 
 def main() -> None:
@@ -51,8 +52,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=TASKS)
     parser.add_argument("--roundtrips", type=int, default=500)
     args = parser.parse_args()
-    global TASKS
-    TASKS = args.tasks
+    n = args.tasks
     ray.init(num_cpus=2, num_gpus=GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
     api.init(simulate=f"{GPUS}xT4-16GB", state_root=tempfile.mkdtemp(prefix="hami-bench-"))
@@ -62,9 +62,9 @@ def main() -> None:
         hami_task = hami_ray.remote(gpu_memory=DEVICE_MIB // 4)(task_body)
         ray.get([ray_reuse.remote() for _ in range(4)])  # warm both pools alike
         ray.get([hami_task.remote() for _ in range(4)])
-        default_tps, default_out = timed(lambda: [ray_default.remote() for _ in range(TASKS)])
-        reuse_tps, _ = timed(lambda: [ray_reuse.remote() for _ in range(TASKS)])
-        hami_tps, hami_out = timed(lambda: [hami_task.remote() for _ in range(TASKS)])
+        default_tps, default_out = timed(ray_default.remote, n)
+        reuse_tps, _ = timed(ray_reuse.remote, n)
+        hami_tps, hami_out = timed(hami_task.remote, n)
         uuids = {d.uuid for n in api.status().nodes for d in n.devices}
         isolated = all(cvd in uuids and limit == f"{DEVICE_MIB // 4}m" for _, cvd, limit in hami_out)
         handle = api._handle()
@@ -76,7 +76,7 @@ def main() -> None:
             ray.get(handle.release.remote(grant["lease"]["lease_id"], grant["lease"]["token"]))
             times.append((time.perf_counter() - t0) * 1000)
         result = {
-            "tasks": TASKS,
+            "tasks": n,
             "ray_default_tasks_per_s": round(default_tps, 2),
             "ray_max_calls0_tasks_per_s": round(reuse_tps, 2),
             "hami_tasks_per_s": round(hami_tps, 2),

@@ -87,6 +87,10 @@ class NodeActorShell:
             except Exception:  # noqa: BLE001 - the lease may already be gone (a fast task)
                 pass
 
+    def finish(self, lease_id: str, pid: int) -> None:
+        with self._lock:
+            self.agent.finish(lease_id, pid)
+
     def release(self, lease_id: str, token: str) -> bool:
         with self._lock:
             return self.agent.release(lease_id, token) is not None

@@ -178,6 +178,22 @@ class NodeAgent:
         self._journal.append_event(self._clock(), kind, lease_id, {"pid": pid})
         return lease
 
+    def finish(self, lease_id: str, pid: int) -> Lease | None:
+        """Process ``pid`` is done with the lease (a task returned; Ray keeps the worker for the next task).
+
+        The lease ends when no holder is left, so a lease outlives neither its work nor its processes,
+        even when whoever asked for it (the placement actor) died meanwhile. Unknown leases: None.
+        """
+        lease = self._ledger.leases.get(lease_id)
+        if lease is None:
+            return None
+        rest = tuple(p for p in lease.pids if p != pid)
+        if rest:
+            kept = self._ledger.update(lease_id, pids=rest)
+            self._journal.upsert_lease(kept, self._regions[lease_id][1])
+            return None
+        return self._end(lease_id, EventKind.FINISHED, {"pid": pid})
+
     def release(self, lease_id: str, token: str) -> Lease | None:
         """Free a lease. Idempotent, also across restarts: a lease that already ended returns None.
 

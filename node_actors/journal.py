@@ -58,11 +58,12 @@ class EventKind(StrEnum):
     KILL_FAILED = "kill-failed"
     RESTORED = "restored"
     LOST = "lost"  # a journaled lease no longer fits this node's devices
+    FINISHED = "finished"  # its last holder process said it is done (a task returned; the worker lives on)
 
     @property
     def ends_lease(self) -> bool:
         return self in (EventKind.RELEASED, EventKind.REAPED, EventKind.EXPIRED, EventKind.QUOTA_EXCEEDED,
-                        EventKind.LOST)
+                        EventKind.LOST, EventKind.FINISHED)
 
 
 @dataclass(frozen=True, slots=True)

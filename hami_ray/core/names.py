@@ -34,6 +34,7 @@ class DevicePolicyName(StrEnum):
     PACKING = "packing"
     BESTFIT = "bestfit"
     FGD = "fgd"
+    FGD_PLUS = "fgd-plus"
 
 
 def node_policy_name(value: object, field: str = "node_policy") -> NodePolicyName:

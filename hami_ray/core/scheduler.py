@@ -392,8 +392,10 @@ class Scheduler:
         return unschedulable(total, {codes[i]: int(n) for i, n in enumerate(counts) if n}, never=never)
 
     def _could_ever_fit(self, reqs: list[SliceRequest]) -> bool:
-        """Would some node hold every request if it were empty?"""
+        """Would some node hold every request if it were empty? (Yes while no node is known: nodes may join.)"""
         idx = self.ledger.index
+        if not idx.alive.any():
+            return True
         view = self.view
         host = self._host_total(reqs)
         ok = idx.alive.copy()

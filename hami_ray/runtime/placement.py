@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PLACEMENT_NAME = "hami-ray-placement"
 SYNC_S = 1.0
 RESERVE_TRIES = 3
+ORPHAN_S = 15.0  # a reservation of an earlier incarnation of this actor that no process claimed
 
 
 class PlacementShell:
@@ -38,15 +39,21 @@ class PlacementShell:
         self.svc = PlacementService()
         self._futures: dict[int, asyncio.Future[None]] = {}
         self._actors: dict[str, Any] = {}
-        self._started = False
+        self._ready: asyncio.Task[None] | None = None
+        self._mine: set[str] = set()  # leases this incarnation reserved
         self.decisions_ms: list[float] = []
 
     # --- membership --------------------------------------------------------------------------
     async def _ensure_started(self) -> None:
-        if not self._started:
-            self._started = True
-            await self._sync_nodes()
-            asyncio.get_running_loop().create_task(self._sync_forever())
+        """The first call syncs the nodes (a restarted actor rebuilds its ledger there); every
+        concurrent call waits for that, not just the first (retried calls arrive all at once)."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._ready)
+
+    async def _start(self) -> None:
+        await self._sync_nodes()
+        asyncio.get_running_loop().create_task(self._sync_forever())
 
     async def _sync_forever(self) -> None:
         while True:
@@ -82,13 +89,25 @@ class PlacementShell:
                     leases = [Lease.model_validate(x) for x in info["leases"]]
                     self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
                 else:
-                    held = set(await handle.lease_ids.remote())
+                    info = await handle.info.remote()
+                    held = {x["lease_id"]: Lease.model_validate(x) for x in info["leases"]}
                     for lease in self.svc.ledger.leases_on(node_id):
-                        if lease.lease_id not in held and lease.state == "active":
+                        truth = held.get(lease.lease_id)
+                        if truth is None:
+                            if lease.state == "active":  # freed there: finished, reaped, enforced
+                                self.svc.release(lease.lease_id, None)
+                        elif self._orphaned(truth):
                             self.svc.release(lease.lease_id, None)
+                            handle.release.remote(truth.lease_id, truth.token)
             except RayError:
                 continue  # the node actor is (re)starting; next round
         self._kick()
+
+    def _orphaned(self, lease: Lease) -> bool:
+        """Reserved by an earlier incarnation of this actor (it died between reserving and starting the
+        work) and never claimed by a process: nobody will use it."""
+        return (lease.lease_id not in self._mine and lease.state == "reserved" and not lease.pids
+                and time.time() - lease.created_at > ORPHAN_S)
 
     # --- queue -------------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -143,14 +162,20 @@ class PlacementShell:
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
                 continue
+            self._mine.add(plan.lease.lease_id)
             return self.svc.confirm(plan.lease), env
         return None
 
     async def _release(self, lease: Lease) -> None:
+        """Free in the ledger now (the queue moves on at once); tell the node actor without waiting.
+
+        Until the node actor hears of it, its own ledger still holds the slice, so a new reservation
+        there may be refused once and retried: safe, never over-committed."""
         self.svc.release(lease.lease_id, lease.token)
+        self._mine.discard(lease.lease_id)
         self._kick()
         try:
-            await self._node_actor(lease.allocation.node).release.remote(lease.lease_id, lease.token)
+            self._node_actor(lease.allocation.node).release.remote(lease.lease_id, lease.token)
         except RayError:
             pass  # the node actor reaps it
 

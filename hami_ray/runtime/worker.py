@@ -41,6 +41,7 @@ class SliceInfo:
 
 
 _current: SliceInfo | None = None
+_actors: dict[str, Any] = {}
 
 
 def current_slice() -> SliceInfo | None:
@@ -56,7 +57,9 @@ def enter_slice(meta: dict[str, Any]) -> SliceInfo:
             "XLA_PYTHON_CLIENT_MEM_FRACTION")
     env = {k: v for k, v in os.environ.items() if k in keys or k.startswith("CUDA_DEVICE_MEMORY_LIMIT")}
     _current = SliceInfo(meta["lease_id"], meta["node"], devices, env, meta.get("state_dir", ""))
-    actor = ray.get_actor(meta["node_actor"], namespace=NAMESPACE)
+    actor = _actors.get(meta["node_actor"])
+    if actor is None:  # one GCS lookup per worker process, not per task
+        actor = _actors[meta["node_actor"]] = ray.get_actor(meta["node_actor"], namespace=NAMESPACE)
     actor.activate.remote(meta["lease_id"], os.getpid())  # fire and forget: no round trip per task
     return _current
 
@@ -72,9 +75,14 @@ def report_simulated_memory(mib: int, device: int = 0) -> None:
     report(info.state_dir, info.devices[device].uuid, mib)
 
 
-def leave_slice() -> None:
+def leave_slice(meta: dict[str, Any] | None = None) -> None:
+    """Forget the slice; for a task, tell the node actor this process is done with the lease."""
     global _current
     _current = None
+    if meta is not None:
+        actor = _actors.get(meta["node_actor"])
+        if actor is not None:
+            actor.finish.remote(meta["lease_id"], os.getpid())
 
 
 @ray.remote
@@ -84,7 +92,7 @@ def run_in_slice(fn: Callable[..., Any], meta: dict[str, Any], *args: Any, **kwa
     try:
         return fn(*args, **kwargs)
     finally:
-        leave_slice()
+        leave_slice(meta)
 
 
 def slice_actor_class(cls: type) -> type:

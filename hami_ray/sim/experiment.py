@@ -44,7 +44,7 @@ def _run_job(policy: str, seed: int) -> RunResult:
 
 
 def _cost(policy: str) -> int:
-    return {"fgd": 0, "default": 0}.get(policy, 1)
+    return {"fgd": 0, "fgd-plus": 0, "default": 0}.get(policy, 1)
 
 
 def run_experiment(nodes_path: str | Path, pods_path: str | Path, policies: Sequence[str], seeds: int = 10,

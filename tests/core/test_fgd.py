@@ -132,3 +132,82 @@ def test_online_learning_changes_the_choice() -> None:
     # 100. On the idle "b" it leaves 600, still usable: F stays 0. FGD picks "b" (binpack would pick "a").
     alloc = scheduler.place(milli_request(400))
     assert alloc.node == "b"
+
+
+# --- fgd-plus: the CPU-aware fragment -----------------------------------------------------------
+
+from hami_ray.core.policies.fgd_plus import FgdPlusDevicePolicy, cpu_aware_fragment, fgd_fragment  # noqa: E402
+
+
+def brute_cpu_aware(left: list[int], cpu_left: int, classes: list[tuple[int, int, int, float]]) -> float:
+    """sum_m p_m (idle - the I_m x count_m largest usable shares), I_m = min(cpu // cpu_m, usable // count_m)."""
+    idle = sum(left)
+    total = 0.0
+    for count, milli, cpu, p in classes:
+        if count == 0:
+            total += p * idle
+            continue
+        usable = sorted((v for v in left if v >= milli), reverse=True)
+        pods = min(cpu_left // cpu if cpu else 10**9, len(usable) // count)
+        total += p * (idle - sum(usable[: pods * count]))
+    return total
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cpu_aware_fragment_matches_its_definition(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    ledger, lefts = random_cluster(rng)
+    shapes = [(1, rng.choice(MILLIS[:-1]), rng.choice([0, 2000, 9000, 30000])) for _ in range(4)]
+    shapes += [(1, 1000, 12000), (2, 1000, 8000), (0, 0, 6000)]
+    trace = [milli_request(m, c, cpu) for c, m, cpu in shapes for _ in range(rng.randint(1, 5))]
+    policy = FgdPlusDevicePolicy(TargetWorkload(trace, learn=False))
+    classes = [(c.count, c.cores * 10, c.cpu_milli, c.p) for c in policy.workload.classes]
+    view = Scheduler(ledger).view
+    rows = np.array([ledger.index.rows[f"n{i}"] for i in range(6)])
+    k = policy._class_arrays(view, rows)
+    assert k is not None
+    from hami_ray.core.policies.fgd import _RowState
+
+    st = _RowState.of(view, rows)
+    usable = policy._usable(k, st.free_slot, st.mem_left, st.core_left, st.untouched)
+    got = cpu_aware_fragment(k, st.share0, usable, st.cpu)
+    same_as_fgd = fgd_fragment(k, st.share0, usable, st.cpu)
+    for i in range(6):
+        cpu_left = int(ledger.index.cpu_cap[rows[i]] - ledger.index.cpu_used[rows[i]])
+        assert got[i] == pytest.approx(brute_cpu_aware(lefts[i], cpu_left, classes), abs=1e-6)
+        assert same_as_fgd[i] == pytest.approx(paper_fragment(lefts[i], cpu_left, classes), abs=1e-6)
+
+
+def test_cpu_aware_fragment_equals_fgd_when_cpu_is_ample() -> None:
+    """One device per pod and CPU for all: the measures agree (the CPU-aware one only adds stranding)."""
+    ledger, lefts = random_cluster(random.Random(5))
+    trace = [milli_request(m) for m in (200, 470, 810, 470)]
+    policy = FgdPlusDevicePolicy(TargetWorkload(trace, learn=False))
+    view = Scheduler(ledger).view
+    rows = np.arange(6)
+    k = policy._class_arrays(view, rows)
+    assert k is not None
+    from hami_ray.core.policies.fgd import _RowState
+
+    st = _RowState.of(view, rows)
+    usable = policy._usable(k, st.free_slot, st.mem_left, st.core_left, st.untouched)
+    cpu = np.full(6, np.inf)
+    assert np.allclose(cpu_aware_fragment(k, st.share0, usable, cpu), fgd_fragment(k, st.share0, usable, cpu))
+
+
+def test_fgd_plus_sees_gpus_stranded_by_cpu() -> None:
+    """Two idle 4-GPU nodes; b has CPU for four 10-core pods of the target class, a for two.
+
+    A 500-milli, 5-core slice leaves, on either node, 500 milli FGD counts as fragment: FGD ties
+    (score 37 both) and the node order picks b. The CPU-aware measure sees that a's last two GPUs were
+    stranded by CPU anyway: on a its F drops from 2000 to 1500 (score 62), on b it rises from 0 to 500
+    (score 37), so fgd-plus picks a and keeps b whole for the pods that need its CPU.
+    """
+    nodes = [Node(name=n, cpu_milli=cpu, devices=tuple(
+        Device(uuid=f"{n}-{j}", index=j, model="T4", memory_mib=1000, split_count=100) for j in range(4)))
+        for n, cpu in (("b", 45000), ("a", 25000))]
+    expected = {DevicePolicyName.FGD: "b", DevicePolicyName.FGD_PLUS: "a"}
+    for name, node in expected.items():
+        scheduler = Scheduler(Ledger(nodes), device_policy=name)
+        scheduler.device_policy_for(name).seed([milli_request(1000, 1, 10000)])  # type: ignore[attr-defined]
+        assert scheduler.place(milli_request(500, 1, 5000)).node == node, name

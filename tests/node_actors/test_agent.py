@@ -263,3 +263,16 @@ def test_slice_usage_sums_the_lease_processes(agent: NodeAgent, tmp_path: Path, 
     usage = agent.sample().slice(lease.lease_id, uuid(0))
     assert usage is not None
     assert (usage.used_mib, usage.limit_mib, usage.top_pid) == (8000, 8192, b.pid)
+
+
+def test_finish_ends_the_lease_when_its_last_holder_is_done(agent: NodeAgent) -> None:
+    """A task returned in a reused worker: the process lives on, the lease must not."""
+    lease = agent.reserve(make_lease((0, 1024, 10)))
+    agent.activate(lease.lease_id, os.getpid())
+    agent.attach_pid(lease.lease_id, 1)  # pid 1 is alive: a second holder
+    assert agent.finish(lease.lease_id, os.getpid()) is None  # one holder left: still live
+    assert [x.lease_id for x in agent.leases()] == [lease.lease_id]
+    ended = agent.finish(lease.lease_id, 1)
+    assert ended is not None and agent.leases() == []
+    assert agent.release(lease.lease_id, lease.token) is None  # the owner's release is then a no-op
+    assert agent.finish(lease.lease_id, 1) is None

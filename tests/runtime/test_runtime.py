@@ -180,3 +180,47 @@ def test_bad_input_and_misuse(hami: Path) -> None:
         with pytest.raises(LeaseTokenMismatch):
             ray.get(api._handle().release.remote(held.lease_id, "not-the-token"))
     assert wait_until(lambda: live_leases() == 0)
+
+
+def test_placement_actor_killed_mid_run(hami: Path) -> None:
+    """All tasks complete, no device is ever over capacity, and the ledger ends equal to the node actors'."""
+
+    @hami_ray.remote(gpu_memory="20GiB", gpu_cores=20)
+    def work(i: int) -> int:
+        time.sleep(0.02)
+        return i
+
+    refs = [work.remote(i) for i in range(120)]
+    time.sleep(1.0)
+    ray.kill(api._handle(), no_restart=False)
+    assert sorted(ray.get(refs, timeout=240)) == list(range(120))
+    assert wait_until(lambda: live_leases() == 0, timeout=20)
+    node = next(iter(api.status().nodes))
+    actor = ray.get_actor(f"hami-ray-node-{node.name}", namespace="hami-ray")
+    assert ray.get(actor.lease_ids.remote()) == []
+
+
+def test_node_actor_restarts_with_its_leases(hami: Path) -> None:
+    @hami_ray.remote(gpu_memory="5GiB")
+    class Holder:
+        def ping(self) -> int:
+            return os.getpid()
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    node = api.status().leases[0].allocation.node
+    actor = ray.get_actor(f"hami-ray-node-{node}", namespace="hami-ray")
+    before = ray.get(actor.lease_ids.remote())
+    assert len(before) == 1
+    ray.kill(actor, no_restart=False)
+    assert wait_until(lambda: _lease_ids(node) == before, timeout=30)  # back, from its journal
+    ray.kill(holder)
+    assert wait_until(lambda: live_leases() == 0, timeout=20)
+
+
+def _lease_ids(node: str) -> list[str] | None:
+    try:
+        actor = ray.get_actor(f"hami-ray-node-{node}", namespace="hami-ray")
+        return list(ray.get(actor.lease_ids.remote(), timeout=5))
+    except (ray.exceptions.RayError, ValueError):
+        return None

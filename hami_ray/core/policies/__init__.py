@@ -8,6 +8,7 @@ from hami_ray.core.policies.binpack import BinpackDevicePolicy, BinpackNodePolic
 from hami_ray.core.policies.clustering import ClusteringDevicePolicy
 from hami_ray.core.policies.dotprod import DotProdDevicePolicy
 from hami_ray.core.policies.fgd import FgdDevicePolicy
+from hami_ray.core.policies.fgd_plus import FgdPlusDevicePolicy
 from hami_ray.core.policies.framework import Registry
 from hami_ray.core.policies.numa import NumaDevicePolicy
 from hami_ray.core.policies.packing import PackingDevicePolicy
@@ -32,6 +33,7 @@ def registry() -> Registry:
         (DevicePolicyName.PACKING, PackingDevicePolicy),
         (DevicePolicyName.BESTFIT, BestFitDevicePolicy),
         (DevicePolicyName.FGD, FgdDevicePolicy),
+        (DevicePolicyName.FGD_PLUS, FgdPlusDevicePolicy),
     ):
         reg.add_device(name, factory)
     return reg
