@@ -36,6 +36,7 @@ POLICIES = {
     "binpack": (NodePolicyName.BINPACK, DevicePolicyName.BINPACK),
     "spread": (NodePolicyName.SPREAD, DevicePolicyName.SPREAD),
     "fgd": (NodePolicyName.BINPACK, DevicePolicyName.FGD),
+    "fgd-plus": (NodePolicyName.BINPACK, DevicePolicyName.FGD_PLUS),
     "default": (DEFAULT_NODE_POLICY, DEFAULT_DEVICE_POLICY),
 }
 
@@ -133,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--nodes", default="1000,10000")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="binpack,spread,default")
     parser.add_argument("--decisions", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured decisions first (steady state)")
