@@ -75,7 +75,8 @@ def run_experiment(nodes_path: str | Path, pods_path: str | Path, policies: Sequ
                     on_done(result)
     out: dict[str, object] = {p: summarize(rs) for p, rs in results.items()}
     out["runtime_s"] = round(time.perf_counter() - started, 2)
-    out["meta"] = {"nodes": nodes_path, "pods": pods_path, "gpus": gpus, "first_seed": first_seed,
+    # file names only: results are shared and committed, the machine's paths mean nothing elsewhere
+    out["meta"] = {"nodes": Path(nodes_path).name, "pods": Path(pods_path).name, "gpus": gpus, "first_seed": first_seed,
                    "seeds": [first_seed + i for i in range(seeds)], "default_policy": str(DEFAULT_DEVICE_POLICY),
                    "two_dimensional": two_dim}
     return out
