@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, ReservationRefused, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.errors import SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.runtime.service import PlacementService, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
@@ -247,4 +247,4 @@ def slice_meta(grant: dict[str, Any], state_root: str) -> dict[str, Any]:
 
 PlacementActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,  # type: ignore[call-overload]
                             max_concurrency=100_000)(PlacementShell)
-__all__ = ["PLACEMENT_NAME", "PlacementActor", "HamiRayError", "ReservationRefused"]
+__all__ = ["PLACEMENT_NAME", "PlacementActor", "PlacementShell", "slice_meta"]
