@@ -145,16 +145,7 @@ class FgdDevicePolicy:
             choices: list[tuple[int, ...] | None] = [
                 (int(b),) if np.isfinite(g) else None for b, g in zip(best, picked)]
             return choices, picked
-        if request.count == 0:
-            chosen = np.zeros(fit.shape, dtype=bool)
-            choices = [() for _ in range(n)]
-        else:
-            order = np.argsort(np.where(fit, share0, np.inf), axis=1, kind="stable")[:, : request.count]
-            ok = fit.sum(axis=1) >= request.count
-            chosen = np.zeros(fit.shape, dtype=bool)
-            np.put_along_axis(chosen, order, True, axis=1)
-            chosen &= ok[:, None]
-            choices = [tuple(int(c) for c in o) if good else None for o, good in zip(order, ok)]
+        choices, chosen = least_idle(share0, fit, request)
         if k is None or usable0 is None:
             grad1 = np.zeros(n)
         else:
@@ -263,3 +254,18 @@ def _share(present: BoolArray, mem_cap: FloatArray, core_cap: FloatArray, mem_le
     sh = np.minimum(mem_left / np.maximum(mem_cap, 1), core_left / np.maximum(core_cap, 1))
     out: FloatArray = np.where(present, np.round(sh * MILLI, 6), 0.0)
     return out
+
+
+def least_idle(share: FloatArray, fit: BoolArray, request: SliceRequest
+               ) -> tuple[list[tuple[int, ...] | None], BoolArray]:
+    """Per row, the ``request.count`` least idle fitting columns (ties by column), as the artifact's
+    ``Sub``: the choices (None where too few fit) and a (R, D) mask of them."""
+    n = share.shape[0]
+    if request.count == 0:
+        return [() for _ in range(n)], np.zeros(fit.shape, dtype=bool)
+    order = np.argsort(np.where(fit, share, np.inf), axis=1, kind="stable")[:, : request.count]
+    ok = fit.sum(axis=1) >= request.count
+    chosen = np.zeros(fit.shape, dtype=bool)
+    np.put_along_axis(chosen, order, True, axis=1)
+    chosen &= ok[:, None]
+    return [tuple(int(c) for c in o) if good else None for o, good in zip(order, ok)], chosen

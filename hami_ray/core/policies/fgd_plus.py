@@ -26,7 +26,7 @@ import numpy as np
 
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.names import DevicePolicyName
-from hami_ray.core.policies.fgd import FgdDevicePolicy, _Classes, _RowState
+from hami_ray.core.policies.fgd import FgdDevicePolicy, _Classes, _RowState, least_idle
 from hami_ray.core.policies.framework import BoolArray, ClusterView, CycleState, FloatArray, IntArray
 from hami_ray.core.policies.shares import is_sharing
 
@@ -114,7 +114,7 @@ class FgdPlusDevicePolicy(FgdDevicePolicy):
                         else fn(k, st.share0, usable0, st.cpu)[:, None] - fn(k, shares, usable, cpus))
                 grads.append(np.where(fit, grad, -np.inf))
             return None, (grads[0], grads[1])
-        choices, chosen = self._least_idle(st.share0, fit, request)
+        choices, chosen = least_idle(st.share0, fit, request)
         valid = np.array([c is not None for c in choices], dtype=bool)
         out = []
         for fn in fns:
@@ -131,16 +131,3 @@ class FgdPlusDevicePolicy(FgdDevicePolicy):
                 grad = fn(k, st.share0, usable0, st.cpu) - fn(k, st.share_of(ml1, cl1), usable1, cpu_after)
             out.append(np.where(valid, grad, -np.inf))
         return choices, (out[0], out[1])
-
-    @staticmethod
-    def _least_idle(share: FloatArray, fit: BoolArray, request: SliceRequest
-                    ) -> tuple[list[tuple[int, ...] | None], BoolArray]:
-        n = share.shape[0]
-        if request.count == 0:
-            return [() for _ in range(n)], np.zeros(fit.shape, dtype=bool)
-        order = np.argsort(np.where(fit, share, np.inf), axis=1, kind="stable")[:, : request.count]
-        ok = fit.sum(axis=1) >= request.count
-        chosen = np.zeros(fit.shape, dtype=bool)
-        np.put_along_axis(chosen, order, True, axis=1)
-        chosen &= ok[:, None]
-        return [tuple(int(c) for c in o) if good else None for o, good in zip(order, ok)], chosen
