@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--roundtrips", type=int, default=500)
     args = parser.parse_args()
     n = args.tasks
-    ray.init(num_cpus=2, num_gpus=GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, num_gpus=GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
     api.init(simulate=f"{GPUS}xT4-16GB", state_root=tempfile.mkdtemp(prefix="hami-bench-"))
     try:

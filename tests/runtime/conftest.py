@@ -17,8 +17,9 @@ SPEC = "2xA100-80GB,1xT4-16GB"
 @pytest.fixture(scope="session")
 def hami(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     state = tmp_path_factory.mktemp("hami-state")
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    # address="local": always a new cluster, never a stale one recorded under /tmp/ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
     try:
         api.init(simulate=SPEC, state_root=str(state),
                  agent={"grace_s": 0.5, "reap_interval_s": 0.5, "tolerance_mib": 0})
