@@ -29,7 +29,10 @@ class Waiter:
     sort_key: tuple[int, int]
     request: SliceRequest = field(compare=False)
     owner: str = field(compare=False)
-    waiter_id: int = field(compare=False)
+
+    @property
+    def waiter_id(self) -> int:
+        return self.sort_key[1]
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,7 @@ class PlacementService:
 
     # --- queue -------------------------------------------------------------------------------
     def enqueue(self, request: SliceRequest, owner: str) -> Waiter:
-        waiter = Waiter((-request.priority, next(self._seq)), request, owner, 0)
-        waiter.waiter_id = waiter.sort_key[1]
+        waiter = Waiter((-request.priority, next(self._seq)), request, owner)
         heapq.heappush(self._queue, waiter)
         return waiter
 
@@ -134,8 +136,6 @@ class PlacementService:
         except Unschedulable as exc:
             if exc.never:
                 raise
-        except InvalidRequest:
-            raise
 
     def snapshot(self) -> ClusterSnapshot:
         return self.ledger.snapshot()

@@ -91,17 +91,6 @@ class FgdDevicePolicy:
                              & (~k.core0 | (core_left[None] > 0)))
         return usable
 
-    def _fragment(self, k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
-        """F per row from shares (R, D), usability (C, R, D) and free CPU (R,)."""
-        idle = share.sum(axis=-1)
-        if k.p.size == 0:
-            empty: FloatArray = k.cpu_only_p * idle
-            return empty
-        runs = (usable.sum(axis=-1) >= k.count) & (cpu[None] >= k.cpu)
-        frag = np.where(runs, (share[None] * ~usable).sum(axis=-1), idle[None])
-        total: FloatArray = k.p @ frag + k.cpu_only_p * idle
-        return total
-
     def gradients(self, view: ClusterView, rows: IntArray, fit: BoolArray,
                   request: SliceRequest) -> tuple[list[tuple[int, ...] | None], FloatArray]:
         """For each row: the device set FGD would use and F_before - F_after (milli; -inf if none).
@@ -122,7 +111,7 @@ class FgdDevicePolicy:
         need_req = (np.full(mem_cap.shape, float(request.memory_mib)) if request.memory_mib is not None
                     else np.floor(mem_cap * (100.0 if request.memory_percent is None else request.memory_percent) / 100))
         usable0 = None if k is None else self._usable(k, free_slot, mem_left, core_left, untouched)
-        f0 = np.zeros(n) if k is None or usable0 is None else self._fragment(k, share0, usable0, cpu)
+        f0 = np.zeros(n) if k is None or usable0 is None else fgd_fragment(k, share0, usable0, cpu)
         if is_sharing(request):
             ml1, cl1 = mem_left - need_req, core_left - request.cores
             share1 = share_of(ml1, cl1)
@@ -155,7 +144,7 @@ class FgdDevicePolicy:
             if request.exclusive:
                 fs1 &= ~chosen
             usable1 = self._usable(k, fs1, ml1, cl1, untouched & ~chosen)
-            grad1 = f0 - self._fragment(k, share_of(ml1, cl1), usable1, cpu_after)
+            grad1 = f0 - fgd_fragment(k, share_of(ml1, cl1), usable1, cpu_after)
         grad1 = np.where([c is not None for c in choices], grad1, -np.inf)
         return choices, grad1
 
@@ -170,7 +159,7 @@ class FgdDevicePolicy:
         if k is None:
             return np.zeros(rows.size)
         usable = self._usable(k, st.free_slot, st.mem_left, st.core_left, st.untouched)
-        return self._fragment(k, st.share0, usable, st.cpu)
+        return fgd_fragment(k, st.share0, usable, st.cpu)
 
     @staticmethod
     def _score(grad: FloatArray) -> FloatArray:
@@ -269,3 +258,25 @@ def least_idle(share: FloatArray, fit: BoolArray, request: SliceRequest
     np.put_along_axis(chosen, order, True, axis=1)
     chosen &= ok[:, None]
     return [tuple(int(c) for c in o) if good else None for o, good in zip(order, ok)], chosen
+
+
+def class_total(k: _Classes, idle: FloatArray, per_class: FloatArray) -> FloatArray:
+    """sum_m p_m x per_class[m] + p_cpu_only x idle: a fragment measure from its per-class amounts."""
+    total: FloatArray = np.tensordot(k.p, per_class, axes=(0, 0)) + k.cpu_only_p * idle
+    return total
+
+
+def class_shape(k: _Classes, extra: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-class array against states with ``extra`` leading dimensions."""
+    return (k.p.size,) + (1,) * extra
+
+
+def fgd_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
+    """FGD's F for states of any leading shape: share (..., D), usable (C, ..., D), cpu (...)."""
+    idle = share.sum(axis=-1)
+    if k.p.size == 0:
+        only: FloatArray = k.cpu_only_p * idle
+        return only
+    shape = class_shape(k, share.ndim - 1)
+    runs = (usable.sum(axis=-1) >= k.count.reshape(shape)) & (cpu[None] >= k.cpu.reshape(shape))
+    return class_total(k, idle, np.where(runs, (share[None] * ~usable).sum(axis=-1), idle[None]))

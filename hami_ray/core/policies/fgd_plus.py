@@ -26,29 +26,19 @@ import numpy as np
 
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.names import DevicePolicyName
-from hami_ray.core.policies.fgd import FgdDevicePolicy, _Classes, _RowState, least_idle
+from hami_ray.core.policies.fgd import (
+    FgdDevicePolicy,
+    _Classes,
+    _RowState,
+    class_shape,
+    class_total,
+    fgd_fragment,
+    least_idle,
+)
 from hami_ray.core.policies.framework import BoolArray, ClusterView, CycleState, FloatArray, IntArray
 from hami_ray.core.policies.shares import is_sharing
 
 LEXICOGRAPHIC = 1000.0  # FGD's integer score dominates; the CPU-aware one only breaks its ties
-
-
-def _class_shape(k: _Classes, extra: int) -> tuple[int, ...]:
-    return (k.p.size,) + (1,) * extra
-
-
-def fgd_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
-    """FGD's F for states of any leading shape: share (..., D), usable (C, ..., D), cpu (...)."""
-    idle = share.sum(axis=-1)
-    if k.p.size == 0:
-        only: FloatArray = k.cpu_only_p * idle
-        return only
-    shape = _class_shape(k, share.ndim - 1)
-    runs = (usable.sum(axis=-1) >= k.count.reshape(shape)) & (cpu[None] >= k.cpu.reshape(shape))
-    usable_idle = np.where(usable, share[None], 0.0).sum(axis=-1)
-    frag = np.where(runs, idle[None] - usable_idle, idle[None])
-    total: FloatArray = np.tensordot(k.p, frag, axes=(0, 0)) + k.cpu_only_p * idle
-    return total
 
 
 def cpu_aware_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
@@ -57,7 +47,7 @@ def cpu_aware_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: F
     if k.p.size == 0:
         only: FloatArray = k.cpu_only_p * idle
         return only
-    shape = _class_shape(k, share.ndim - 1)
+    shape = class_shape(k, share.ndim - 1)
     count = k.count.reshape(shape).astype(np.float64)
     cpu_m = k.cpu.reshape(shape)
     largest_first = -np.sort(-np.where(usable, share[None], 0.0), axis=-1)
@@ -68,8 +58,7 @@ def cpu_aware_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: F
     pods = np.minimum(by_cpu, np.floor(n_usable / count))
     devices = np.minimum(pods * count, n_usable).astype(np.int64)
     covered = np.take_along_axis(prefix, devices[..., None], axis=-1)[..., 0]
-    total: FloatArray = np.tensordot(k.p, idle[None] - covered, axes=(0, 0)) + k.cpu_only_p * idle
-    return total
+    return class_total(k, idle, idle[None] - covered)
 
 
 class FgdPlusDevicePolicy(FgdDevicePolicy):
