@@ -25,7 +25,7 @@ from hami_ray.core.scheduler import Scheduler
 
 __version__ = "0.1.0"
 
-_RUNTIME = ("check", "current_slice", "init", "lease", "queue_depth", "remote", "shutdown", "status",
+_RUNTIME = ("check", "current_slice", "init", "lease", "lost_leases", "queue_depth", "remote", "shutdown", "status",
             "NotInitialized", "SliceQuotaExceeded")
 
 

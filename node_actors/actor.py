@@ -23,6 +23,7 @@ from node_actors.settings import AgentSettings, BackendSettings
 
 NAMESPACE = "hami-ray"
 TICK_S = 1.0
+NODE_SIMULATE_ENV = "HAMI_RAY_NODE_SIMULATE"  # set where a node starts (`ray start`): that node's devices
 
 
 def node_actor_name(node_id: str) -> str:
@@ -37,7 +38,11 @@ def node_state_dir(state_root: str, node_id: str) -> str:
 class NodeActorShell:
     """The actor's body; ``NodeActor`` below is this class made remote."""
 
-    def __init__(self, node_id: str, state_root: str, simulate: str | None, settings: dict[str, Any]) -> None:
+    def __init__(self, node_id: str, state_root: str, simulate: str | None, settings: dict[str, Any],
+                 simulate_default: str | None = None) -> None:
+        """``simulate``: this node's spec from ``hami_ray.init(simulate_per_node=...)``; else the node's own
+        ``$HAMI_RAY_NODE_SIMULATE``; else ``simulate_default`` (``init(simulate=...)`` for every node)."""
+        simulate = simulate or os.environ.get(NODE_SIMULATE_ENV) or simulate_default
         state_dir = Path(node_state_dir(state_root, node_id))
         self.backend = detect_backend(BackendSettings(node_name=node_id, state_dir=state_dir, simulate=simulate))
         self.agent = NodeAgent(node_id, self.backend, state_dir, settings=AgentSettings(**settings),
@@ -65,6 +70,15 @@ class NodeActorShell:
             return {"node": self.agent.node().model_dump(mode="json"), "state_dir": self.state_dir,
                     "simulated": self.simulated, "pid": os.getpid(),
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()]}
+
+    def audit(self) -> dict[str, Any]:
+        """The ledger recounted (raises on a difference), each device's capacity and the most it ever
+        held at once: what tests check after a storm of tasks."""
+        with self._lock:
+            self.agent.check()
+            return {"capacity": {d.uuid: (d.memory_capacity_mib, d.core_capacity, d.slice_capacity)
+                                 for d in self.agent.node().devices},
+                    "peak": dict(self.agent.peak), "leases": len(self.agent.leases())}
 
     def lease_ids(self) -> list[str]:
         with self._lock:

@@ -73,6 +73,7 @@ class NodeAgent:
         self._waiting_since: dict[str, float] = {}
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
+        self.peak: dict[str, tuple[int, int, int]] = {}  # uuid -> most (MiB, cores, slices) ever held at once
         self._restore()
 
     # --- restart -----------------------------------------------------------------------------
@@ -102,6 +103,10 @@ class NodeAgent:
     def leases(self) -> list[Lease]:
         """Live leases on this node (reserved or active), by id."""
         return self._ledger.leases_on(self.node_name)
+
+    def check(self) -> None:
+        """Recount this node's ledger from its leases (raises InvariantViolation on any difference)."""
+        self._ledger.check_invariants()
 
     def events(self, lease_id: str | None = None, kind: str | None = None) -> list[Event]:
         """The journal's events, oldest first."""
@@ -141,6 +146,10 @@ class NodeAgent:
             lease = self._ledger.allocate(lease)
         except InvariantViolation as exc:
             raise ReservationRefused(str(exc)) from exc
+        for grant in lease.allocation.devices:
+            use = self._ledger.usage(grant.uuid)
+            old = self.peak.get(grant.uuid, (0, 0, 0))
+            self.peak[grant.uuid] = (max(old[0], use.memory_mib), max(old[1], use.cores), max(old[2], use.slices))
         key = region_key(lease.allocation.devices)
         taken = {slot for k, slot in self._regions.values() if k == key}
         slot = next(i for i in range(len(taken) + 1) if i not in taken)

@@ -1,7 +1,7 @@
 """Settings of the node side: how a node picks its device backend and how its agent enforces slices.
 
-Plain frozen dataclasses with named defaults. The global settings loader (pydantic-settings, one place)
-fills them from file and environment; nothing here reads ``os.environ``. Called by the node actor shell,
+Plain frozen dataclasses with named defaults, filled by the node actor shell from what
+``hami_ray.init()`` passed and the node's environment; nothing here reads ``os.environ``. Called by the node actor shell,
 :func:`node_actors.backends.detect_backend` and :class:`node_actors.agent.NodeAgent`.
 """
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         simulate: simulated devices for every node, e.g. ``"4xA100-80GB,2xT4-16GB"``; defaults to
             ``$HAMI_RAY_SIMULATE``. Real NVIDIA GPUs win where NVML sees them.
         state_root: where node actors keep journals (default: ``<tmp>/hami-ray-<user>``).
-        simulate_per_node: per Ray node id, its own simulation spec (multi-node tests).
+        simulate_per_node: per Ray node id, its own simulation spec; a node started with
+            ``$HAMI_RAY_NODE_SIMULATE`` in its environment uses that instead of ``simulate``.
         agent: node agent settings (``tolerance_mib``, ``grace_s``, ``reap_interval_s``).
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
     """
@@ -130,7 +132,7 @@ class RemoteFunction:
             self._fn_ref = ray.put(self._fn)
         owner = f"task:{self.__name__}"
         return handle.run.remote(self._request.model_dump(mode="json"), owner, [self._fn_ref], [args], [kwargs],
-                                 self._ray_options)
+                                 self._ray_options, time.time())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"remote function {self.__name__} cannot be called directly: use .remote()")
@@ -151,7 +153,7 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         handle = _handle()
         owner = f"actor:{self._cls.__name__}"
-        grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner))
+        grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner, time.time()))
         lease = Lease.model_validate(grant["lease"])
         env = {**self._ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
         runtime_env = {**self._ray_options.get("runtime_env", {}), "env_vars": env}
@@ -227,6 +229,12 @@ def status() -> ClusterSnapshot:
     return ClusterSnapshot.model_validate(data["snapshot"])
 
 
+def lost_leases() -> list[Lease]:
+    """The most recent leases (up to 100) whose node left the cluster while they were live."""
+    data = ray.get(_handle().status.remote())
+    return [Lease.model_validate(x) for x in data["lost"]]
+
+
 def queue_depth() -> int:
     return int(ray.get(_handle().status.remote())["queue_depth"])
 
@@ -237,5 +245,5 @@ def check(**options: Any) -> None:
     ray.get(_handle().check.remote(request.model_dump(mode="json")))
 
 
-__all__ = ["init", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check",
+__all__ = ["init", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check", "lost_leases",
            "NotInitialized", "report_simulated_memory"]

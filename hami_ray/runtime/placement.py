@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hami_ray.core.errors import SliceQuotaExceeded, Unschedulable
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PLACEMENT_NAME = "hami-ray-placement"
 SYNC_S = 1.0
 RESERVE_TRIES = 3
+INFO_TIMEOUT_S = 10.0  # a node actor that does not answer is skipped this round, never waited on forever
 ORPHAN_S = 15.0  # a reservation of an earlier incarnation of this actor that no process claimed
 
 
@@ -42,6 +43,7 @@ class PlacementShell:
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
         self.decisions_ms: list[float] = []
+        self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
 
     # --- membership --------------------------------------------------------------------------
     async def _ensure_started(self) -> None:
@@ -69,8 +71,8 @@ class PlacementShell:
             handle = NodeActor.options(
                 name=node_actor_name(node_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(node_id, self.config["state_root"], self.config.get("simulate_for", {}).get(
-                node_id, self.config.get("simulate")), self.config.get("agent", {}))
+            ).remote(node_id, self.config["state_root"], self.config.get("simulate_for", {}).get(node_id),
+                     self.config.get("agent", {}), self.config.get("simulate"))
             self._actors[node_id] = handle
         return handle
 
@@ -85,11 +87,11 @@ class PlacementShell:
             handle = self._node_actor(node_id)
             try:
                 if node_id not in self.svc.node_actor:
-                    info = await handle.info.remote()
+                    info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                     leases = [Lease.model_validate(x) for x in info["leases"]]
                     self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
                 else:
-                    info = await handle.info.remote()
+                    info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                     held = {x["lease_id"]: Lease.model_validate(x) for x in info["leases"]}
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
@@ -99,7 +101,7 @@ class PlacementShell:
                         elif self._orphaned(truth):
                             self.svc.release(lease.lease_id, None)
                             handle.release.remote(truth.lease_id, truth.token)
-            except RayError:
+            except (RayError, asyncio.TimeoutError):
                 continue  # the node actor is (re)starting; next round
         self._kick()
 
@@ -117,31 +119,33 @@ class PlacementShell:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-    async def _acquire(self, request: SliceRequest, owner: str) -> tuple[Lease, dict[str, str]]:
+    async def _acquire(self, request: SliceRequest, owner: str, submitted: float) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
         self.svc.check(request)
         waiter: Waiter | None = None
         loop = asyncio.get_running_loop()
         try:
             while True:
-                my_turn = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
-                if my_turn:
+                first = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
+                if first:
                     placed = await self._try_place(request, owner)
                     if placed is not None:
-                        if waiter is not None:
-                            self.svc.pop()
+                        if waiter is not None:  # by identity: others may have queued ahead meanwhile
+                            self.svc.remove(waiter)
                             self._futures.pop(waiter.waiter_id, None)
                             waiter = None
-                            self._kick()
+                        self._kick()  # the next in line may fit too
                         return placed
                 if waiter is None:
-                    waiter = self.svc.enqueue(request, owner)
+                    waiter = self.svc.enqueue(request, owner, submitted)
+                    if not first and self.svc.is_first(waiter):
+                        continue  # asked before everyone waiting: try now, not at the next kick
                 fut: asyncio.Future[None] = loop.create_future()
                 self._futures[waiter.waiter_id] = fut
                 await fut
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or failed: never leave a dead waiter at the head of the queue
             if waiter is not None:
-                self.svc.cancel(waiter)
+                self.svc.remove(waiter)
                 self._futures.pop(waiter.waiter_id, None)
                 self._kick()
             raise
@@ -158,7 +162,7 @@ class PlacementShell:
                 del self.decisions_ms[:-10000]
             try:
                 env = await self._node_actor(plan.node_id).reserve.remote(plan.lease.model_dump(mode="json"))
-            except (RayTaskError, RayActorError) as exc:
+            except RayError as exc:  # refused, or the node actor is (re)starting: try again
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
                 continue
@@ -180,9 +184,11 @@ class PlacementShell:
             pass  # the node actor reaps it
 
     # --- API ---------------------------------------------------------------------------------
-    async def acquire(self, request: dict[str, Any], owner: str) -> dict[str, Any]:
-        """Wait for a slice; returns the lease, the node actor's name and the isolation environment."""
-        lease, env = await self._acquire(SliceRequest.model_validate(request), owner)
+    async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None) -> dict[str, Any]:
+        """Wait for a slice; returns the lease, the node actor's name and the isolation environment.
+        ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now."""
+        lease, env = await self._acquire(SliceRequest.model_validate(request), owner,
+                                         time.time() if submitted is None else submitted)
         return {"lease": lease.model_dump(mode="json"), "env": env,
                 "node_actor": node_actor_name(lease.allocation.node), "state_root": self.config["state_root"]}
 
@@ -196,21 +202,41 @@ class PlacementShell:
         return True
 
     async def run(self, request: dict[str, Any], owner: str, fn_ref: list[Any], args: list[Any],
-                  kwargs: list[dict[str, Any]], options: dict[str, Any]) -> Any:
-        """Run a task in a slice: wait for the lease, start the task on its node, free it at the end."""
-        from hami_ray.runtime.worker import run_in_slice  # noqa: PLC0415 - Ray-side module
+                  kwargs: list[dict[str, Any]], options: dict[str, Any], submitted: float | None = None) -> Any:
+        """Run a task in a slice: wait for the lease, start the task on its node, free it at the end.
 
-        grant = await self.acquire(request, owner)
+        The task goes to the shared pool of slice workers with its environment as an argument; if the
+        worker it lands on is bound to another slice (CUDA initialised there), once more to a process
+        started with the whole slice environment."""
+        from hami_ray.runtime.worker import PROCESS_START_KEYS, WORKER_MARK, WorkerBound, run_in_slice  # noqa: PLC0415
+
+        grant = await self.acquire(request, owner, submitted)
         lease = Lease.model_validate(grant["lease"])
+        env: dict[str, str] = grant["env"]
+        user_env = dict(options.get("runtime_env") or {})
+        opts = {k: v for k, v in options.items() if k != "runtime_env"}
+        shared = {**user_env.get("env_vars", {}), WORKER_MARK: "1", **{k: env[k] for k in PROCESS_START_KEYS if k in env}}
+        meta = slice_meta(grant, self.config["state_root"])
         ref = None
-        try:
-            ref = run_in_slice.options(
+
+        def submit(env_vars: dict[str, str]) -> Any:
+            return run_in_slice.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
-                runtime_env={"env_vars": grant["env"]}, max_retries=0, **options,
-            ).remote(fn_ref[0], slice_meta(grant, self.config["state_root"]), *args[0], **kwargs[0])
+                runtime_env={**user_env, "env_vars": env_vars}, max_retries=0, **opts,
+            ).remote(fn_ref[0], meta, env, *args[0], **kwargs[0])
+
+        try:
+            ref = submit(shared)
+            try:
+                return await ref
+            except RayTaskError as exc:
+                if not isinstance(exc, WorkerBound) and not isinstance(exc.cause, WorkerBound):
+                    raise
+            self.bound_retries += 1
+            ref = submit({**shared, **env})
             return await ref
         except RayError as exc:
-            record = await self._node_actor(lease.allocation.node).quota_exceeded.remote(lease.lease_id)
+            record = await self._quota_record(lease)
             if record:
                 raise SliceQuotaExceeded(**record) from exc
             raise
@@ -221,11 +247,24 @@ class PlacementShell:
         finally:
             await self._release(lease)
 
+    async def _quota_record(self, lease: Lease) -> dict[str, Any] | None:
+        """The node actor's enforcement record for a failed task's lease; None when there is none or
+        the node is gone (its tasks fail because the node left, not because of a quota)."""
+        if lease.allocation.node not in self.svc.node_actor:
+            return None
+        try:
+            record: dict[str, Any] | None = await self._node_actor(lease.allocation.node).quota_exceeded.remote(
+                lease.lease_id)
+        except RayError:
+            return None
+        return record
+
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()
         snap = self.svc.snapshot()
         return {"snapshot": snap.model_dump(mode="json"), "queue_depth": self.svc.queue_depth,
-                "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]]}
+                "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]],
+                "bound_retries": self.bound_retries}
 
     async def check(self, request: dict[str, Any]) -> None:
         """Raise now if the cluster could never hold ``request`` (InvalidRequest / Unschedulable)."""

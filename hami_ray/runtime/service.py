@@ -24,15 +24,16 @@ from hami_ray.core.scheduler import Scheduler
 
 @dataclass(order=True)
 class Waiter:
-    """A request in the queue; ordering is (-priority, arrival)."""
+    """A request in the queue; ordering is (-priority, submitted, arrival): the caller's submission time
+    orders requests whose calls reached the (async) placement actor out of order."""
 
-    sort_key: tuple[int, int]
+    sort_key: tuple[int, float, int]
     request: SliceRequest = field(compare=False)
     owner: str = field(compare=False)
 
     @property
     def waiter_id(self) -> int:
-        return self.sort_key[1]
+        return self.sort_key[2]
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,14 @@ class PlacementService:
         return self.ledger.release(lease_id, token)
 
     # --- queue -------------------------------------------------------------------------------
-    def enqueue(self, request: SliceRequest, owner: str) -> Waiter:
-        waiter = Waiter((-request.priority, next(self._seq)), request, owner)
+    def enqueue(self, request: SliceRequest, owner: str, submitted: float = 0.0) -> Waiter:
+        """Queue a request; ``submitted`` (the caller's clock when it asked) orders it before later asks."""
+        waiter = Waiter((-request.priority, submitted, next(self._seq)), request, owner)
         heapq.heappush(self._queue, waiter)
         return waiter
 
-    def cancel(self, waiter: Waiter) -> None:
+    def remove(self, waiter: Waiter) -> None:
+        """``waiter`` leaves the queue (served, cancelled or failed), wherever it stands in it."""
         self._cancelled.add(waiter.waiter_id)
 
     def head(self) -> Waiter | None:

@@ -211,3 +211,11 @@ def test_fgd_plus_sees_gpus_stranded_by_cpu() -> None:
         scheduler = Scheduler(Ledger(nodes), device_policy=name)
         scheduler.device_policy_for(name).seed([milli_request(1000, 1, 10000)])  # type: ignore[attr-defined]
         assert scheduler.place(milli_request(500, 1, 5000)).node == node, name
+
+
+def test_fgd_plus_cpu_levels_are_coarse() -> None:
+    """The CPU-aware gradient only counts in six levels: near-equal choices tie (the node order then
+    consolidates); a gradient that is not finite adds nothing."""
+    grads = np.array([-np.inf, -2000.0, -1000.0, -1.0, 0.0, 800.0, 5000.0])
+    assert FgdPlusDevicePolicy._level(grads).tolist() == [0, 0, 1, 2, 3, 4, 5]
+    assert FgdPlusDevicePolicy._level(np.array([10.0]))[0] == FgdPlusDevicePolicy._level(np.array([600.0]))[0]

@@ -14,7 +14,7 @@ import ray
 import hami_ray
 from hami_ray.core.errors import InvalidRequest, LeaseTokenMismatch, SliceQuotaExceeded, Unschedulable
 from hami_ray.runtime import api
-from tests.runtime.conftest import live_leases, wait_until
+from tests.runtime.conftest import RayCluster, audit_all, live_leases, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +28,7 @@ def test_api_before_init_is_a_clear_error() -> None:
         api._placement = saved
 
 
-def test_task_sees_exactly_its_slice(hami: Path) -> None:
+def test_task_sees_exactly_its_slice(hami: RayCluster) -> None:
     @hami_ray.remote(gpus=1, gpu_memory="20GiB", gpu_cores=25, gpu_type="A100")
     def probe() -> dict[str, object]:
         info = hami_ray.current_slice()
@@ -50,7 +50,7 @@ def test_task_sees_exactly_its_slice(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0)
 
 
-def test_concurrent_tasks_never_exceed_a_device(hami: Path) -> None:
+def test_concurrent_tasks_never_exceed_a_device(hami: RayCluster) -> None:
     """Mixed tasks record when they held what; at no instant does a device hold more than it has.
 
     Two shapes only: every (shape, device) pair is its own runtime_env and so its own worker process,
@@ -81,7 +81,7 @@ def test_concurrent_tasks_never_exceed_a_device(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0)
 
 
-def test_leases_end_with_failure_cancel_and_sigkill(hami: Path) -> None:
+def test_leases_end_with_failure_cancel_and_sigkill(hami: RayCluster) -> None:
     @hami_ray.remote(gpu_memory="1GiB")
     def boom() -> None:
         raise ValueError("user error")
@@ -109,7 +109,7 @@ def test_leases_end_with_failure_cancel_and_sigkill(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0, timeout=10)
 
 
-def test_actor_lease_lives_as_long_as_the_actor(hami: Path) -> None:
+def test_actor_lease_lives_as_long_as_the_actor(hami: RayCluster) -> None:
     @hami_ray.remote(gpu_memory="25%")
     class Model:
         def __init__(self, k: int) -> None:
@@ -129,7 +129,7 @@ def test_actor_lease_lives_as_long_as_the_actor(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0, timeout=10)
 
 
-def test_a_waiting_request_runs_when_capacity_frees(hami: Path) -> None:
+def test_a_waiting_request_runs_when_capacity_frees(hami: RayCluster) -> None:
     with api.lease(gpus=1, gpu_type="T4") as held:  # the only T4, whole
         assert held.devices[0].memory_mib == 16384
 
@@ -147,7 +147,7 @@ def test_a_waiting_request_runs_when_capacity_frees(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0)
 
 
-def test_a_process_over_its_slice_is_stopped(hami: Path) -> None:
+def test_a_process_over_its_slice_is_stopped(hami: RayCluster) -> None:
     @hami_ray.remote(gpu_memory="2GiB")
     def hog() -> None:
         api.report_simulated_memory(3000)  # what NVML would show: 3000 MiB used in a 2048 MiB slice
@@ -160,7 +160,7 @@ def test_a_process_over_its_slice_is_stopped(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0)
 
 
-def test_bad_input_and_misuse(hami: Path) -> None:
+def test_bad_input_and_misuse(hami: RayCluster) -> None:
     with pytest.raises(InvalidRequest, match="gpu_memory"):
         hami_ray.remote(gpu_memory="8 gigs")(lambda: None)
 
@@ -182,25 +182,31 @@ def test_bad_input_and_misuse(hami: Path) -> None:
     assert wait_until(lambda: live_leases() == 0)
 
 
-def test_placement_actor_killed_mid_run(hami: Path) -> None:
-    """All tasks complete, no device is ever over capacity, and the ledger ends equal to the node actors'."""
+def test_placement_actor_killed_mid_run(hami: RayCluster) -> None:
+    """500 tasks; the placement actor is killed (and restarted by Ray) in the middle: all complete, no
+    device is ever over capacity (each node actor's high-water mark) and the ledger ends equal to the
+    node actors' own."""
 
     @hami_ray.remote(gpu_memory="20GiB", gpu_cores=20)
     def work(i: int) -> int:
-        time.sleep(0.02)
+        time.sleep(0.01)
         return i
 
-    refs = [work.remote(i) for i in range(120)]
-    time.sleep(1.0)
+    refs = [work.remote(i) for i in range(500)]
+    ready: list[object] = []
+    while len(ready) < 50:  # well under way
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
     ray.kill(api._handle(), no_restart=False)
-    assert sorted(ray.get(refs, timeout=240)) == list(range(120))
-    assert wait_until(lambda: live_leases() == 0, timeout=20)
-    node = next(iter(api.status().nodes))
-    actor = ray.get_actor(f"hami-ray-node-{node.name}", namespace="hami-ray")
-    assert ray.get(actor.lease_ids.remote()) == []
+    assert sorted(ray.get(refs, timeout=400)) == list(range(500))
+    assert wait_until(lambda: live_leases() == 0, timeout=30)
+    for node, audit in audit_all().items():
+        assert audit["leases"] == 0, node  # the node actors' truth: nothing held, as the ledger says
+        for uuid, (mib, cores, slices) in audit["peak"].items():
+            cap_mib, cap_cores, cap_slices = audit["capacity"][uuid]
+            assert mib <= cap_mib and cores <= cap_cores and slices <= cap_slices, uuid
 
 
-def test_node_actor_restarts_with_its_leases(hami: Path) -> None:
+def test_node_actor_restarts_with_its_leases(hami: RayCluster) -> None:
     @hami_ray.remote(gpu_memory="5GiB")
     class Holder:
         def ping(self) -> int:
@@ -224,3 +230,33 @@ def _lease_ids(node: str) -> list[str] | None:
         return list(ray.get(actor.lease_ids.remote(), timeout=5))
     except (ray.exceptions.RayError, ValueError):
         return None
+
+
+def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> None:
+    """Workers in which CUDA got loaded (pretended here) keep the slice they had; a task for another
+    slice landing on one goes, once more, to a process started with its own environment. Last of the
+    Ray tests: it leaves the head node's pooled workers bound."""
+
+    @hami_ray.remote(gpu_memory="1GiB", gpu_type="T4")
+    def bind(hold_s: float) -> int:
+        from hami_ray.runtime import worker
+
+        worker._cuda_loaded = lambda: True  # as if the task had initialised CUDA under this slice
+        time.sleep(hold_s)
+        return os.getpid()
+
+    bound = set(ray.get([bind.remote(0.5) for _ in range(4)], timeout=120))
+    before = ray.get(api._handle().status.remote())["bound_retries"]
+
+    @hami_ray.remote(gpu_memory="2GiB", gpu_type="T4")
+    def other() -> tuple[int, str, str]:
+        info = hami_ray.current_slice()
+        assert info is not None
+        return os.getpid(), os.environ["CUDA_VISIBLE_DEVICES"], os.environ["CUDA_DEVICE_MEMORY_LIMIT_0"]
+
+    outs = ray.get([other.remote() for _ in range(8)], timeout=240)
+    t4 = next(d.uuid for n in api.status().nodes for d in n.devices if "T4" in d.model)
+    assert all(cvd == t4 and limit == "2048m" for _, cvd, limit in outs)
+    assert not bound & {pid for pid, _, _ in outs}  # no bound process ran a task of another slice
+    assert ray.get(api._handle().status.remote())["bound_retries"] > before
+    assert wait_until(lambda: live_leases() == 0)
