@@ -1,5 +1,5 @@
 """The ``hami-ray`` command line (Typer): ``simulate`` and ``demo`` today; ``status``, ``k8s`` and
-``metrics`` join as the runtime and the bridge land."""
+``metrics`` join as observability and the bridge land."""
 
 from __future__ import annotations
 
@@ -105,14 +105,76 @@ def simulate(
         console.print(f"wrote {plot}")
 
 
+DEMO_SIMULATE = "2xA100-80GB,1xT4-16GB"
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the plot go")) -> None:
-    """A short packing simulation on the openb trace: a table and a plot (the Ray demo comes next)."""
+def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the plot go"),
+         ray_part: bool = typer.Option(True, "--ray/--no-ray", help="also run examples/ on a local Ray")) -> None:
+    """A packing simulation on the openb trace, then the examples/ workloads on a local Ray with
+    simulated devices (real NVIDIA GPUs where NVML sees them), then the cluster's status."""
     console.print("[bold]hami-ray demo[/]: simulated devices (no GPU needed): the 1,213-node openb cluster, "
                   "6,212 GPUs, one seed per policy")
     simulate(nodes=TRACE_DIR / "openb_node_list_gpu_node.csv", pods=TRACE_DIR / "openb_pod_list_default.csv",
              policies=PAPER_POLICIES + ",default", seeds=1, json_out=out / "simulate.json",
              plot=out / "unallocated.png", workers=0, two_dim=False)
+    if ray_part:
+        _ray_demo(out)
+
+
+def _ray_demo(out: Path) -> None:
+    import os  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray address on 127.0.0.1
+    import ray  # noqa: PLC0415
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    from hami_ray.runtime import api  # noqa: PLC0415
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    sys_path = str(Path(__file__).resolve().parents[1])
+    import sys  # noqa: PLC0415
+
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from examples import burst, overrun, shared_inference  # noqa: PLC0415
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    try:
+        api.init(simulate=DEMO_SIMULATE, state_root=tempfile.mkdtemp(prefix="hami-demo-"), agent={"grace_s": 1.0})
+        snap = api.status()
+        kinds = {d.vendor for n in snap.nodes for d in n.devices}
+        console.print(f"\n[bold]Ray part[/]: a local Ray on 127.0.0.1; devices: "
+                      f"{'simulated ' + DEMO_SIMULATE if snap.nodes and _simulated(snap) else ', '.join(kinds)}")
+        results = {}
+        for name, run in (("shared_inference", shared_inference.main), ("burst", burst.main),
+                          ("overrun", overrun.main)):
+            results[name] = run()
+            console.print(f"[green]examples/{name}.py[/]: {results[name]}")
+        _status_table(api.status())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "examples.json").write_text(json.dumps(results, indent=1, default=str))
+    finally:
+        api.shutdown()
+        ray.shutdown()
+
+
+def _simulated(snap: object) -> bool:
+    return all(d.uuid.startswith("GPU-sim-") for n in snap.nodes for d in n.devices)  # type: ignore[attr-defined]
+
+
+def _status_table(snap: object) -> None:
+    table = Table(title="devices after the examples")
+    for col in ("node", "device", "model", "memory MiB", "allocated MiB", "cores", "slices"):
+        table.add_column(col)
+    for node in snap.nodes:  # type: ignore[attr-defined]
+        for d in node.devices:
+            held = [g for lease in snap.leases for g in lease.allocation.devices if g.uuid == d.uuid]  # type: ignore[attr-defined]
+            table.add_row(node.name[:12], f"#{d.index}", d.model, str(d.memory_mib), str(sum(g.memory_mib for g in held)),
+                          str(sum(g.cores for g in held)), str(len(held)))
+    console.print(table)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -121,7 +122,7 @@ class PlacementShell:
 
     async def _acquire(self, request: SliceRequest, owner: str, submitted: float) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
-        self.svc.check(request)
+        self.svc.scheduler.validate(request)  # InvalidRequest; "never fits" comes from the first try below
         waiter: Waiter | None = None
         loop = asyncio.get_running_loop()
         try:
@@ -137,6 +138,8 @@ class PlacementShell:
                         self._kick()  # the next in line may fit too
                         return placed
                 if waiter is None:
+                    if not first:
+                        self.svc.check(request)  # never fits: fail now, not when its turn comes
                     waiter = self.svc.enqueue(request, owner, submitted)
                     if not first and self.svc.is_first(waiter):
                         continue  # asked before everyone waiting: try now, not at the next kick
@@ -155,7 +158,9 @@ class PlacementShell:
             t0 = time.perf_counter()
             try:
                 plan = self.svc.plan(request, owner, time.time())
-            except Unschedulable:
+            except Unschedulable as exc:
+                if exc.never:
+                    raise  # fail fast: waiting would be forever
                 return None
             finally:
                 self.decisions_ms.append((time.perf_counter() - t0) * 1000)
@@ -189,6 +194,9 @@ class PlacementShell:
         ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now."""
         lease, env = await self._acquire(SliceRequest.model_validate(request), owner,
                                          time.time() if submitted is None else submitted)
+        return self._grant(lease, env)
+
+    def _grant(self, lease: Lease, env: dict[str, str]) -> dict[str, Any]:
         return {"lease": lease.model_dump(mode="json"), "env": env,
                 "node_actor": node_actor_name(lease.allocation.node), "state_root": self.config["state_root"]}
 
@@ -210,9 +218,9 @@ class PlacementShell:
         started with the whole slice environment."""
         from hami_ray.runtime.worker import PROCESS_START_KEYS, WORKER_MARK, WorkerBound, run_in_slice  # noqa: PLC0415
 
-        grant = await self.acquire(request, owner, submitted)
-        lease = Lease.model_validate(grant["lease"])
-        env: dict[str, str] = grant["env"]
+        lease, env = await self._acquire(SliceRequest.model_validate(request), owner,
+                                         time.time() if submitted is None else submitted)
+        grant = self._grant(lease, env)
         user_env = dict(options.get("runtime_env") or {})
         opts = {k: v for k, v in options.items() if k != "runtime_env"}
         shared = {**user_env.get("env_vars", {}), WORKER_MARK: "1", **{k: env[k] for k in PROCESS_START_KEYS if k in env}}
@@ -264,7 +272,7 @@ class PlacementShell:
         snap = self.svc.snapshot()
         return {"snapshot": snap.model_dump(mode="json"), "queue_depth": self.svc.queue_depth,
                 "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]],
-                "bound_retries": self.bound_retries}
+                "bound_retries": self.bound_retries, "pid": os.getpid()}
 
     async def check(self, request: dict[str, Any]) -> None:
         """Raise now if the cluster could never hold ``request`` (InvalidRequest / Unschedulable)."""

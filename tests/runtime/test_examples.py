@@ -1,0 +1,30 @@
+"""Every script in examples/ runs on the shared cluster and does what it says."""
+
+from __future__ import annotations
+
+import pytest
+
+from examples import burst, overrun, shared_inference
+from tests.runtime.conftest import RayCluster, live_leases, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def test_shared_inference_pool(hami: RayCluster) -> None:
+    out = shared_inference.main(replicas=4, requests=16)
+    assert out["answers"] == 16
+    for replica in out["replicas"]:
+        assert replica["visible"] == ",".join(replica["devices"]) and replica["cores"] == 25
+    assert wait_until(lambda: live_leases() == 0, timeout=20)
+
+
+def test_burst_queues_then_drains(hami: RayCluster) -> None:
+    out = burst.main(tasks=40)  # 5 GPUs x 2 half slices = 10 at once; 30 wait
+    assert out["deepest_queue"] > 0 and out["devices_used"] >= 2
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_overrun_is_stopped(hami: RayCluster) -> None:
+    out = overrun.main()
+    assert out["stopped"] and out["used_mib"] == 3072 and out["limit_mib"] == 2048
+    assert wait_until(lambda: live_leases() == 0)
