@@ -13,7 +13,6 @@ tasks started in submission order. Writes ``requests``, ``queued``, ``submit_s``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import ray
 
 import hami_ray
+from bench_io import report
 from hami_ray.runtime import api
 
 
@@ -85,10 +85,7 @@ def main() -> None:
             "drain_s": round(drain_s, 1), "drain_tasks_per_s": round(n / drain_s, 1),
             "drained_in_order": order == list(range(n)),
         }
-        print(json.dumps(result, indent=1))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1))
+        report(result, args.json)
     finally:
         api.shutdown()
         ray.shutdown()

@@ -17,7 +17,6 @@ No GPU is needed: Ray is told it has GPUs (``num_gpus``), hami-ray simulates the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 import ray
 
 import hami_ray
+from bench_io import report
 from hami_ray.runtime import api
 
 TASKS = 200
@@ -89,10 +89,7 @@ def main() -> None:
             "lease_roundtrip_p99_ms": round(float(np.percentile(times, 99)), 3),
             "meta": {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count()},
         }
-        print(json.dumps(result, indent=1))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1))
+        report(result, args.json)
     finally:
         api.shutdown()
         ray.shutdown()
