@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import ray
 
 import hami_ray
-from bench_io import report
+from bench_io import local_hami, report
 from hami_ray.runtime import api
 
 
@@ -53,10 +52,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     args = parser.parse_args()
     n = args.requests
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    api.init(simulate="1xT4-16GB", state_root=tempfile.mkdtemp(prefix="hami-bench-"))
-    try:
+    with local_hami("1xT4-16GB"):
         task = hami_ray.remote(gpus=1, gpu_type="T4")(turn)
         ray.get(task.remote(-1))  # the slice worker exists before counting
         status = ray.get(api._handle().status.remote())
@@ -86,9 +82,6 @@ def main() -> None:
             "drained_in_order": order == list(range(n)),
         }
         report(result, args.json)
-    finally:
-        api.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

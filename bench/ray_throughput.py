@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import ray
 
 import hami_ray
-from bench_io import report
+from bench_io import local_hami, report
 from hami_ray.runtime import api
 
 TASKS = 200
@@ -53,10 +52,7 @@ def main() -> None:
     parser.add_argument("--roundtrips", type=int, default=500)
     args = parser.parse_args()
     n = args.tasks
-    ray.init(address="local", num_cpus=2, num_gpus=GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    api.init(simulate=f"{GPUS}xT4-16GB", state_root=tempfile.mkdtemp(prefix="hami-bench-"))
-    try:
+    with local_hami(f"{GPUS}xT4-16GB", num_gpus=GPUS):
         ray_default = ray.remote(num_gpus=0.25)(task_body)
         ray_reuse = ray.remote(num_gpus=0.25, max_calls=0)(task_body)
         hami_task = hami_ray.remote(gpu_memory=DEVICE_MIB // 4)(task_body)
@@ -90,9 +86,6 @@ def main() -> None:
             "meta": {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count()},
         }
         report(result, args.json)
-    finally:
-        api.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -123,24 +123,21 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the
 
 
 def _ray_demo(out: Path) -> None:
-    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray address on 127.0.0.1
     import ray  # noqa: PLC0415
-    from ray._private import ray_constants  # noqa: PLC0415
 
     from hami_ray.runtime import api  # noqa: PLC0415
+    from hami_ray.runtime.loopback import LOOPBACK, pin_ray_to_loopback  # noqa: PLC0415
 
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    sys_path = str(Path(__file__).resolve().parents[1])
-    import sys  # noqa: PLC0415
-
-    if sys_path not in sys.path:
-        sys.path.insert(0, sys_path)
+    pin_ray_to_loopback()
+    repo = str(Path(__file__).resolve().parents[1])  # examples/ sits beside hami_ray/ in a checkout
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
     from examples import burst, overrun, shared_inference  # noqa: PLC0415
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address=LOOPBACK,
              log_to_driver=False, configure_logging=False)
     try:
         api.init(simulate=DEMO_SIMULATE, state_root=tempfile.mkdtemp(prefix="hami-demo-"), agent={"grace_s": 1.0})

@@ -9,25 +9,19 @@ Tests that need a node of their own (node removal) add and remove it themselves.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ray turns 127.0.0.1 in an address into the machine's outward address unless cluster mode is off;
-# set before Ray is imported anywhere in this process and inherited by every process Ray starts.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import pytest
+import ray
+from ray.cluster_utils import Cluster
 
-import pytest  # noqa: E402
-import ray  # noqa: E402
-from ray._private import ray_constants  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from hami_ray.runtime import api
+from hami_ray.runtime.loopback import LOOPBACK, pin_ray_to_loopback
+from node_actors.actor import NODE_SIMULATE_ENV
 
-from hami_ray.runtime import api  # noqa: E402
-from node_actors.actor import NODE_SIMULATE_ENV  # noqa: E402
-
-LOOPBACK = "127.0.0.1"
 SPEC = "2xA100-80GB,1xT4-16GB"
 WORKER_SPEC = "2xV100-32GB"
 
@@ -43,7 +37,7 @@ class RayCluster:
 
 @pytest.fixture(scope="session")
 def hami(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before this file
+    pin_ray_to_loopback()
     state = tmp_path_factory.mktemp("hami-state")
     cluster = Cluster(initialize_head=True, head_node_args={
         "node_ip_address": LOOPBACK, "num_cpus": 4, "include_dashboard": False})
@@ -73,10 +67,13 @@ def live_leases() -> int:
     return len(api.status().leases)
 
 
-def audit_all() -> dict[str, dict[str, object]]:
-    """Every node actor's audit (ledger recounted; capacity and peak per device)."""
-    out = {}
+def assert_node_actors_empty_and_never_over() -> None:
+    """Every node actor's ledger recounts clean, holds nothing now, and never held more than a device has
+    (its high-water mark per device)."""
     for node in api.status().nodes:
         actor = ray.get_actor(f"hami-ray-node-{node.name}", namespace="hami-ray")
-        out[node.name] = ray.get(actor.audit.remote(), timeout=30)
-    return out
+        audit = ray.get(actor.audit.remote(), timeout=30)
+        assert audit["leases"] == 0, node.name  # the node actors' truth: nothing held, as the ledger says
+        for uuid, (mib, cores, slices) in audit["peak"].items():
+            cap_mib, cap_cores, cap_slices = audit["capacity"][uuid]
+            assert mib <= cap_mib and cores <= cap_cores and slices <= cap_slices, uuid

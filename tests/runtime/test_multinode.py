@@ -13,7 +13,7 @@ import ray
 
 import hami_ray
 from hami_ray.runtime import api
-from tests.runtime.conftest import RayCluster, audit_all, live_leases, wait_until
+from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
 
 pytestmark = pytest.mark.ray
 SLICE_KEYS = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_SM_LIMIT")
@@ -82,11 +82,7 @@ def test_thousand_mixed_tasks_never_exceed_a_device(hami: RayCluster) -> None:
         assert held[uuid][0] <= capacity[uuid][0] and held[uuid][1] <= capacity[uuid][1], uuid
     assert len({u for out in outs for u, _, _ in out["devices"]}) == len(capacity)  # both nodes served
     assert wait_until(lambda: live_leases() == 0, timeout=30)
-    for node, audit in audit_all().items():
-        assert audit["leases"] == 0, node
-        for uuid, (mib, cores, slices) in audit["peak"].items():
-            cap_mib, cap_cores, cap_slices = audit["capacity"][uuid]
-            assert mib <= cap_mib and cores <= cap_cores and slices <= cap_slices, uuid
+    assert_node_actors_empty_and_never_over()
 
 
 def test_removed_node_leases_are_lost_and_the_rest_keep_running(hami: RayCluster) -> None:

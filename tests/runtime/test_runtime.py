@@ -14,7 +14,7 @@ import ray
 import hami_ray
 from hami_ray.core.errors import InvalidRequest, LeaseTokenMismatch, SliceQuotaExceeded, Unschedulable
 from hami_ray.runtime import api
-from tests.runtime.conftest import RayCluster, audit_all, live_leases, wait_until
+from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -199,11 +199,7 @@ def test_placement_actor_killed_mid_run(hami: RayCluster) -> None:
     ray.kill(api._handle(), no_restart=False)
     assert sorted(ray.get(refs, timeout=400)) == list(range(500))
     assert wait_until(lambda: live_leases() == 0, timeout=30)
-    for node, audit in audit_all().items():
-        assert audit["leases"] == 0, node  # the node actors' truth: nothing held, as the ledger says
-        for uuid, (mib, cores, slices) in audit["peak"].items():
-            cap_mib, cap_cores, cap_slices = audit["capacity"][uuid]
-            assert mib <= cap_mib and cores <= cap_cores and slices <= cap_slices, uuid
+    assert_node_actors_empty_and_never_over()
 
 
 def test_node_actor_restarts_with_its_leases(hami: RayCluster) -> None:

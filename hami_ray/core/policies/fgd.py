@@ -17,7 +17,7 @@ Exact float scores were measured worse on the default openb trace (seed 42: 6.39
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -162,10 +162,10 @@ class FgdDevicePolicy:
         return fgd_fragment(k, st.share0, usable, st.cpu)
 
     @staticmethod
-    def _score(grad: FloatArray) -> FloatArray:
-        """The artifact's ``int64(sigmoid(dF / 1000) x 100)``; -inf stays -inf."""
+    def _score(grad: FloatArray, levels: float = 100.0) -> FloatArray:
+        """The artifact's ``int64(sigmoid(dF / 1000) x 100)`` (``levels`` instead of 100); -inf stays -inf."""
         with np.errstate(over="ignore"):
-            score = np.floor(100.0 / (1.0 + np.exp(-grad / MILLI)))
+            score = np.floor(levels / (1.0 + np.exp(-grad / MILLI)))
         out: FloatArray = np.where(np.isfinite(grad), score, -np.inf)
         return out
 
@@ -271,12 +271,23 @@ def class_shape(k: _Classes, extra: int) -> tuple[int, ...]:
     return (k.p.size,) + (1,) * extra
 
 
-def fgd_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
-    """FGD's F for states of any leading shape: share (..., D), usable (C, ..., D), cpu (...)."""
+def fragment_measure(k: _Classes, share: FloatArray,
+                     per_class: Callable[[tuple[int, ...], FloatArray], FloatArray]) -> FloatArray:
+    """A fragment measure for states of any leading shape: ``per_class(shape, idle)`` gives each class's
+    amount (``shape`` broadcasts per-class arrays against the states); CPU-only classes count all idle."""
     idle = share.sum(axis=-1)
     if k.p.size == 0:
         only: FloatArray = k.cpu_only_p * idle
         return only
-    shape = class_shape(k, share.ndim - 1)
-    runs = (usable.sum(axis=-1) >= k.count.reshape(shape)) & (cpu[None] >= k.cpu.reshape(shape))
-    return class_total(k, idle, np.where(runs, (share[None] * ~usable).sum(axis=-1), idle[None]))
+    return class_total(k, idle, per_class(class_shape(k, share.ndim - 1), idle))
+
+
+def fgd_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
+    """FGD's F for states of any leading shape: share (..., D), usable (C, ..., D), cpu (...)."""
+
+    def per_class(shape: tuple[int, ...], idle: FloatArray) -> FloatArray:
+        runs = (usable.sum(axis=-1) >= k.count.reshape(shape)) & (cpu[None] >= k.cpu.reshape(shape))
+        out: FloatArray = np.where(runs, (share[None] * ~usable).sum(axis=-1), idle[None])
+        return out
+
+    return fragment_measure(k, share, per_class)

@@ -35,13 +35,12 @@ from hami_ray.core.policies.fgd import (
     FgdDevicePolicy,
     _Classes,
     _RowState,
-    class_shape,
-    class_total,
     fgd_fragment,
+    fragment_measure,
     least_idle,
 )
 from hami_ray.core.policies.framework import BoolArray, ClusterView, CycleState, FloatArray, IntArray
-from hami_ray.core.policies.shares import MILLI, is_sharing
+from hami_ray.core.policies.shares import is_sharing
 
 LEXICOGRAPHIC = 1000.0  # FGD's integer score dominates; the CPU-aware one only breaks its ties
 CPU_LEVELS = 6.0  # the CPU-aware gradient, coarsened (module docstring)
@@ -49,22 +48,23 @@ CPU_LEVELS = 6.0  # the CPU-aware gradient, coarsened (module docstring)
 
 def cpu_aware_fragment(k: _Classes, share: FloatArray, usable: BoolArray, cpu: FloatArray) -> FloatArray:
     """The CPU-aware F (module docstring) for states of any leading shape."""
-    idle = share.sum(axis=-1)
-    if k.p.size == 0:
-        only: FloatArray = k.cpu_only_p * idle
-        return only
-    shape = class_shape(k, share.ndim - 1)
-    count = k.count.reshape(shape).astype(np.float64)
-    cpu_m = k.cpu.reshape(shape)
-    largest_first = -np.sort(-np.where(usable, share[None], 0.0), axis=-1)
-    prefix = np.concatenate([np.zeros(largest_first.shape[:-1] + (1,)), np.cumsum(largest_first, axis=-1)], axis=-1)
-    n_usable = usable.sum(axis=-1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        by_cpu = np.where(cpu_m > 0, np.floor(cpu[None] / np.where(cpu_m > 0, cpu_m, 1)), np.inf)
-    pods = np.minimum(by_cpu, np.floor(n_usable / count))
-    devices = np.minimum(pods * count, n_usable).astype(np.int64)
-    covered = np.take_along_axis(prefix, devices[..., None], axis=-1)[..., 0]
-    return class_total(k, idle, idle[None] - covered)
+
+    def per_class(shape: tuple[int, ...], idle: FloatArray) -> FloatArray:
+        count = k.count.reshape(shape).astype(np.float64)
+        cpu_m = k.cpu.reshape(shape)
+        largest_first = -np.sort(-np.where(usable, share[None], 0.0), axis=-1)
+        prefix = np.concatenate([np.zeros(largest_first.shape[:-1] + (1,)), np.cumsum(largest_first, axis=-1)],
+                                axis=-1)
+        n_usable = usable.sum(axis=-1).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by_cpu = np.where(cpu_m > 0, np.floor(cpu[None] / np.where(cpu_m > 0, cpu_m, 1)), np.inf)
+        pods = np.minimum(by_cpu, np.floor(n_usable / count))
+        devices = np.minimum(pods * count, n_usable).astype(np.int64)
+        covered = np.take_along_axis(prefix, devices[..., None], axis=-1)[..., 0]
+        out: FloatArray = idle[None] - covered
+        return out
+
+    return fragment_measure(k, share, per_class)
 
 
 class FgdPlusDevicePolicy(FgdDevicePolicy):
@@ -80,12 +80,10 @@ class FgdPlusDevicePolicy(FgdDevicePolicy):
             return [(int(b),) if np.isfinite(v) else None for b, v in zip(best, picked)], picked
         return choices, score
 
-    @staticmethod
-    def _level(grad: FloatArray) -> FloatArray:
+    @classmethod
+    def _level(cls, grad: FloatArray) -> FloatArray:
         """``floor(CPU_LEVELS x sigmoid(grad / 1000))``; 0 where the gradient is not finite."""
-        with np.errstate(over="ignore"):
-            level = np.floor(CPU_LEVELS / (1.0 + np.exp(-grad / MILLI)))
-        out: FloatArray = np.where(np.isfinite(grad), level, 0.0)
+        out: FloatArray = np.where(np.isfinite(grad), cls._score(grad, CPU_LEVELS), 0.0)
         return out
 
     def _gradient_pair(self, view: ClusterView, rows: IntArray, fit: BoolArray, request: SliceRequest
