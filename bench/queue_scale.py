@@ -1,5 +1,8 @@
-"""10,000 requests submitted to a full cluster: they wait as coroutines in the placement actor (not as
-processes), then drain in order once capacity frees; the placement actor's memory is read meanwhile.
+"""10,000 requests submitted to a full cluster wait without processes of their own, then drain in order
+once capacity frees; the placement actor's memory is read meanwhile.
+
+With lanes (the default) the tasks queue to a few lane workers that wait for the slice as one request
+each in the placement actor's queue; with ``HAMI_RAY_LANES=0`` each task waits there as a coroutine.
 
     python bench/queue_scale.py --json out/queue_scale.json [--requests 10000]
 
@@ -13,6 +16,7 @@ tasks started in submission order. Writes ``requests``, ``queued``, ``submit_s``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -22,17 +26,7 @@ import ray
 import hami_ray
 from bench_io import local_hami, report
 from hami_ray.runtime import api
-
-
-def worker_processes() -> int:
-    count = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                count += b"default_worker.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-    return count
+from hami_ray.runtime.loopback import ray_worker_processes
 
 
 def rss_mb(pid: int) -> float:
@@ -55,21 +49,26 @@ def main() -> None:
     with local_hami("1xT4-16GB"):
         task = hami_ray.remote(gpus=1, gpu_type="T4")(turn)
         ray.get(task.remote(-1))  # the slice worker exists before counting
+        expect_queued = 1 if api._lanes else n
         status = ray.get(api._handle().status.remote())
         pid = status["pid"]
         rss_idle = rss_mb(pid)
         with api.lease(gpus=1, gpu_type="T4"):
-            before = worker_processes()
+            before = ray_worker_processes()
             t0 = time.perf_counter()
             refs = [task.remote(i) for i in range(n)]
             submit_s = time.perf_counter() - t0
             deadline = time.monotonic() + 600
-            while api.queue_depth() < n and time.monotonic() < deadline:
+            # every request waits: in the placement actor's queue (one entry per waiting lane, or per task
+            # without lanes), or queued behind it to a lane's worker
+            while api.queue_depth() < min(n, expect_queued) and time.monotonic() < deadline:
                 time.sleep(0.5)
             queued = api.queue_depth()
             time.sleep(2.0)
-            waiting = worker_processes()
+            waiting = ray_worker_processes()
             rss_waiting = rss_mb(pid)
+            driver_rss = rss_mb(os.getpid())
+            lanes = dataclasses.asdict(api._lanes.stats) if api._lanes else {}
         t1 = time.perf_counter()
         ran = ray.get(refs, timeout=1800)
         drain_s = time.perf_counter() - t1
@@ -78,6 +77,7 @@ def main() -> None:
             "requests": n, "queued": queued, "submit_s": round(submit_s, 2),
             "worker_processes_before": before, "worker_processes_while_waiting": waiting,
             "placement_rss_mb_idle": round(rss_idle, 1), "placement_rss_mb_while_waiting": round(rss_waiting, 1),
+            "driver_rss_mb_while_waiting": round(driver_rss, 1), "lanes": lanes,
             "drain_s": round(drain_s, 1), "drain_tasks_per_s": round(n / drain_s, 1),
             "drained_in_order": order == list(range(n)),
         }

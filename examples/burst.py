@@ -1,12 +1,11 @@
-"""A burst of short half-GPU tasks, more than the cluster holds at once: the rest wait in the placement
-actor's queue (no processes), and run as slices free.
+"""A burst of short half-GPU tasks, more than the cluster holds at once: the rest wait (queued to the
+driver's lanes, or in the placement actor's queue; no processes of their own) and run as slices free.
 
     python examples/burst.py
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -16,30 +15,30 @@ import hami_ray
 
 
 @hami_ray.remote(gpu_memory="50%", gpu_cores=50)
-def step(i: int) -> str:
+def step(i: int) -> tuple[str, float, float]:
+    start = time.time()
     time.sleep(0.2)
     info = hami_ray.current_slice()
     assert info is not None
-    return info.devices[0].uuid
+    return info.devices[0].uuid, start, time.time()
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = most = 0
+    for _, step_ in edges:
+        running += step_
+        most = max(most, running)
+    return most
 
 
 def main(tasks: int = 40) -> dict[str, Any]:
-    deepest = [0]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            deepest[0] = max(deepest[0], hami_ray.queue_depth())
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    start = time.perf_counter()
-    devices = ray.get([step.remote(i) for i in range(tasks)])
-    done.set()
-    watcher.join()
-    return {"tasks": tasks, "devices_used": len(set(devices)), "deepest_queue": deepest[0],
-            "seconds": round(time.perf_counter() - start, 2)}
+    submitted = time.time()
+    out = ray.get([step.remote(i) for i in range(tasks)])
+    spans = [(s, e) for _, s, e in out]
+    return {"tasks": tasks, "devices_used": len({u for u, _, _ in out}),
+            "waited": sum(1 for s, _ in spans if s >= min(e for _, e in spans)),  # started once another ended
+            "most_at_once": most_at_once(spans), "seconds": round(max(e for _, e in spans) - submitted, 2)}
 
 
 if __name__ == "__main__":

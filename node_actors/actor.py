@@ -8,6 +8,7 @@ Each method unpacks, calls the agent, returns plain data.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,10 +18,12 @@ from typing import Any
 import ray
 
 from hami_ray.core.model import Lease
+from hami_ray.wire import ThreadServer
 from node_actors.agent import NodeAgent
 from node_actors.backends import detect_backend
 from node_actors.settings import AgentSettings, BackendSettings
 
+log = logging.getLogger(__name__)
 NAMESPACE = "hami-ray"
 TICK_S = 1.0
 NODE_SIMULATE_ENV = "HAMI_RAY_NODE_SIMULATE"  # set where a node starts (`ray start`): that node's devices
@@ -44,7 +47,11 @@ class NodeActorShell:
         ``$HAMI_RAY_NODE_SIMULATE``; else ``simulate_default`` (``init(simulate=...)`` for every node)."""
         simulate = simulate or os.environ.get(NODE_SIMULATE_ENV) or simulate_default
         state_dir = Path(node_state_dir(state_root, node_id))
-        self.backend = detect_backend(BackendSettings(node_name=node_id, state_dir=state_dir, simulate=simulate))
+        backend_settings = BackendSettings(node_name=node_id, state_dir=state_dir, simulate=simulate)
+        self.backend = detect_backend(backend_settings)
+        lib = backend_settings.libvgpu_path
+        # what a slice worker on this node must be started with (read by the loader, never later)
+        self.start_env = {"LD_PRELOAD": str(lib)} if lib is not None and Path(lib).is_file() else {}
         self.agent = NodeAgent(node_id, self.backend, state_dir, settings=AgentSettings(**settings),
                                cpu_milli=0, memory_mib=0)
         self.state_dir = str(state_dir)
@@ -52,6 +59,13 @@ class NodeActorShell:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._exceeded: list[dict[str, Any]] = []
+        self.wire: dict[str, Any] | None = None  # the fast path to reserve and release (hami_ray.wire)
+        try:
+            server = ThreadServer({"reserve": self.reserve, "release_many": self.release_many},
+                                  ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+            self.wire = {"host": server.address[0], "port": server.address[1], "secret": server.secret}
+        except OSError as exc:  # Ray calls still work
+            log.warning("node actor fast path not started: %s", exc)
         threading.Thread(target=self._loop, name="hami-ray-tick", daemon=True).start()
 
     def _loop(self) -> None:
@@ -60,7 +74,7 @@ class NodeActorShell:
                 with self._lock:
                     for exc in self.agent.tick():
                         self._exceeded.append({"lease_id": exc.lease_id, "uuid": exc.uuid, "used_mib": exc.used_mib,
-                                               "limit_mib": exc.limit_mib, "pid": exc.pid})
+                                               "limit_mib": exc.limit_mib, "pid": exc.pid, "action": exc.action})
                     del self._exceeded[:-1000]
             except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
                 time.sleep(TICK_S)
@@ -68,7 +82,7 @@ class NodeActorShell:
     def info(self) -> dict[str, Any]:
         with self._lock:
             return {"node": self.agent.node().model_dump(mode="json"), "state_dir": self.state_dir,
-                    "simulated": self.simulated, "pid": os.getpid(),
+                    "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()]}
 
     def audit(self) -> dict[str, Any]:
@@ -84,22 +98,37 @@ class NodeActorShell:
         with self._lock:
             return [lease.lease_id for lease in self.agent.leases()]
 
-    def reserve(self, lease: dict[str, Any]) -> dict[str, str]:
-        """Confirm a reservation and return its isolation environment (one round trip for both)."""
+    def reserve(self, lease: dict[str, Any], releases: list[tuple[str, str]] | None = None) -> dict[str, str]:
+        """Confirm a reservation and return its isolation environment (one round trip for both);
+        ``releases`` (lease id, token) are freed first (the placement actor's releases not told yet)."""
         with self._lock:
+            self._release_all(releases or [])
             held = self.agent.reserve(Lease.model_validate(lease))
             return self.agent.isolation_env(held.lease_id)
+
+    def release_many(self, releases: list[tuple[str, str]]) -> None:
+        with self._lock:
+            self._release_all(releases)
+
+    def _release_all(self, releases: list[tuple[str, str]]) -> None:
+        for lease_id, token in releases:
+            try:
+                self.agent.release(lease_id, token)
+            except Exception as exc:  # noqa: BLE001 - one bad release never blocks the others
+                log.warning("release of %s refused: %s", lease_id, exc)
 
     def isolation_env(self, lease_id: str) -> dict[str, str]:
         with self._lock:
             return self.agent.isolation_env(lease_id)
 
-    def activate(self, lease_id: str, pid: int) -> None:
+    def activate(self, lease_id: str, pid: int) -> bool:
+        """``pid`` holds the lease now; False when the lease is not live here (a fast task ended it)."""
         with self._lock:
             try:
                 self.agent.activate(lease_id, pid)
             except Exception:  # noqa: BLE001 - the lease may already be gone (a fast task)
-                pass
+                return False
+            return True
 
     def finish(self, lease_id: str, pid: int) -> None:
         with self._lock:

@@ -29,7 +29,8 @@ from hami_ray.core.errors import (
 from hami_ray.core.ledger import Ledger
 from hami_ray.core.model import Lease, LeaseState, Node
 from node_actors.backends.base import DeviceBackend
-from node_actors.enforcement import NodeSample, QuotaWatch, slice_usage
+from node_actors.enforcement import NodeSample, QuotaWatch, SliceUsage, slice_usage
+from node_actors.interrupt import interrupt, interruptible
 from node_actors.isolation import region_key
 from node_actors.journal import Event, EventKind, Journal
 from node_actors.processes import kill_all, pid_alive
@@ -71,6 +72,7 @@ class NodeAgent:
         self._watch = QuotaWatch(self.settings.tolerance_mib, self.settings.grace_s)
         self._regions: dict[str, tuple[str, int]] = {}
         self._waiting_since: dict[str, float] = {}
+        self._interrupted: dict[str, float] = {}  # lease id -> when its tasks were interrupted for overrunning
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
         self.peak: dict[str, tuple[int, int, int]] = {}  # uuid -> most (MiB, cores, slices) ever held at once
@@ -227,6 +229,7 @@ class NodeAgent:
         self._regions.pop(lease_id, None)
         self._waiting_since.pop(lease_id, None)
         self._watch.forget(lease_id)
+        self._interrupted.pop(lease_id, None)
         return freed
 
     # --- isolation ---------------------------------------------------------------------------
@@ -296,11 +299,20 @@ class NodeAgent:
         """
         now = self._clock()
         out: list[SliceQuotaExceeded] = []
-        for usage in self._watch.due(self.sample().slices, now):
+        usages = self.sample().slices
+        over = {u.lease_id for u in usages if self._watch.over(u)}
+        for lease_id in [x for x in self._interrupted if x not in over]:
+            del self._interrupted[lease_id]  # it let go: a later overrun is interrupted again first
+        for usage in self._watch.due(usages, now):
             lease = self._ledger.leases.get(usage.lease_id)
             if lease is None:
                 continue  # a second device of a lease already stopped in this pass
             pid = usage.top_pid or lease.pids[0]
+            if self._interrupt(lease, usage, pid, now):
+                out.append(SliceQuotaExceeded(lease.lease_id, usage.uuid, usage.used_mib, usage.limit_mib, pid,
+                                              action="interrupted"))
+                continue
+            self._interrupted.pop(lease.lease_id, None)
             refused = kill_all(lease.pids)
             if refused:
                 log.warning("cannot stop processes %s of slice %s: not permitted", refused, lease.lease_id)
@@ -313,6 +325,23 @@ class NodeAgent:
             log.warning("node %s: %s", self.node_name, error)
             out.append(error)
         return out
+
+    def _interrupt(self, lease: Lease, usage: SliceUsage, pid: int, now: float) -> bool:
+        """First overrun of a lease whose live processes all armed themselves: hand them the verdict
+        (their running task fails, they live on) and give the slice another grace period."""
+        live = [p for p in lease.pids if pid_alive(p)]
+        if lease.lease_id in self._interrupted or not live or not all(interruptible(self.state_dir, p) for p in live):
+            return False
+        verdict = {"lease_id": lease.lease_id, "uuid": usage.uuid, "used_mib": usage.used_mib,
+                   "limit_mib": usage.limit_mib, "pid": pid}
+        if not all([interrupt(self.state_dir, p, verdict) for p in live]):
+            return False
+        self._interrupted[lease.lease_id] = now
+        self._watch.forget(lease.lease_id)
+        self._journal.append_event(now, EventKind.INTERRUPTED, lease.lease_id, {**verdict, "pids": live})
+        log.warning("node %s: slice %s over its limit (%d > %d MiB): tasks of %s interrupted", self.node_name,
+                    lease.lease_id, usage.used_mib, usage.limit_mib, live)
+        return True
 
     def tick(self) -> list[SliceQuotaExceeded]:
         """One housekeeping pass for the actor shell's timer: reap when due, refresh health, enforce."""

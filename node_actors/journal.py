@@ -55,6 +55,7 @@ class EventKind(StrEnum):
     REAPED = "reaped"  # every holder process died
     EXPIRED = "expired"  # reserved, but no process came within the grace period
     QUOTA_EXCEEDED = "quota-exceeded"  # processes stopped for overrunning the slice
+    INTERRUPTED = "interrupted"  # its running tasks were interrupted for overrunning the slice (lease kept)
     KILL_FAILED = "kill-failed"
     RESTORED = "restored"
     LOST = "lost"  # a journaled lease no longer fits this node's devices

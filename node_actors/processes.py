@@ -60,3 +60,17 @@ def kill(pid: int) -> bool:
 def kill_all(pids: Iterable[int]) -> list[int]:
     """SIGKILL every live pid; returns those that could not be signalled (not permitted)."""
     return [pid for pid in pids if pid_alive(pid) and not kill(pid)]
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, ``/proc/<pid>/stat`` field 22): with the pid,
+    names one process even after pids are recycled. None without procfs or when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])  # field 22 overall; fields here start at field 3 (state)
+    except (IndexError, ValueError):
+        return None

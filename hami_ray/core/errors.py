@@ -93,24 +93,28 @@ class InvariantViolation(PermanentError):
 class SliceQuotaExceeded(PermanentError):
     """A slice used more device memory than it holds, for longer than the grace period.
 
-    Raised (or returned, by a node actor's enforcement pass) after the node actor stopped the slice's
-    processes and freed its lease; the task fails with it. Permanent: the same work in the same slice
+    Raised in the task by its node actor's verdict (``action="interrupted"``: the task stops, its
+    process and the lease live on), or after the node actor killed the slice's processes and freed its
+    lease (``"killed"``: a process that did not arm itself, or kept overrunning); the task fails with it. Permanent: the same work in the same slice
     will overrun it again. Example message: ``slice 'lease-7' used 9000 MiB on device GPU-0 over its
     limit of 8192 MiB (process 4242); the process was stopped``.
     """
 
-    def __init__(self, lease_id: str, uuid: str, used_mib: int, limit_mib: int, pid: int) -> None:
+    def __init__(self, lease_id: str, uuid: str, used_mib: int, limit_mib: int, pid: int,
+                 action: str = "killed") -> None:
         self.lease_id = lease_id
         self.uuid = uuid
         self.used_mib = used_mib
         self.limit_mib = limit_mib
         self.pid = pid
+        self.action = action  # "interrupted": the task was stopped, its process lives on; "killed"
+        outcome = "its task was interrupted" if action == "interrupted" else "the process was stopped"
         super().__init__(
             f"slice {lease_id!r} used {used_mib} MiB on device {uuid} over its limit of {limit_mib} MiB "
-            f"(process {pid}); the process was stopped")
+            f"(process {pid}); {outcome}")
 
-    def __reduce__(self) -> tuple[type, tuple[str, str, int, int, int]]:
-        return (type(self), (self.lease_id, self.uuid, self.used_mib, self.limit_mib, self.pid))
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, int, int, str]]:
+        return (type(self), (self.lease_id, self.uuid, self.used_mib, self.limit_mib, self.pid, self.action))
 
 
 class Unschedulable(TemporaryError):

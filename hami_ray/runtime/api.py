@@ -18,6 +18,7 @@ it) and lives as long as the actor's process. Bad keywords fail at decoration or
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import tempfile
 import time
@@ -32,6 +33,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hami_ray.core.errors import HamiRayError
 from hami_ray.core.model import ClusterSnapshot, DeviceGrant, Lease, SliceRequest
 from hami_ray.core.request import KEYWORDS, slice_request
+from hami_ray.runtime.fastpath import PlacementCalls
+from hami_ray.runtime.lanes import LaneClient, lanes_enabled
 from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta
 from hami_ray.runtime.worker import NAMESPACE, current_slice, report_simulated_memory, slice_actor_class
 
@@ -49,12 +52,20 @@ class NotInitialized(HamiRayError):
 
 
 _placement: Any = None
+_lanes: LaneClient | None = None
+_calls: PlacementCalls | None = None  # acquire/release over the fast path (or Ray calls)
 
 
 def _handle() -> Any:
     if _placement is None:
         raise NotInitialized()
     return _placement
+
+
+def _calls_or_raise() -> PlacementCalls:
+    if _calls is None:
+        raise NotInitialized()
+    return _calls
 
 
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
@@ -72,7 +83,7 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         agent: node agent settings (``tolerance_mib``, ``grace_s``, ``reap_interval_s``).
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
     """
-    global _placement
+    global _placement, _lanes, _calls
     if not ray.is_initialized():
         ray.init(address=address, **ray_kwargs)
     config = {
@@ -84,11 +95,22 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
     _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
                                         get_if_exists=True).remote(config)
     ray.get(_placement.ping.remote())
+    if _calls is not None:
+        _calls.close()
+    _calls = PlacementCalls(_placement)
+    if _lanes is None and lanes_enabled():
+        _lanes = LaneClient(_placement, str(config["state_root"]))
 
 
 def shutdown() -> None:
     """Stop the hami-ray actors (their leases end) and forget the handle; Ray itself keeps running."""
-    global _placement
+    global _placement, _lanes, _calls
+    if _lanes is not None:
+        _lanes.close()
+        _lanes = None
+    if _calls is not None:
+        _calls.close()
+        _calls = None
     if _placement is None:
         return
     for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -117,6 +139,8 @@ class RemoteFunction:
         self._fn = fn
         self._options = options
         self._request = slice_request(ours)
+        self._request_json = self._request.model_dump(mode="json")
+        self._lane_key = json.dumps(self._request_json, sort_keys=True)
         self._fn_ref: Any = None
         self.__name__ = getattr(fn, "__name__", "task")
 
@@ -131,8 +155,13 @@ class RemoteFunction:
         if self._fn_ref is None:
             self._fn_ref = ray.put(self._fn)
         owner = f"task:{self.__name__}"
-        return handle.run.remote(self._request.model_dump(mode="json"), owner, [self._fn_ref], [args], [kwargs],
-                                 self._ray_options, time.time())
+        if _lanes is not None and not self._ray_options:  # Ray options (CPUs, runtime_env...) need a task of their own
+            ref = _lanes.submit(self._lane_key, self._request_json, owner, self._fn_ref.hex(), self._fn_ref, args,
+                                kwargs)
+            if ref is not None:
+                return ref
+        return handle.run.remote(self._request_json, owner, [self._fn_ref], [args], [kwargs], self._ray_options,
+                                 time.time())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"remote function {self.__name__} cannot be called directly: use .remote()")
@@ -212,15 +241,15 @@ class LeaseHandle:
 def lease(**options: Any) -> Iterator[LeaseHandle]:
     """Hold a slice in the driver: ``with hami_ray.lease(gpu_memory="2GiB") as lease: ...``."""
     request = slice_request(options)
-    handle = _handle()
-    grant = ray.get(handle.acquire.remote(request.model_dump(mode="json"), f"driver:{os.getpid()}"))
+    calls = _calls_or_raise()
+    grant = calls.call("acquire", request=request.model_dump(mode="json"), owner=f"driver:{os.getpid()}")
     held = LeaseHandle(Lease.model_validate(grant["lease"]), grant["env"])
-    actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
-    ray.get(actor.activate.remote(held.lease_id, os.getpid()))
     try:
+        actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
+        ray.get(actor.activate.remote(held.lease_id, os.getpid()))
         yield held
     finally:
-        ray.get(handle.release.remote(held.lease_id, held.lease.token))
+        calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)
 
 
 def status() -> ClusterSnapshot:

@@ -11,6 +11,7 @@ actors' truth (leases freed there, by dead processes or enforcement, are freed h
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -20,8 +21,10 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import SliceQuotaExceeded, Unschedulable
+from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
+from hami_ray.runtime import fastpath
+from hami_ray.wire import AsyncClient, AsyncServer, WireError
 from hami_ray.runtime.service import PlacementService, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
 
@@ -41,10 +44,15 @@ class PlacementShell:
         self.svc = PlacementService()
         self._futures: dict[int, asyncio.Future[None]] = {}
         self._actors: dict[str, Any] = {}
+        self._start_env: dict[str, dict[str, str]] = {}  # per node: what a slice worker starts with
+        self._outbox: dict[str, list[tuple[str, str]]] = {}  # per node: releases not told yet
+        self._requests: dict[str, SliceRequest] = {}  # parsed requests by their JSON (they repeat)
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
         self.decisions_ms: list[float] = []
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
+        self._fast = AsyncServer({"acquire": self.acquire, "release": self.release, "ping": self.ping})
+        self._wire: dict[str, AsyncClient] = {}  # per node: its node actor's fast path
 
     # --- membership --------------------------------------------------------------------------
     async def _ensure_started(self) -> None:
@@ -57,6 +65,10 @@ class PlacementShell:
     async def _start(self) -> None:
         await self._sync_nodes()
         asyncio.get_running_loop().create_task(self._sync_forever())
+        try:
+            await fastpath.serve(self._fast, ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        except OSError as exc:  # no fast path: drivers fall back to Ray calls
+            log.warning("placement fast path not started: %s", exc)
 
     async def _sync_forever(self) -> None:
         while True:
@@ -90,9 +102,12 @@ class PlacementShell:
                 if node_id not in self.svc.node_actor:
                     info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                     leases = [Lease.model_validate(x) for x in info["leases"]]
+                    self._start_env[node_id] = dict(info.get("start_env", {}))
+                    self._follow_wire(node_id, info.get("wire"))
                     self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
                 else:
                     info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
+                    self._follow_wire(node_id, info.get("wire"))
                     held = {x["lease_id"]: Lease.model_validate(x) for x in info["leases"]}
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
@@ -105,6 +120,26 @@ class PlacementShell:
             except (RayError, asyncio.TimeoutError):
                 continue  # the node actor is (re)starting; next round
         self._kick()
+
+    def _follow_wire(self, node_id: str, wire: dict[str, Any] | None) -> None:
+        """Use the node actor's fast path where it has one (a restarted node actor has a new one)."""
+        old = self._wire.get(node_id)
+        if wire is None:
+            self._wire.pop(node_id, None)
+        elif old is None or (old.host, old.port, old.secret) != (wire["host"], wire["port"], wire["secret"]):
+            if old is not None:
+                old.close()
+            self._wire[node_id] = AsyncClient(str(wire["host"]), int(wire["port"]), str(wire["secret"]))
+
+    async def _node_call(self, node_id: str, op: str, **args: Any) -> Any:
+        """``op`` on the node actor: over its fast path, else (or when that fails) as a Ray call."""
+        client = self._wire.get(node_id)
+        if client is not None:
+            try:
+                return await client.call(op, **args)
+            except WireError as exc:
+                log.info("node %s fast path: %s; using a Ray call", node_id, exc)
+        return await getattr(self._node_actor(node_id), op).remote(**args)
 
     def _orphaned(self, lease: Lease) -> bool:
         """Reserved by an earlier incarnation of this actor (it died between reserving and starting the
@@ -165,9 +200,14 @@ class PlacementShell:
             finally:
                 self.decisions_ms.append((time.perf_counter() - t0) * 1000)
                 del self.decisions_ms[:-10000]
+            releases = self._outbox.pop(plan.node_id, [])  # first, so that they never refuse it
             try:
-                env = await self._node_actor(plan.node_id).reserve.remote(plan.lease.model_dump(mode="json"))
-            except RayError as exc:  # refused, or the node actor is (re)starting: try again
+                env = await self._node_call(plan.node_id, "reserve", lease=plan.lease.model_dump(mode="json"),
+                                            releases=releases)
+            except (RayError, HamiRayError) as exc:  # refused, or the node actor is (re)starting: try again
+                if releases:
+                    self._outbox.setdefault(plan.node_id, []).extend(releases)
+                    self._flush(plan.node_id)
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
                 continue
@@ -183,26 +223,79 @@ class PlacementShell:
         self.svc.release(lease.lease_id, lease.token)
         self._mine.discard(lease.lease_id)
         self._kick()
+        node = lease.allocation.node
+        box = self._outbox.setdefault(node, [])
+        box.append((lease.lease_id, lease.token))
+        if len(box) == 1:  # after this call has answered; or sooner, with the node's next reservation
+            asyncio.get_running_loop().call_soon(self._flush, node)
+
+    def _flush(self, node: str) -> None:
+        """Tell ``node``'s actor of the releases waiting for it, in one call."""
+        box = self._outbox.pop(node, None)
+        if box and node in self.svc.node_actor:
+            asyncio.get_running_loop().create_task(self._send_releases(node, box))
+
+    async def _send_releases(self, node: str, box: list[tuple[str, str]]) -> None:
         try:
-            self._node_actor(lease.allocation.node).release.remote(lease.lease_id, lease.token)
-        except RayError:
-            pass  # the node actor reaps it
+            await self._node_call(node, "release_many", releases=box)
+        except (RayError, HamiRayError) as exc:
+            log.info("releases on %s not told: %s (the node actor reaps them)", node, exc)
 
     # --- API ---------------------------------------------------------------------------------
-    async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None) -> dict[str, Any]:
+    async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None,
+                      wait: bool = True) -> dict[str, Any] | None:
         """Wait for a slice; returns the lease, the node actor's name and the isolation environment.
-        ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now."""
-        lease, env = await self._acquire(SliceRequest.model_validate(request), owner,
-                                         time.time() if submitted is None else submitted)
+        ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now.
+        ``wait=False``: a slice now, never ahead of anyone waiting (a driver opening a lane), or
+        ``{"waiting": n}``: how many requests wait (0: it just does not fit now)."""
+        req = self._request(request)
+        if not wait:
+            await self._ensure_started()
+            self.svc.scheduler.validate(req)
+            if self.svc.head() is not None:
+                return {"waiting": self.svc.queue_depth}
+            placed = await self._try_place(req, owner)
+            return {"waiting": 0} if placed is None else self._grant(*placed)
+        lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted)
         return self._grant(lease, env)
+
+    async def lane_nodes(self, request: dict[str, Any]) -> list[tuple[str, list[str], dict[str, str]]]:
+        """Where a driver may start a worker for requests of this shape that have to wait: the nodes
+        that could hold one once free (most free memory first), their device uuids and the environment
+        a slice worker there starts with.
+
+        Raises:
+            InvalidRequest, Unschedulable: as :meth:`check`.
+        """
+        await self._ensure_started()
+        return [(node, list(uuids), self._start_env.get(node, {}))
+                for node, uuids in self.svc.lane_nodes(SliceRequest.model_validate(request))]
+
+    async def waiting(self) -> int:
+        """How many requests wait in the queue (a lane worker holding a slice asks, to give it back)."""
+        return self.svc.queue_depth
+
+    def _request(self, request: dict[str, Any]) -> SliceRequest:
+        key = json.dumps(request, sort_keys=True)
+        parsed = self._requests.get(key)
+        if parsed is None:
+            if len(self._requests) > 4096:
+                self._requests.clear()
+            parsed = self._requests[key] = SliceRequest.model_validate(request)
+        return parsed
 
     def _grant(self, lease: Lease, env: dict[str, str]) -> dict[str, Any]:
         return {"lease": lease.model_dump(mode="json"), "env": env,
                 "node_actor": node_actor_name(lease.allocation.node), "state_root": self.config["state_root"]}
 
-    async def release(self, lease_id: str, token: str) -> bool:
+    async def release(self, lease_id: str, token: str, node: str | None = None) -> bool:
+        """Free a lease. ``node``: where it lives, so that it is freed there even if this (restarted)
+        actor's ledger does not hold it (any more, or yet)."""
+        await self._ensure_started()
         lease = self.svc.ledger.leases.get(lease_id)
         if lease is None:
+            if node is not None and node in self.svc.node_actor:
+                await self._node_actor(node).release.remote(lease_id, token)  # raises on a wrong token
             return False
         if lease.token != token:
             self.svc.release(lease_id, token)  # raises LeaseTokenMismatch
@@ -218,7 +311,7 @@ class PlacementShell:
         started with the whole slice environment."""
         from hami_ray.runtime.worker import PROCESS_START_KEYS, WORKER_MARK, WorkerBound, run_in_slice  # noqa: PLC0415
 
-        lease, env = await self._acquire(SliceRequest.model_validate(request), owner,
+        lease, env = await self._acquire(self._request(request), owner,
                                          time.time() if submitted is None else submitted)
         grant = self._grant(lease, env)
         user_env = dict(options.get("runtime_env") or {})
@@ -244,6 +337,8 @@ class PlacementShell:
             ref = submit({**shared, **env})
             return await ref
         except RayError as exc:
+            if isinstance(exc, SliceQuotaExceeded):
+                raise  # interrupted by its node actor's verdict: the task's own error says it all
             record = await self._quota_record(lease)
             if record:
                 raise SliceQuotaExceeded(**record) from exc

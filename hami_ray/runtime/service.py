@@ -140,5 +140,27 @@ class PlacementService:
             if exc.never:
                 raise
 
+    def lane_nodes(self, request: SliceRequest) -> list[tuple[str, tuple[str, ...]]]:
+        """The nodes that could hold ``request`` once they are free, most free device memory first, each
+        with the uuids of its devices the request may use: where a driver starts a worker for requests
+        that have to wait (pinned there with ``include_uuids``).
+
+        Raises:
+            InvalidRequest: see :meth:`Scheduler.validate`.
+            Unschedulable: with ``never=True``, as :meth:`check`.
+        """
+        self.check(request)
+        found: list[tuple[int, str, tuple[str, ...]]] = []
+        for name, node in self.ledger.nodes.items():
+            try:
+                Scheduler(Ledger([node])).place(request)
+            except (Unschedulable, InvalidRequest):
+                continue
+            uuids = tuple(d.uuid for d in node.devices
+                          if not request.include_uuids or d.uuid in request.include_uuids)
+            free = sum(u.memory_capacity_mib - u.memory_mib for u in map(self.ledger.usage, uuids))
+            found.append((-free, name, uuids))
+        return [(name, uuids) for _, name, uuids in sorted(found)]
+
     def snapshot(self) -> ClusterSnapshot:
         return self.ledger.snapshot()

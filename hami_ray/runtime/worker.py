@@ -15,18 +15,27 @@ process is stopped if it overruns its slice.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import ray
 
-from hami_ray.core.errors import HamiRayError
+from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded
 from hami_ray.core.model import DeviceGrant
+from node_actors import interrupt
 
 NAMESPACE = "hami-ray"
 PROCESS_START_KEYS = ("LD_PRELOAD",)  # read by the dynamic loader when a process starts, never later
+CANCEL_POLL_S = 0.2
+CANCEL_AFTER_S = 1.0
+CANCEL_SIGNAL = signal.SIGUSR2
 WORKER_MARK = "HAMI_RAY_WORKER"  # in every slice worker's runtime_env: a pool of their own, not Ray's
 _SLICE_KEYS = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_SM_LIMIT", "HAMI_RAY_SLICE",
                "XLA_PYTHON_CLIENT_MEM_FRACTION")
@@ -65,6 +74,11 @@ class SliceInfo:
 
 _current: SliceInfo | None = None
 _actors: dict[str, Any] = {}
+_fns: dict[str, Callable[..., Any]] = {}  # a lane worker loads each function once, not once per task
+_held: str | None = None  # the lease this process last told its node actor it holds (lane workers)
+_devices: tuple[str, tuple[DeviceGrant, ...]] = ("", ())  # the last lease's devices, parsed once
+_armed: str | None = None  # the state directory the node actor leaves quota verdicts for this process in
+_reported: str | None = None  # the state directory this task reported simulated memory use to
 _original: dict[str, str | None] = {}  # os.environ before any slice touched a key
 _bound: dict[str, str] | None = None  # the slice environment CUDA initialised under, in this process
 
@@ -108,24 +122,77 @@ def current_slice() -> SliceInfo | None:
     return _current
 
 
-def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None) -> SliceInfo:
+class LeaseGone(HamiRayError):
+    """The lease a lane's task was sent with is no longer held on its node."""
+
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(f"lease {lease_id} is no longer held on its node; the task did not run")
+        self.lease_id = lease_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LeaseGone, (self.lease_id,))
+
+
+def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None, *, lane: bool = False,
+                interruptible: bool = False) -> SliceInfo:
     """Apply the slice environment (a task's ``env``; an actor has its own in ``os.environ`` already),
-    record the slice for ``current_slice()`` and tell the node actor this process holds it.
+    record the slice for ``current_slice()`` and tell the node actor this process holds it: once per
+    lease and waiting for the answer in a lane worker (``lane``), else once per task without waiting.
 
     Raises:
         WorkerBound: see :func:`apply_env`; nothing was recorded or told.
+        LeaseGone: a lane's lease is no longer held on the node.
     """
-    global _current
+    global _current, _held, _devices
+    lease_id = meta["lease_id"]
     if env is not None:
         apply_env(env)
-    devices = tuple(DeviceGrant.model_validate(g) for part in meta["slices"] for g in part)
-    env = {k: v for k, v in os.environ.items() if k in _SLICE_KEYS or k.startswith("CUDA_DEVICE_MEMORY_LIMIT")}
-    _current = SliceInfo(meta["lease_id"], meta["node"], devices, env, meta.get("state_dir", ""))
+    if _devices[0] != lease_id:
+        _devices = (lease_id, tuple(DeviceGrant.model_validate(g) for part in meta["slices"] for g in part))
+    seen = {k: v for k, v in (os.environ if env is None else env).items()
+            if k in _SLICE_KEYS or k.startswith("CUDA_DEVICE_MEMORY_LIMIT")}
     actor = _actors.get(meta["node_actor"])
     if actor is None:  # one GCS lookup per worker process, not per task
         actor = _actors[meta["node_actor"]] = ray.get_actor(meta["node_actor"], namespace=NAMESPACE)
-    actor.activate.remote(meta["lease_id"], os.getpid())  # fire and forget: no round trip per task
+    if not lane:
+        actor.activate.remote(lease_id, os.getpid())  # fire and forget: no round trip per task
+    elif _held != lease_id:
+        if not ray.get(actor.activate.remote(lease_id, os.getpid())):
+            raise LeaseGone(lease_id)
+        _held = lease_id
+    _current = SliceInfo(lease_id, meta["node"], _devices[1], seen, meta.get("state_dir", ""))
+    if interruptible:
+        _arm(_current.state_dir)
     return _current
+
+
+def _check_cancelled(signum: int, frame: FrameType | None) -> None:
+    """In the task's thread: stop it if ``ray.cancel`` flagged it."""
+    if _current is not None and ray.get_runtime_context().is_canceled():
+        raise KeyboardInterrupt("cancelled (ray.cancel)")
+
+
+def _arm(state_dir: str) -> None:
+    """Let the node actor interrupt this process's running task when its slice overruns (once per
+    process; only from the main thread, where Ray runs tasks and Python runs signal handlers)."""
+    global _armed
+    if _armed is not None or not state_dir or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        interrupt.arm(state_dir, _on_verdict)
+    except (OSError, ValueError):
+        return
+    _armed = state_dir
+
+
+def _on_verdict(signum: int, frame: FrameType | None) -> None:
+    """The node actor's quota verdict arrived: fail the running task with it."""
+    verdict = interrupt.take_verdict(_armed) if _armed else None
+    info = _current
+    if verdict is None or info is None or verdict.get("lease_id") != info.lease_id:
+        return  # between tasks, or meant for an earlier one: nothing to stop
+    raise SliceQuotaExceeded(str(verdict["lease_id"]), str(verdict["uuid"]), int(verdict["used_mib"]),
+                             int(verdict["limit_mib"]), int(verdict["pid"]), action="interrupted")
 
 
 def report_simulated_memory(mib: int, device: int = 0) -> None:
@@ -133,17 +200,24 @@ def report_simulated_memory(mib: int, device: int = 0) -> None:
     (what NVML would report on real hardware), so enforcement can be exercised without a GPU."""
     from node_actors.simulated_usage import report  # noqa: PLC0415 - only for simulated nodes
 
+    global _reported
     info = current_slice()
     if info is None:
         raise RuntimeError("report_simulated_memory() is for code running in a hami-ray slice")
     report(info.state_dir, info.devices[device].uuid, mib)
+    _reported = info.state_dir  # a task's memory is its own: given back when it ends (see leave_slice)
 
 
 def leave_slice(meta: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
     """Forget the slice; for a task, tell the node actor this process is done with the lease, and bind
     the process to ``env`` if the task loaded CUDA."""
-    global _current, _bound
+    global _current, _bound, _reported
     _current = None
+    if _reported:
+        from node_actors.simulated_usage import clear  # noqa: PLC0415 - only for simulated nodes
+
+        clear(_reported, pid=os.getpid())
+        _reported = None
     if env is not None and _bound is None and _cuda_loaded():
         _bound = dict(env)
     if meta is not None:
@@ -156,11 +230,139 @@ def leave_slice(meta: dict[str, Any] | None = None, env: dict[str, str] | None =
 def run_in_slice(fn: Callable[..., Any], meta: dict[str, Any], env: dict[str, str], *args: Any,
                  **kwargs: Any) -> Any:
     """The task the placement actor submits: enter the slice, run the user's function, leave."""
-    enter_slice(meta, env)
+    enter_slice(meta, env, interruptible=True)
     try:
         return fn(*args, **kwargs)
     finally:
         leave_slice(meta, env)
+
+
+class SliceWorkerShell:
+    """A lane's worker (see :mod:`hami_ray.runtime.lanes`): runs the lane's tasks one at a time.
+
+    ``run``: the driver holds the lane's lease and sends its slice with every task. ``run_pending``: the
+    lane had to wait, so this worker acquires the lease itself (pinned to its node's devices), waiting in
+    the placement actor's queue as one request for all the tasks queued here; it gives the slice back
+    when no task came for ``idle_s``, and, while others wait, at the first task after ``term_s`` (then
+    queues again behind them).
+
+    ``ray.cancel`` of a running task interrupts it (``KeyboardInterrupt``), as for a Ray task. Ray only
+    flags a running actor task as cancelled, and only the thread running it can read the flag: so once
+    a task has run for ``CANCEL_AFTER_S``, a watchdog thread signals the process every
+    ``CANCEL_POLL_S`` (``SIGUSR2``, system calls restarted) and the handler, in the task's thread, raises
+    if the flag is set. Shorter tasks are never signalled."""
+
+    def __init__(self, idle_s: float = 0.05, term_s: float = 2.0) -> None:
+        self._running = False
+        self._env: dict[str, str] | None = None
+        self._idle_s, self._term_s = idle_s, term_s
+        self._own: dict[str, Any] | None = None  # a lease this worker acquired itself (run_pending)
+        self._own_key = ""
+        self._own_since = self._own_last = self._asked = 0.0
+        self._lock = threading.Lock()
+        self._started = 0.0
+        signal.signal(CANCEL_SIGNAL, _check_cancelled)
+        signal.siginterrupt(CANCEL_SIGNAL, False)
+        threading.Thread(target=self._watch, name="hami-ray-lane-worker", daemon=True).start()
+
+    def run(self, fn_id: str, fn_holder: list[Any], meta: dict[str, Any], env: dict[str, str], *args: Any,
+            **kwargs: Any) -> Any:
+        if self._own is not None:
+            self._give_back()
+        return self._run(fn_id, fn_holder, meta, env, args, kwargs)
+
+    def run_pending(self, fn_id: str, fn_holder: list[Any], request: dict[str, Any], owner: str, submitted: float,
+                    *args: Any, **kwargs: Any) -> Any:
+        """``submitted``: when the driver opened the lane (the lanes of a burst queue in that order, whichever
+        worker starts first)."""
+        try:
+            grant = self._hold(request, owner, submitted)
+        except BaseException:
+            self._running = False
+            raise
+        return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
+
+    def _run(self, fn_id: str, fn_holder: list[Any], meta: dict[str, Any], env: dict[str, str],
+             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fn = _fns.get(fn_id)
+        if fn is None:
+            fn = _fns[fn_id] = ray.get(fn_holder[0])
+        enter_slice(meta, env, lane=True, interruptible=True)
+        self._env = env
+        self._started = time.monotonic()
+        self._running = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._own_last = time.monotonic()
+            self._running = False
+            leave_slice(None, None)  # every task of a lane has the same slice: bound or not, checked when it ends
+
+    def _hold(self, request: dict[str, Any], owner: str, submitted: float) -> dict[str, Any]:
+        """This worker's own lease for ``request``: kept, renewed after its term while others wait, or
+        acquired (waiting in the queue)."""
+        from hami_ray.runtime.placement import PLACEMENT_NAME, slice_meta  # noqa: PLC0415 - it imports this module
+
+        key = json.dumps(request, sort_keys=True)
+        now = time.monotonic()
+        placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+        with self._lock:
+            own = self._own
+            self._running = True  # from here on the idle check leaves the lease alone
+        if own is not None and (self._own_key != key or self._over_term(placement, now)):
+            self._give_back()
+            own = None
+        if own is None:
+            asked = submitted if self._own_since == 0.0 else time.time()  # renewing: behind those waiting now
+            grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, asked)))
+            grant["meta"] = slice_meta(grant, grant["state_root"])
+            with self._lock:
+                self._own, self._own_key = grant, key
+                self._own_since = self._own_last = time.monotonic()
+            own = grant
+        return own
+
+    def _over_term(self, placement: Any, now: float) -> bool:
+        """Past its term, and (asked at most once a second) somebody waits for a slice."""
+        if now - self._own_since < self._term_s or now - self._asked < 1.0:
+            return False
+        self._asked = now
+        return bool(ray.get(placement.waiting.remote()))
+
+    def _give_back(self, if_idle: bool = False) -> None:
+        from hami_ray.runtime.placement import PLACEMENT_NAME  # noqa: PLC0415
+
+        with self._lock:
+            if if_idle and (self._running or time.monotonic() - self._own_last <= self._idle_s):
+                return
+            own, self._own = self._own, None
+        if own is not None:
+            lease = own["lease"]
+            ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE).release.remote(lease["lease_id"], lease["token"],
+                                                                              lease["allocation"]["node"])
+
+    def binding(self) -> dict[str, str] | None:
+        """The slice environment CUDA was initialised under in this process (None: any slice may come);
+        asked when a lane ends, before the worker serves another."""
+        global _bound
+        if _bound is None and self._env is not None and _cuda_loaded():
+            _bound = dict(self._env)
+        return _bound
+
+    def _watch(self) -> None:
+        """Have a long task check Ray's cancel flag; give an idle worker's own lease back."""
+        while True:
+            time.sleep(CANCEL_POLL_S)
+            if self._running and _current is not None and time.monotonic() - self._started > CANCEL_AFTER_S:
+                os.kill(os.getpid(), CANCEL_SIGNAL)
+            if self._own is not None and not self._running:
+                try:
+                    self._give_back(if_idle=True)
+                except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
+                    pass
+
+
+SliceWorker = ray.remote(num_cpus=0, max_restarts=0)(SliceWorkerShell)
 
 
 def slice_actor_class(cls: type) -> type:

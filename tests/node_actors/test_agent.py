@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,10 +189,13 @@ def test_restored_lease_of_dead_process_is_freed_at_first_tick(make_agent: Calla
 def _reporting_child(spawn: Spawn, state_dir: Path, device: str, mib: int) -> subprocess.Popen[bytes]:
     code = (f"from node_actors import simulated_usage as s; s.report({str(state_dir)!r}, {device!r}, {mib}); "
             "import time; time.sleep(60)")
-    child = spawn(PYTHON, "-c", code)
-    report = state_dir / "sim-usage" / f"{child.pid}.json"
+    return _reported(spawn(PYTHON, "-c", code), state_dir)
+
+
+def _reported(child: subprocess.Popen[bytes], state_dir: Path) -> subprocess.Popen[bytes]:
+    """``child`` once its usage report is there."""
     deadline = time.monotonic() + 30
-    while not report.exists():
+    while not (state_dir / "sim-usage" / f"{child.pid}.json").exists():
         assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child died"
         assert time.monotonic() < deadline, "child never reported its usage"
         time.sleep(0.02)
@@ -220,6 +224,78 @@ def test_enforce_kills_a_child_over_its_slice_after_grace(agent: NodeAgent, cloc
     event = agent.events(lease_id=lease.lease_id)[-1]
     assert event.kind == "quota-exceeded" and event.detail["used_mib"] == 9000
     assert agent.release(lease.lease_id, lease.token) is None  # the runtime's later release is a no-op
+
+
+def _armed_child(spawn: Spawn, state_dir: Path, device: str, mib: int, *, lets_go: bool) -> subprocess.Popen[bytes]:
+    """A child that arms itself for verdicts and reports ``mib``; on a verdict it writes it to
+    ``verdict-seen`` and, if ``lets_go``, gives its memory back (as a task that fails would), else keeps it."""
+    code = f"""
+import json, time
+from node_actors import interrupt, simulated_usage as s
+state = {str(state_dir)!r}
+def on_verdict(signum, frame):
+    open(state + "/verdict-seen", "w").write(json.dumps(interrupt.take_verdict(state)))
+    if {lets_go!r}:
+        s.clear(state)
+interrupt.arm(state, on_verdict)
+s.report(state, {device!r}, {mib})
+while True:
+    time.sleep(0.05)
+"""
+    return _reported(spawn(PYTHON, "-c", code), state_dir)
+
+
+def test_an_armed_process_gets_the_verdict_first_and_lives_on(agent: NodeAgent, clock: FakeClock, tmp_path: Path,
+                                                                spawn: Spawn) -> None:
+    child = _armed_child(spawn, tmp_path, uuid(0), 9000, lets_go=True)
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    assert agent.enforce() == []
+    clock.advance(11)
+    [error] = agent.enforce()
+    assert error.action == "interrupted" and "its task was interrupted" in str(error)
+    assert (error.lease_id, error.used_mib, error.limit_mib, error.pid) == (lease.lease_id, 9000, 8192, child.pid)
+    seen = tmp_path / "verdict-seen"
+    deadline = time.monotonic() + 10
+    while not seen.exists():
+        assert time.monotonic() < deadline, "the child never got the verdict"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert json.loads(seen.read_text())["limit_mib"] == 8192
+    assert child.poll() is None  # alive, and its lease too
+    assert [x.lease_id for x in agent.leases()] == [lease.lease_id]
+    assert agent.events(lease_id=lease.lease_id)[-1].kind == "interrupted"
+    clock.advance(30)
+    assert agent.enforce() == []  # it gave its memory back: nothing more happens
+
+
+def test_an_armed_process_that_keeps_overrunning_is_killed(agent: NodeAgent, clock: FakeClock, tmp_path: Path,
+                                                           spawn: Spawn) -> None:
+    child = _armed_child(spawn, tmp_path, uuid(0), 9000, lets_go=False)
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    agent.enforce()
+    clock.advance(11)
+    [first] = agent.enforce()
+    assert first.action == "interrupted"
+    clock.advance(5)
+    assert agent.enforce() == []  # still over: a new grace period starts after the verdict
+    clock.advance(9)
+    assert agent.enforce() == []
+    clock.advance(2)
+    [second] = agent.enforce()
+    assert second.action == "killed"
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert agent.leases() == []
+
+
+def test_a_stale_marker_of_a_recycled_pid_is_not_trusted(tmp_path: Path) -> None:
+    from node_actors import interrupt
+
+    (tmp_path / interrupt.INTERRUPT_DIR).mkdir()
+    (tmp_path / interrupt.INTERRUPT_DIR / str(os.getpid())).write_text("12345")  # another process's start time
+    assert not interrupt.interruptible(tmp_path, os.getpid())
+    assert not interrupt.interruptible(tmp_path, 999_999_999)
 
 
 def test_below_limit_plus_tolerance_nothing_happens(agent: NodeAgent, clock: FakeClock, tmp_path: Path,

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 import ray
 
 import hami_ray
 from hami_ray.runtime import api
+from hami_ray.runtime.lanes import MAX_PENDING
+from hami_ray.runtime.loopback import ray_worker_processes
 from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
 
 pytestmark = pytest.mark.ray
@@ -110,22 +111,10 @@ def test_removed_node_leases_are_lost_and_the_rest_keep_running(hami: RayCluster
     assert wait_until(lambda: live_leases() == 0, timeout=20)
 
 
-def _worker_processes() -> int:
-    count = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            count += b"default_worker.py" in cmd
-    return count
-
-
 def test_a_full_cluster_queues_without_processes_and_drains_in_order(hami: RayCluster) -> None:
-    """The only T4 is held whole; 300 whole-T4 tasks wait as coroutines (no worker starts for them),
-    one of high priority submitted last; once the T4 frees they run one at a time: priority first,
-    then in submission order."""
+    """The only T4 is held whole; 300 whole-T4 tasks wait (queued to a few lane workers, each one request
+    in the placement actor's queue; no process per task), one of high priority submitted last; once the
+    T4 frees they run one at a time: priority first, then in submission order."""
 
     @hami_ray.remote(gpus=1, gpu_type="T4")
     def turn(i: int) -> tuple[int, float]:
@@ -133,12 +122,15 @@ def test_a_full_cluster_queues_without_processes_and_drains_in_order(hami: RayCl
 
     ray.get(turn.remote(-1), timeout=120)  # the worker of this shape exists before we count
     with api.lease(gpus=1, gpu_type="T4"):
-        before = _worker_processes()
+        before = ray_worker_processes()
         refs = [turn.remote(i) for i in range(300)]
         urgent = turn.options(priority=10).remote(1000)
-        assert wait_until(lambda: api.queue_depth() == 301, timeout=60)
+        lanes = api._lanes
+        waiting = 301 if lanes is None else lanes.waiting_lanes()  # MAX_PENDING for the 300, one for the urgent
+        assert waiting <= MAX_PENDING + 1
+        assert wait_until(lambda: api.queue_depth() == waiting, timeout=60)
         time.sleep(1.0)
-        assert _worker_processes() <= before + 2
+        assert ray_worker_processes() <= before + waiting
     ran = ray.get(refs + [urgent], timeout=300)
     order = [i for i, _ in sorted(ran, key=lambda x: x[1])]
     assert order == [1000] + list(range(300))

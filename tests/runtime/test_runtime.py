@@ -228,12 +228,10 @@ def _lease_ids(node: str) -> list[str] | None:
         return None
 
 
-def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> None:
-    """Workers in which CUDA got loaded (pretended here) keep the slice they had; a task for another
-    slice landing on one goes, once more, to a process started with its own environment. Last of the
-    Ray tests: it leaves the head node's pooled workers bound."""
+def _bind_then_other(options: dict[str, object]) -> tuple[set[int], list[tuple[int, str, str]], str]:
+    """Four tasks that (pretend to) load CUDA in their slice, then eight of another slice."""
 
-    @hami_ray.remote(gpu_memory="1GiB", gpu_type="T4")
+    @hami_ray.remote(gpu_memory="1GiB", gpu_type="T4", **options)
     def bind(hold_s: float) -> int:
         from hami_ray.runtime import worker
 
@@ -242,9 +240,8 @@ def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> 
         return os.getpid()
 
     bound = set(ray.get([bind.remote(0.5) for _ in range(4)], timeout=120))
-    before = ray.get(api._handle().status.remote())["bound_retries"]
 
-    @hami_ray.remote(gpu_memory="2GiB", gpu_type="T4")
+    @hami_ray.remote(gpu_memory="2GiB", gpu_type="T4", **options)
     def other() -> tuple[int, str, str]:
         info = hami_ray.current_slice()
         assert info is not None
@@ -252,6 +249,25 @@ def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> 
 
     outs = ray.get([other.remote() for _ in range(8)], timeout=240)
     t4 = next(d.uuid for n in api.status().nodes for d in n.devices if "T4" in d.model)
+    return bound, outs, t4
+
+
+def test_a_lane_worker_bound_to_a_slice_serves_no_other(hami: RayCluster) -> None:
+    """Lane workers in which CUDA got loaded (pretended here) go back to the pool bound to their slice;
+    another slice's lane gets a worker of its own."""
+    bound, outs, t4 = _bind_then_other({})
+    assert all(cvd == t4 and limit == "2048m" for _, cvd, limit in outs)
+    assert not bound & {pid for pid, _, _ in outs}  # no bound process ran a task of another slice
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> None:
+    """Through the placement actor (a Ray option, here ``num_cpus``, makes a task its own): pooled
+    workers in which CUDA got loaded keep the slice they had; a task for another slice landing on one
+    goes, once more, to a process started with its own environment. Last of the Ray tests: it leaves
+    the head node's pooled workers bound."""
+    before = ray.get(api._handle().status.remote())["bound_retries"]
+    bound, outs, t4 = _bind_then_other({"num_cpus": 1})
     assert all(cvd == t4 and limit == "2048m" for _, cvd, limit in outs)
     assert not bound & {pid for pid, _, _ in outs}  # no bound process ran a task of another slice
     assert ray.get(api._handle().status.remote())["bound_retries"] > before

@@ -1,0 +1,123 @@
+"""Lanes (the driver keeps a slice for the next task of its shape) on the shared local Ray: every task
+still alone in its slice, overruns interrupt only the task, a lane gives its slice back to waiting
+requests, and the queue path remains for what lanes do not take. Marked ``ray``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+import ray
+
+import hami_ray
+from hami_ray.core.errors import SliceQuotaExceeded
+from hami_ray.runtime import api
+from hami_ray.runtime.lanes import TERM_S
+from node_actors.processes import pid_alive
+from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def _lanes() -> api.LaneClient:
+    assert api._lanes is not None, "lanes are on by default"
+    return api._lanes
+
+
+def test_a_burst_goes_down_lanes_one_task_at_a_time_per_slice(hami: RayCluster) -> None:
+    before = dataclasses.replace(_lanes().stats)
+
+    @hami_ray.remote(gpu_memory="40GiB", gpu_type="A100")
+    def probe(i: int) -> tuple[str, str, str, float, float]:
+        start = time.time()
+        info = hami_ray.current_slice()
+        assert info is not None
+        time.sleep(0.01)
+        return (info.lease_id, os.environ["CUDA_VISIBLE_DEVICES"], os.environ["CUDA_DEVICE_MEMORY_LIMIT_0"],
+                start, time.time())
+
+    out = ray.get([probe.remote(i) for i in range(200)], timeout=300)
+    stats = _lanes().stats  # counted as each task's end reaches the driver: a moment after ray.get
+    assert wait_until(lambda: stats.tasks - before.tasks == 200, timeout=10)  # none through the queue
+    a100 = {d.uuid for n in api.status().nodes for d in n.devices if "A100" in d.model}
+    assert all(cvd in a100 and limit == "40960m" for _, cvd, limit, _, _ in out)
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for lease_id, _, _, start, end in out:
+        spans[lease_id].append((start, end))
+    for lease_spans in spans.values():  # a slice runs one task at a time
+        lease_spans.sort()
+        assert all(b[0] >= a[1] for a, b in zip(lease_spans, lease_spans[1:]))
+    assert len(spans) <= 200 and stats.opened > before.opened
+    assert wait_until(lambda: live_leases() == 0)
+    assert_node_actors_empty_and_never_over()
+
+
+def test_an_overrun_interrupts_the_task_and_the_worker_lives_on(hami: RayCluster) -> None:
+    @hami_ray.remote(gpu_memory="2GiB", gpu_type="T4")
+    def hog() -> None:
+        api.report_simulated_memory(3000)
+        time.sleep(60)
+
+    with pytest.raises(SliceQuotaExceeded) as info:
+        ray.get(hog.remote(), timeout=60)
+    assert info.value.action == "interrupted" and info.value.used_mib == 3000
+    assert pid_alive(info.value.pid)  # only the task was stopped
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_a_task_that_swallows_the_verdict_is_killed(hami: RayCluster) -> None:
+    @hami_ray.remote(gpu_memory="2GiB", gpu_type="T4")
+    def stubborn() -> None:
+        api.report_simulated_memory(3000)
+        try:
+            time.sleep(60)
+        except SliceQuotaExceeded:
+            time.sleep(60)  # keeps the memory
+
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(stubborn.remote(), timeout=60)
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_a_lane_gives_its_slice_back_to_a_waiting_request(hami: RayCluster) -> None:
+    """A burst of whole-T4 tasks holds the T4 through lanes (about 10 s of work); a driver-side lease
+    of higher priority asked for meanwhile goes ahead of the lanes still waiting, and the lane holding
+    the T4 gives it back within about a term: served long before the burst ends."""
+
+    @hami_ray.remote(gpus=1, gpu_type="T4")
+    def step() -> float:
+        time.sleep(0.05)
+        return time.time()
+
+    refs = [step.remote() for _ in range(200)]  # about 10 s of work
+    assert wait_until(lambda: live_leases() >= 1)
+    got: list[float] = []
+
+    def other() -> None:
+        with api.lease(gpus=1, gpu_type="T4", priority=5):
+            got.append(time.time())
+
+    asked = time.time()
+    waiter = threading.Thread(target=other)
+    waiter.start()
+    ends = ray.get(refs, timeout=300)
+    waiter.join(timeout=60)
+    assert got, "the waiting lease was never served"
+    assert got[0] - asked < 2 * TERM_S + 1.0 and got[0] < max(ends) - 2.0  # well before the burst's end
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_tasks_with_ray_options_take_the_queue_path(hami: RayCluster) -> None:
+    before = _lanes().stats.tasks
+
+    @hami_ray.remote(gpu_memory="1GiB", gpu_type="T4", num_cpus=1)
+    def own() -> str:
+        return os.environ["CUDA_DEVICE_MEMORY_LIMIT_0"]
+
+    assert ray.get([own.remote() for _ in range(3)], timeout=120) == ["1024m"] * 3
+    assert _lanes().stats.tasks == before
+    assert wait_until(lambda: live_leases() == 0)
