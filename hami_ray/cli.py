@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import typer
@@ -150,6 +151,11 @@ def _ray_demo(out: Path) -> None:
                           ("overrun", overrun.main)):
             results[name] = run()
             console.print(f"[green]examples/{name}.py[/]: {results[name]}")
+        if api._lanes is not None:
+            api._lanes.drain()  # lanes give their slices back once idle: show the cluster after that
+        deadline = time.monotonic() + 5
+        while api.status().leases and time.monotonic() < deadline:
+            time.sleep(0.1)
         _status_table(api.status())
         out.mkdir(parents=True, exist_ok=True)
         (out / "examples.json").write_text(json.dumps(results, indent=1, default=str))

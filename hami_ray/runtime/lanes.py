@@ -325,6 +325,16 @@ class LaneClient:
         if not kept:
             ray.kill(lane.worker)
 
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until no lane is open (each closes once idle); False if some still are after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._lanes:
+                    return True
+            time.sleep(self.idle_s)
+        return False
+
     def open_lanes(self) -> int:
         """Lanes holding a slice (the driver's)."""
         with self._lock:
@@ -344,15 +354,16 @@ class LaneClient:
             self._lanes.clear()
             self._idle.clear()
         self._wake.set()
-        self._calls.close()
         for lane in lanes:
             try:
-                if lane.grant is not None:
+                if lane.grant is not None:  # answered before the hami-ray actors may go
                     lease = lane.grant["lease"]
-                    self._placement.release.remote(lease["lease_id"], lease["token"], lease["allocation"]["node"])
+                    self._calls.call("release", lease_id=lease["lease_id"], token=lease["token"],
+                                     node=lease["allocation"]["node"])
                 ray.kill(lane.worker)
             except Exception:  # noqa: BLE001 - shutting down: the node actors reap what is left
                 pass
+        self._calls.close()
         for w in idle:
             try:
                 ray.kill(w.handle)
