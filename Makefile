@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRACES := ../shared/traces/openb-v2023
 
-.PHONY: demo test test-fast lint simulate bench clean
+.PHONY: demo test test-fast lint tools simulate bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/hami-ray demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# promtool and a Prometheus server for the metrics tests: Debian's prometheus package
+tools:
+	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
+		echo "could not install Debian's prometheus package (promtool): the metrics tests will fail"; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

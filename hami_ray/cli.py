@@ -1,20 +1,29 @@
-"""The ``hami-ray`` command line (Typer): ``simulate`` and ``demo`` today; ``status``, ``k8s`` and
-``metrics`` join as observability and the bridge land."""
+"""The ``hami-ray`` command line (Typer): ``simulate``, ``demo``, ``status`` and ``metrics serve``;
+``k8s`` joins with the bridge."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.text import Text
+
 from hami_ray.core.errors import HamiRayError
 from hami_ray.core.names import DevicePolicyName
 from hami_ray.core.scheduler import DEFAULT_DEVICE_POLICY
+from hami_ray.observe.metrics import DEFAULT_PORT, StatusCollector, serve
+from hami_ray.observe.model import ClusterStatus, status_json
+from hami_ray.observe.view import render
 from hami_ray.sim.arrival import REPORT_POINTS, RunResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -107,6 +116,8 @@ def simulate(
 
 
 DEMO_SIMULATE = "2xA100-80GB,1xT4-16GB"
+DEMO_WORKER = "2xV100-32GB"
+DEMO_WATCH_S = 4.0
 
 
 @app.command()
@@ -126,11 +137,14 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the
 def _ray_demo(out: Path) -> None:
     import sys  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
+    import threading  # noqa: PLC0415
 
     import ray  # noqa: PLC0415
+    from ray.cluster_utils import Cluster  # noqa: PLC0415
 
     from hami_ray.runtime import api  # noqa: PLC0415
     from hami_ray.runtime.loopback import LOOPBACK, pin_ray_to_loopback  # noqa: PLC0415
+    from node_actors.actor import NODE_SIMULATE_ENV  # noqa: PLC0415
 
     pin_ray_to_loopback()
     repo = str(Path(__file__).resolve().parents[1])  # examples/ sits beside hami_ray/ in a checkout
@@ -138,46 +152,141 @@ def _ray_demo(out: Path) -> None:
         sys.path.insert(0, repo)
     from examples import burst, overrun, shared_inference  # noqa: PLC0415
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address=LOOPBACK,
-             log_to_driver=False, configure_logging=False)
+    # two simulated nodes on this machine; with real GPUs one node (a second would see the same GPUs)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "node_ip_address": LOOPBACK, "num_cpus": 2, "include_dashboard": False})
     try:
+        if not _has_nvidia():
+            cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1, env_vars={NODE_SIMULATE_ENV: DEMO_WORKER})
+        ray.init(address=cluster.address, _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False)
         api.init(simulate=DEMO_SIMULATE, state_root=tempfile.mkdtemp(prefix="hami-demo-"), agent={"grace_s": 1.0})
+        deadline = time.monotonic() + 60
+        while len(api.status().nodes) < len(cluster.list_all_nodes()) and time.monotonic() < deadline:  # type: ignore[no-untyped-call]
+            time.sleep(0.2)
         snap = api.status()
-        kinds = {d.vendor for n in snap.nodes for d in n.devices}
-        console.print(f"\n[bold]Ray part[/]: a local Ray on 127.0.0.1; devices: "
-                      f"{'simulated ' + DEMO_SIMULATE if snap.nodes and _simulated(snap) else ', '.join(kinds)}")
-        results = {}
+        simulated = bool(snap.nodes) and all(d.uuid.startswith("GPU-sim-") for n in snap.nodes for d in n.devices)
+        console.print(f"\n[bold]Ray part[/]: a local Ray of {len(snap.nodes)} nodes on 127.0.0.1; devices: "
+                      f"{'simulated ' + DEMO_SIMULATE + ' and ' + DEMO_WORKER if simulated else 'NVIDIA (NVML)'}")
+        results: dict[str, object] = {}
         for name, run in (("shared_inference", shared_inference.main), ("burst", burst.main),
                           ("overrun", overrun.main)):
             results[name] = run()
             console.print(f"[green]examples/{name}.py[/]: {results[name]}")
+        console.print("\n[bold]hami-ray status --watch[/] while another burst runs:")
+        again = threading.Thread(target=lambda: results.__setitem__("burst_again", burst.main(tasks=60)))
+        again.start()
+        watch_status(api.status, seconds=DEMO_WATCH_S, interval=0.5)
+        again.join()
         if api._lanes is not None:
             api._lanes.drain()  # lanes give their slices back once idle: show the cluster after that
         deadline = time.monotonic() + 5
         while api.status().leases and time.monotonic() < deadline:
             time.sleep(0.1)
-        _status_table(api.status())
+        console.print("\n[bold]hami-ray status[/] after the examples:")
+        console.print(render(api.status(), width=console.width))
+        where = api.metrics_address()
+        console.print(f"metrics: http://{where[0]}:{where[1]}/metrics (Prometheus; HAMi's names)" if where
+                      else "metrics: not served (port 9395 taken); `hami-ray metrics serve --port N` serves them")
         out.mkdir(parents=True, exist_ok=True)
         (out / "examples.json").write_text(json.dumps(results, indent=1, default=str))
     finally:
         api.shutdown()
         ray.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
-def _simulated(snap: object) -> bool:
-    return all(d.uuid.startswith("GPU-sim-") for n in snap.nodes for d in n.devices)  # type: ignore[attr-defined]
+def _has_nvidia() -> bool:
+    try:
+        import pynvml  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        try:
+            return bool(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no library, no device: simulate
+        return False
 
 
-def _status_table(snap: object) -> None:
-    table = Table(title="devices after the examples")
-    for col in ("node", "device", "model", "memory MiB", "allocated MiB", "cores", "slices"):
-        table.add_column(col)
-    for node in snap.nodes:  # type: ignore[attr-defined]
-        for d in node.devices:
-            held = [g for lease in snap.leases for g in lease.allocation.devices if g.uuid == d.uuid]  # type: ignore[attr-defined]
-            table.add_row(node.name[:12], f"#{d.index}", d.model, str(d.memory_mib), str(sum(g.memory_mib for g in held)),
-                          str(sum(g.cores for g in held)), str(len(held)))
-    console.print(table)
+@app.command()
+def status(
+    address: str = typer.Option("auto", help="Ray address of the cluster hami-ray runs on"),
+    json_out: bool = typer.Option(False, "--json", help="print the snapshot as JSON, for scripts"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="redraw live until Ctrl-C"),
+    seconds: float = typer.Option(0.0, "--for", help="with --watch: stop after this many seconds"),
+    interval: float = typer.Option(1.0, help="with --watch: seconds between refreshes"),
+    node: str | None = typer.Option(None, help="only nodes whose name starts with this"),
+    device: str | None = typer.Option(None, help="only devices whose uuid starts with this"),
+    page: int = typer.Option(1, min=1, help="page of nodes on a large cluster (busiest first)"),
+) -> None:
+    """Nodes, devices and slices: allocated vs used memory, cores, owners, fragmentation, the queue."""
+    api = _attached(address)
+    if json_out:
+        typer.echo(json.dumps(status_json(api.status()), indent=1))
+        return
+    if not watch:
+        console.print(render(api.status(), width=console.width, node=node, device=device, page=page - 1))
+        return
+    watch_status(api.status, seconds=seconds, interval=interval, node=node, device=device, page=page - 1)
+
+
+def _attached(address: str) -> Any:
+    """The runtime API, attached to the hami-ray of the Ray cluster at ``address``; exits 1 if none."""
+    from hami_ray.runtime import api  # noqa: PLC0415
+
+    try:
+        api.attach(address, log_to_driver=False, configure_logging=False)
+    except HamiRayError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    except ConnectionError as exc:
+        console.print(f"[red]no Ray cluster at {address!r}: {exc}[/]")
+        raise typer.Exit(1) from None
+    return api
+
+
+def watch_status(fetch: Callable[[], ClusterStatus], *, seconds: float = 0.0, interval: float = 1.0,
+                 node: str | None = None, device: str | None = None, page: int = 0,
+                 target: Console | None = None) -> None:
+    """Redraw the status every ``interval`` seconds until Ctrl-C (or for ``seconds``, when positive)."""
+    out = target or console
+
+    def view() -> RenderableType:
+        taken = fetch()
+        stamp = Text(time.strftime("%H:%M:%S", time.localtime(taken.taken_at)) + "  (Ctrl-C to stop)", style="dim")
+        return Group(stamp, render(taken, width=out.width, node=node, device=device, page=page))
+
+    end = time.monotonic() + seconds if seconds > 0 else float("inf")
+    try:
+        with Live(view(), console=out, refresh_per_second=4, screen=False) as live:
+            while time.monotonic() < end:
+                time.sleep(min(interval, max(0.0, end - time.monotonic())))
+                live.update(view())
+    except KeyboardInterrupt:
+        pass
+
+
+metrics_app = typer.Typer(help="Prometheus metrics (HAMi's names where they fit).")
+app.add_typer(metrics_app, name="metrics")
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    address: str = typer.Option("auto", help="Ray address of the cluster hami-ray runs on"),
+    port: int = typer.Option(DEFAULT_PORT, help="port of /metrics (HAMi's scheduler uses 9395)"),
+    bind: str = typer.Option("0.0.0.0", help="address to listen on"),  # noqa: S104
+    seconds: float = typer.Option(0.0, "--for", help="stop after this many seconds (0: until Ctrl-C)"),
+) -> None:
+    """Serve the cluster's metrics from here (the placement actor serves them too, on its node)."""
+    api = _attached(address)
+    _, bound = serve(StatusCollector(api.status), port=port, addr=bind)
+    console.print(f"metrics on http://{bind}:{bound}/metrics")
+    end = time.monotonic() + seconds if seconds > 0 else float("inf")
+    try:
+        while time.monotonic() < end:
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ class NodeActorShell:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._exceeded: list[dict[str, Any]] = []
+        self._actions: dict[str, int] = {}  # enforcement action -> count
         self.wire: dict[str, Any] | None = None  # the fast path to reserve and release (hami_ray.wire)
         try:
             server = ThreadServer({"reserve": self.reserve, "release_many": self.release_many},
@@ -73,6 +74,7 @@ class NodeActorShell:
             try:
                 with self._lock:
                     for exc in self.agent.tick():
+                        self._actions[exc.action] = self._actions.get(exc.action, 0) + 1
                         self._exceeded.append({"lease_id": exc.lease_id, "uuid": exc.uuid, "used_mib": exc.used_mib,
                                                "limit_mib": exc.limit_mib, "pid": exc.pid, "action": exc.action})
                     del self._exceeded[:-1000]
@@ -83,7 +85,17 @@ class NodeActorShell:
         with self._lock:
             return {"node": self.agent.node().model_dump(mode="json"), "state_dir": self.state_dir,
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
-                    "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()]}
+                    "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
+                    "usage": self._usage(), "enforcement": dict(self._actions)}
+
+    def _usage(self) -> dict[str, Any] | None:
+        """The last sample: per device used MiB and utilisation, per lease and device used MiB."""
+        sample = self.agent.last_sample
+        if sample is None:
+            return None
+        return {"devices": [{"uuid": d.uuid, "used_mib": d.used_mib, "utilization": d.utilization}
+                            for d in sample.devices],
+                "slices": [{"lease_id": s.lease_id, "uuid": s.uuid, "used_mib": s.used_mib} for s in sample.slices]}
 
     def audit(self) -> dict[str, Any]:
         """The ledger recounted (raises on a difference), each device's capacity and the most it ever

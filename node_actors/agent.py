@@ -73,6 +73,7 @@ class NodeAgent:
         self._regions: dict[str, tuple[str, int]] = {}
         self._waiting_since: dict[str, float] = {}
         self._interrupted: dict[str, float] = {}  # lease id -> when its tasks were interrupted for overrunning
+        self.last_sample: NodeSample | None = None  # the last enforcement pass's, for the status view
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
         self.peak: dict[str, tuple[int, int, int]] = {}  # uuid -> most (MiB, cores, slices) ever held at once
@@ -299,7 +300,9 @@ class NodeAgent:
         """
         now = self._clock()
         out: list[SliceQuotaExceeded] = []
-        usages = self.sample().slices
+        sample = self.sample()
+        self.last_sample = sample
+        usages = sample.slices
         over = {u.lease_id for u in usages if self._watch.over(u)}
         for lease_id in [x for x in self._interrupted if x not in over]:
             del self._interrupted[lease_id]  # it let go: a later overrun is interrupted again first

@@ -126,6 +126,22 @@ class SliceRequest(_Frozen):
         percent = 100.0 if self.memory_percent is None else self.memory_percent
         return int(device_capacity_mib * percent / 100)
 
+    def describe(self) -> str:
+        """Short and human: ``"1 GPU x 4096 MiB, 25 % cores, A100"``."""
+        if self.memory_mib is not None:
+            memory = f"{self.memory_mib} MiB"
+        elif self.memory_percent is not None:
+            memory = f"{self.memory_percent:g} % memory"
+        else:
+            memory = "whole"
+        kind = "GPU" if self.vendor == DEFAULT_VENDOR else f"{self.vendor} device"
+        parts = [f"{self.count} {kind} x {memory}"]
+        if self.cores:
+            parts.append(f"{self.cores} % cores")
+        if self.include_types:
+            parts.append("/".join(self.include_types))
+        return ", ".join(parts)
+
     def shape(self) -> tuple[object, ...]:
         """A hashable key of everything placement depends on (caches and the FGD workload use it)."""
         return (

@@ -31,7 +31,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hami_ray.core.errors import HamiRayError
-from hami_ray.core.model import ClusterSnapshot, DeviceGrant, Lease, SliceRequest
+from hami_ray.core.model import DeviceGrant, Lease, SliceRequest
+from hami_ray.observe.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
+from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.fastpath import PlacementCalls
 from hami_ray.runtime.lanes import LaneClient, lanes_enabled
@@ -70,7 +72,7 @@ def _calls_or_raise() -> PlacementCalls:
 
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
          simulate_per_node: dict[str, str] | None = None, agent: dict[str, Any] | None = None,
-         **ray_kwargs: Any) -> None:
+         metrics_port: int | None = DEFAULT_METRICS_PORT, **ray_kwargs: Any) -> None:
     """Connect to Ray (or start a local one) and make sure the hami-ray actors run.
 
     Args:
@@ -81,6 +83,8 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         simulate_per_node: per Ray node id, its own simulation spec; a node started with
             ``$HAMI_RAY_NODE_SIMULATE`` in its environment uses that instead of ``simulate``.
         agent: node agent settings (``tolerance_mib``, ``grace_s``, ``reap_interval_s``).
+        metrics_port: where the placement actor serves Prometheus metrics on its node (HAMi's 9395;
+            0: any free port, see ``status()``; None: not served).
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
     """
     global _placement, _lanes, _calls
@@ -91,6 +95,7 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         "simulate_for": simulate_per_node or {},
         "state_root": state_root or os.path.join(tempfile.gettempdir(), f"hami-ray-{getpass.getuser()}"),
         "agent": agent or {},
+        "metrics_port": metrics_port,
     }
     _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
                                         get_if_exists=True).remote(config)
@@ -100,6 +105,32 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
     _calls = PlacementCalls(_placement)
     if _lanes is None and lanes_enabled():
         _lanes = LaneClient(_placement, str(config["state_root"]))
+
+
+class NotRunning(HamiRayError):
+    """No hami-ray placement actor runs on this Ray cluster."""
+
+    def __init__(self) -> None:
+        super().__init__("no hami-ray runs on this Ray cluster: start it with hami_ray.init() (or `hami-ray demo`)")
+
+
+def attach(address: str | None = "auto", **ray_kwargs: Any) -> None:
+    """Connect to a Ray cluster where hami-ray already runs, to look at it (``hami-ray status``): starts
+    nothing, and tasks submitted from here take the queue path.
+
+    Raises:
+        NotRunning: no placement actor on that cluster.
+    """
+    global _placement, _calls
+    if not ray.is_initialized():
+        ray.init(address=address, **ray_kwargs)
+    try:
+        _placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise NotRunning() from None
+    if _calls is not None:
+        _calls.close()
+    _calls = PlacementCalls(_placement)
 
 
 def shutdown() -> None:
@@ -252,16 +283,24 @@ def lease(**options: Any) -> Iterator[LeaseHandle]:
         calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)
 
 
-def status() -> ClusterSnapshot:
-    """The cluster's nodes, devices and live leases."""
-    data = ray.get(_handle().status.remote())
-    return ClusterSnapshot.model_validate(data["snapshot"])
+def status() -> ClusterStatus:
+    """The cluster as ``hami-ray status`` shows it: per node and device the allocation, the usage the
+    node actors last sampled and every slice with its owner; the summary (allocated and used memory,
+    fragmentation, queue), the waiting requests and why, and the live leases (``.leases``)."""
+    return status_from(ray.get(_handle().status.remote()))
 
 
 def lost_leases() -> list[Lease]:
     """The most recent leases (up to 100) whose node left the cluster while they were live."""
     data = ray.get(_handle().status.remote())
     return [Lease.model_validate(x) for x in data["lost"]]
+
+
+def metrics_address() -> tuple[str, int] | None:
+    """Where the placement actor serves ``/metrics`` (host, port), or None when it does not."""
+    data = ray.get(_handle().status.remote())
+    port = data.get("metrics_port")
+    return None if port is None else (str(data.get("host", "")), int(port))
 
 
 def queue_depth() -> int:
@@ -274,5 +313,5 @@ def check(**options: Any) -> None:
     ray.get(_handle().check.remote(request.model_dump(mode="json")))
 
 
-__all__ = ["init", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check", "lost_leases",
+__all__ = ["init", "attach", "NotRunning", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check", "lost_leases",
            "NotInitialized", "report_simulated_memory"]

@@ -23,6 +23,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
+from hami_ray.observe.metrics import StatusCollector
+from hami_ray.observe.metrics import serve as serve_metrics
+from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
 from hami_ray.wire import AsyncClient, AsyncServer, WireError
 from hami_ray.runtime.service import PlacementService, Waiter
@@ -46,11 +49,16 @@ class PlacementShell:
         self._actors: dict[str, Any] = {}
         self._start_env: dict[str, dict[str, str]] = {}  # per node: what a slice worker starts with
         self._outbox: dict[str, list[tuple[str, str]]] = {}  # per node: releases not told yet
+        self._usage: dict[str, Any] = {}  # per node: its node actor's last usage sample
+        self._actions: dict[str, dict[str, int]] = {}  # per node: enforcement action -> count
         self._requests: dict[str, SliceRequest] = {}  # parsed requests by their JSON (they repeat)
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
         self.decisions_ms: list[float] = []
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
+        self.metrics_port: int | None = None  # where /metrics is served, once it is
+        self._host = ""
+        self._view: ClusterStatus | None = None  # the status as of the last sync, for scrapes
         self._fast = AsyncServer({"acquire": self.acquire, "release": self.release, "ping": self.ping})
         self._wire: dict[str, AsyncClient] = {}  # per node: its node actor's fast path
 
@@ -65,16 +73,26 @@ class PlacementShell:
     async def _start(self) -> None:
         await self._sync_nodes()
         asyncio.get_running_loop().create_task(self._sync_forever())
+        host = self._host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         try:
-            await fastpath.serve(self._fast, ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+            await fastpath.serve(self._fast, host)
         except OSError as exc:  # no fast path: drivers fall back to Ray calls
             log.warning("placement fast path not started: %s", exc)
+        port = self.config.get("metrics_port")
+        if port is not None:
+            try:
+                _, self.metrics_port = serve_metrics(StatusCollector(lambda: self._view, lambda: self.decisions_ms),
+                                                     port=int(port), addr=self.config.get("metrics_bind") or host)
+            except OSError as exc:  # the port is taken: the cluster runs on, `hami-ray metrics serve` still works
+                log.warning("placement metrics not served on port %s: %s", port, exc)
 
     async def _sync_forever(self) -> None:
         while True:
             await asyncio.sleep(SYNC_S)
             try:
                 await self._sync_nodes()
+                if self.metrics_port is not None:  # what a scrape reads, built here on the actor's loop
+                    self._view = status_from(self._status())
             except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
                 log.exception("node sync failed")
 
@@ -108,6 +126,8 @@ class PlacementShell:
                 else:
                     info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                     self._follow_wire(node_id, info.get("wire"))
+                    self._usage[node_id] = info.get("usage")
+                    self._actions[node_id] = dict(info.get("enforcement", {}))
                     held = {x["lease_id"]: Lease.model_validate(x) for x in info["leases"]}
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
@@ -364,10 +384,21 @@ class PlacementShell:
 
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
         snap = self.svc.snapshot()
+        actions: dict[str, int] = {}
+        for counts in self._actions.values():
+            for action, n in counts.items():
+                actions[action] = actions.get(action, 0) + n
+        alive = set(self.svc.node_actor)
         return {"snapshot": snap.model_dump(mode="json"), "queue_depth": self.svc.queue_depth,
                 "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]],
-                "bound_retries": self.bound_retries, "pid": os.getpid()}
+                "bound_retries": self.bound_retries, "pid": os.getpid(), "host": self._host,
+                "usage": {n: u for n, u in self._usage.items() if n in alive},
+                "fragments": self.svc.fragments(), "waiting": self.svc.waiting(), "enforcement": actions,
+                "metrics_port": self.metrics_port}
 
     async def check(self, request: dict[str, Any]) -> None:
         """Raise now if the cluster could never hold ``request`` (InvalidRequest / Unschedulable)."""

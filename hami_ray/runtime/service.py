@@ -13,12 +13,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hami_ray.core.errors import InvalidRequest, Unschedulable
 from hami_ray.core.ledger import Ledger
 from hami_ray.core.model import ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
+from hami_ray.core.policies.fgd import FgdDevicePolicy
+from hami_ray.core.policies.workload import TargetWorkload
 from hami_ray.core.scheduler import Scheduler
 
 
@@ -55,6 +58,7 @@ class PlacementService:
         self._seq = itertools.count()
         self._cancelled: set[int] = set()
         self.lost: list[Lease] = []
+        self.workload = TargetWorkload()  # every request placed: what fragmentation is measured against
 
     # --- nodes -------------------------------------------------------------------------------
     def register_node(self, node: Node, actor_name: str, leases: Sequence[Lease] = ()) -> list[Lease]:
@@ -83,6 +87,7 @@ class PlacementService:
             InvalidRequest: the request can never be held by this cluster.
         """
         self.scheduler.observe(request)
+        self.workload.observe(request)
         allocation = self.scheduler.place(request)
         lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
                       token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at)
@@ -161,6 +166,24 @@ class PlacementService:
             free = sum(u.memory_capacity_mib - u.memory_mib for u in map(self.ledger.usage, uuids))
             found.append((-free, name, uuids))
         return [(name, uuids) for _, name, uuids in sorted(found)]
+
+    def fragments(self) -> dict[str, tuple[float, float]]:
+        """Per node, FGD's fragment amount and idle GPU share (milli) against the requests placed so far."""
+        return FgdDevicePolicy(self.workload).fragments(self.scheduler.view)
+
+    def waiting(self, limit: int = 10) -> list[dict[str, object]]:
+        """The first ``limit`` waiting requests in order, each with why it does not fit now."""
+        out: list[dict[str, object]] = []
+        now = time.time()
+        for waiter in sorted(w for w in self._queue if w.waiter_id not in self._cancelled)[:limit]:
+            try:
+                self.scheduler.place(waiter.request)
+                reason = "fits now: its turn is next"
+            except (Unschedulable, InvalidRequest) as exc:
+                reason = str(exc)
+            out.append({"owner": waiter.owner, "request": waiter.request.describe(), "priority": waiter.request.priority,
+                        "waited_s": round(max(0.0, now - waiter.sort_key[1]), 3), "reason": reason})
+        return out
 
     def snapshot(self) -> ClusterSnapshot:
         return self.ledger.snapshot()

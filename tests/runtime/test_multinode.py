@@ -69,7 +69,7 @@ def test_thousand_mixed_tasks_never_exceed_a_device(hami: RayCluster) -> None:
     refs = [shapes[i % 3].remote(0.002 * (i % 4)) for i in range(1000)]
     outs = ray.get(refs, timeout=600)
     node_of = {d.uuid: n.name for n in api.status().nodes for d in n.devices}
-    capacity = {d.uuid: (d.memory_capacity_mib, d.core_capacity) for n in api.status().nodes for d in n.devices}
+    capacity = {d.uuid: (d.memory_mib, d.core_capacity) for n in api.status().nodes for d in n.devices}
     events = []
     for out in outs:
         _check_isolation(out, node_of)

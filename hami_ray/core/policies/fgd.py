@@ -161,6 +161,17 @@ class FgdDevicePolicy:
         usable = self._usable(k, st.free_slot, st.mem_left, st.core_left, st.untouched)
         return fgd_fragment(k, st.share0, usable, st.cpu)
 
+    def fragments(self, view: ClusterView) -> dict[str, tuple[float, float]]:
+        """Per node of the view: (F_n, idle GPU share), both in milli-GPU; their sums give the paper's
+        fragmentation ratio (fragmented idle over idle)."""
+        idx = view.index
+        rows = np.nonzero(idx.alive)[0]
+        if rows.size == 0:
+            return {}
+        frag = self.fragment(view, rows)
+        idle = _RowState.of(view, rows).share0.sum(axis=1)
+        return {idx.names[int(r)]: (float(f), float(i)) for r, f, i in zip(rows, frag, idle)}
+
     @staticmethod
     def _score(grad: FloatArray, levels: float = 100.0) -> FloatArray:
         """The artifact's ``int64(sigmoid(dF / 1000) x 100)`` (``levels`` instead of 100); -inf stays -inf."""

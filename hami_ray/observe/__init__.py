@@ -1,0 +1,1 @@
+"""Operators' views of a hami-ray cluster: the status model, the rich view, the Prometheus exporter."""

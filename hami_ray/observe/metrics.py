@@ -1,0 +1,183 @@
+"""Prometheus metrics of a hami-ray cluster, with HAMi's names and labels where they mean the same thing.
+
+HAMi's scheduler (hami.md 4.1; const label ``zone="vGPU"``): ``hami_gpu_memory_limit_bytes``,
+``hami_gpu_core_limit_ratio``, ``hami_gpu_memory_allocated_bytes``, ``hami_gpu_shared_count``,
+``hami_gpu_core_allocated_ratio``, ``hami_node_gpu_overview``, ``hami_node_gpu_memory_allocated_ratio``,
+``hami_vgpu_memory_allocated_bytes``, ``hami_vgpu_core_allocated_ratio`` (a Ray slice fills HAMi's pod
+labels as ``namespace="ray"``, ``pod=<owner>``, ``container_index=<lease id>``). Its monitor (4.2):
+``hami_host_gpu_memory_used_bytes``, ``hami_host_gpu_utilization_ratio``, ``hami_vgpu_memory_used_bytes``,
+``hami_vgpu_memory_limit_bytes``. Ours, ``hami_ray_*``: per-slice allocated vs used, fragmentation, queue
+depth, leases by state, enforcement actions, lost leases, and the placement decision latency histogram.
+
+:class:`StatusCollector` reads whatever ``source()`` returns at scrape time (the placement actor's latest
+view, or one fetched over Ray by ``hami-ray metrics serve``); :func:`serve` starts the HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hami_ray.observe.model import ClusterStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9395  # HAMi's scheduler metrics port
+ZONE = {"zone": "vGPU"}
+MIB = 1024 * 1024
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
+DEVICE_LABELS = ("node", "device_uuid", "device_index", "device_type")
+SLICE_LABELS = ("namespace", "node", "pod", "container_index", "device_uuid")
+MONITOR_SLICE_LABELS = ("namespace", "pod", "container", "vdevice_index", "device_uuid")
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=[*labels, *ZONE])
+
+
+class StatusCollector(Collector):
+    """Collects from ``source()``: a ClusterStatus, or None (nothing is exported but the build info)."""
+
+    def __init__(self, source: Callable[[], ClusterStatus | None],
+                 decisions_ms: Callable[[], Iterable[float]] | None = None) -> None:
+        self.source = source
+        self.decisions_ms = decisions_ms
+
+    def collect(self) -> Iterator[Metric]:
+        build = _gauge("hami_build_info", "hami-ray build information.", ("version",))
+        build.add_metric([_version(), *ZONE.values()], 1)
+        yield build
+        try:
+            status = self.source()
+        except Exception:  # noqa: BLE001 - a scrape never fails on one bad fetch; it shows less
+            log.exception("metrics source failed")
+            status = None
+        if status is not None:
+            yield from self._cluster(status)
+        if self.decisions_ms is not None:
+            yield _histogram(list(self.decisions_ms()))
+
+    def _cluster(self, status: ClusterStatus) -> Iterator[Metric]:
+        z = list(ZONE.values())
+        mem_limit = _gauge("hami_gpu_memory_limit_bytes", "Device memory of a GPU.", DEVICE_LABELS)
+        core_limit = _gauge("hami_gpu_core_limit_ratio", "Compute of a GPU (percent units).", DEVICE_LABELS)
+        mem_alloc = GaugeMetricFamily("hami_gpu_memory_allocated_bytes", "Device memory allocated to slices.",
+                                      labels=["node", "device_uuid", "device_index", "device_cores", "device_type",
+                                              *ZONE])
+        shared = _gauge("hami_gpu_shared_count", "Slices on a GPU.", DEVICE_LABELS)
+        core_alloc = _gauge("hami_gpu_core_allocated_ratio", "Compute allocated to slices (percent units).",
+                            DEVICE_LABELS)
+        overview = GaugeMetricFamily("hami_node_gpu_overview", "Device memory allocated, with the device's limits.",
+                                     labels=["node", "device_uuid", "device_index", "device_cores",
+                                             "device_memory_limit", "device_type", *ZONE])
+        alloc_ratio = _gauge("hami_node_gpu_memory_allocated_ratio", "Allocated over total device memory (0-1).",
+                             DEVICE_LABELS)
+        used = _gauge("hami_host_gpu_memory_used_bytes", "Device memory in use, as the device reports it.",
+                      DEVICE_LABELS)
+        util = _gauge("hami_host_gpu_utilization_ratio", "Device compute utilisation (0-100).", DEVICE_LABELS)
+        healthy = _gauge("hami_ray_device_healthy", "1 when the device is healthy.", DEVICE_LABELS)
+        split = _gauge("hami_ray_device_split_slices", "Slices a GPU may hold at once.", DEVICE_LABELS)
+        vmem = _gauge("hami_vgpu_memory_allocated_bytes", "Device memory allocated to a slice.", SLICE_LABELS)
+        vcore = _gauge("hami_vgpu_core_allocated_ratio", "Compute allocated to a slice (percent).", SLICE_LABELS)
+        vused = _gauge("hami_vgpu_memory_used_bytes", "Device memory a slice's processes use.",
+                       MONITOR_SLICE_LABELS)
+        vlimit = _gauge("hami_vgpu_memory_limit_bytes", "Device memory limit of a slice.", MONITOR_SLICE_LABELS)
+        slice_alloc = _gauge("hami_ray_slice_memory_allocated_bytes", "Device memory allocated to a slice.",
+                             ("node", "device_uuid", "lease_id", "owner", "state"))
+        slice_used = _gauge("hami_ray_slice_memory_used_bytes", "Device memory a slice's processes use.",
+                            ("node", "device_uuid", "lease_id", "owner", "state"))
+        frag = _gauge("hami_ray_node_fragment_milli", "FGD's fragment amount of a node, milli-GPU.", ("node",))
+        states: Counter[str] = Counter()
+        for node in status.nodes:
+            frag.add_metric([node.name, *z], node.fragment_milli)
+            for d in node.devices:
+                dl = [node.name, d.uuid, str(d.index), d.model]
+                mem_limit.add_metric([*dl, *z], d.memory_mib * MIB)
+                core_limit.add_metric([*dl, *z], 100)
+                mem_alloc.add_metric([node.name, d.uuid, str(d.index), str(d.cores_allocated), d.model, *z],
+                                     d.memory_allocated_mib * MIB)
+                shared.add_metric([*dl, *z], d.slice_count)
+                core_alloc.add_metric([*dl, *z], d.cores_allocated)
+                overview.add_metric([node.name, d.uuid, str(d.index), str(d.cores_allocated),
+                                     str(d.memory_mib * MIB), d.model, *z], d.memory_allocated_mib * MIB)
+                alloc_ratio.add_metric([*dl, *z], d.memory_allocated_mib / d.memory_mib if d.memory_mib else 0.0)
+                healthy.add_metric([*dl, *z], 1 if d.healthy else 0)
+                split.add_metric([*dl, *z], d.split_count)
+                if d.memory_used_mib is not None:
+                    used.add_metric([*dl, *z], d.memory_used_mib * MIB)
+                if d.utilization is not None:
+                    util.add_metric([*dl, *z], d.utilization)
+                for s in d.slices:
+                    sl = ["ray", node.name, s.owner, s.lease_id, d.uuid]
+                    ml = ["ray", s.owner, s.lease_id, str(d.index), d.uuid]
+                    vmem.add_metric([*sl, *z], s.memory_mib * MIB)
+                    vcore.add_metric([*sl, *z], s.cores)
+                    vlimit.add_metric([*ml, *z], s.memory_mib * MIB)
+                    own = [node.name, d.uuid, s.lease_id, s.owner, s.state]
+                    slice_alloc.add_metric([*own, *z], s.memory_mib * MIB)
+                    if s.memory_used_mib is not None:
+                        vused.add_metric([*ml, *z], s.memory_used_mib * MIB)
+                        slice_used.add_metric([*own, *z], s.memory_used_mib * MIB)
+        for lease in status.leases:
+            states[str(lease.state.value)] += 1
+        yield from (mem_limit, core_limit, mem_alloc, shared, core_alloc, overview, alloc_ratio, used, util,
+                    healthy, split, vmem, vcore, vused, vlimit, slice_alloc, slice_used, frag)
+        total = status.summary
+        fragmentation = _gauge("hami_ray_cluster_fragmentation_ratio",
+                               "Fragmented idle GPU share over idle GPU share (FGD), 0-1.", ())
+        fragmentation.add_metric(z, total.fragmentation)
+        queue = _gauge("hami_ray_queue_depth", "Requests waiting for a slice.", ())
+        queue.add_metric(z, total.queue_depth)
+        leases = _gauge("hami_ray_leases", "Live leases by state.", ("state",))
+        for state in ("reserved", "active"):
+            leases.add_metric([state, *z], states.get(state, 0))
+        lost = _gauge("hami_ray_leases_lost", "Leases lost with their node (the last 100 kept).", ())
+        lost.add_metric(z, len(status.lost))
+        enforced = CounterMetricFamily("hami_ray_enforcement_actions", "Slices stopped for overrunning memory.",
+                                       labels=["action", *ZONE])
+        for action in ("interrupted", "killed"):
+            enforced.add_metric([action, *z], status.enforcement.get(action, 0))
+        cluster = _gauge("hami_ray_cluster_memory_bytes", "Device memory of the cluster by kind.", ("kind",))
+        cluster.add_metric(["capacity", *z], total.memory_mib * MIB)
+        cluster.add_metric(["allocated", *z], total.memory_allocated_mib * MIB)
+        cluster.add_metric(["used", *z], total.memory_used_mib * MIB)
+        yield from (fragmentation, queue, leases, lost, enforced, cluster)
+
+
+def _version() -> str:
+    try:
+        return version("hami-ray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _histogram(samples_ms: list[float]) -> HistogramMetricFamily:
+    """Placement decision latency over the recent decisions (the placement actor keeps the last 10,000)."""
+    buckets = []
+    for bound in LATENCY_BUCKETS_MS:
+        buckets.append((str(bound / 1000), sum(1 for x in samples_ms if x <= bound)))
+    buckets.append(("+Inf", len(samples_ms)))
+    hist = HistogramMetricFamily("hami_ray_placement_decision_seconds",
+                                 "Time to place one request (recent decisions).", labels=list(ZONE))
+    hist.add_metric(list(ZONE.values()), buckets, sum(samples_ms) / 1000)
+    return hist
+
+
+def registry(collector: StatusCollector) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    return reg
+
+
+def serve(collector: StatusCollector, port: int = DEFAULT_PORT, addr: str = "0.0.0.0") -> tuple[object, int]:  # noqa: S104
+    """Serve ``/metrics`` on ``addr:port`` (port 0: any free one) from a thread; returns (server, port)."""
+    server, thread = start_http_server(port, addr=addr, registry=registry(collector))
+    del thread
+    return server, int(server.server_address[1])

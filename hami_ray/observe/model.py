@@ -1,0 +1,185 @@
+"""What operators see: the cluster's status as one plain model, built from the ledger's snapshot, the
+node actors' usage samples, the queue and FGD's fragmentation; rendered by :mod:`hami_ray.observe.view`,
+exported by :mod:`hami_ray.observe.metrics`, printed by ``hami-ray status --json``.
+
+Pure data and arithmetic (no Ray): the placement actor hands over the inputs as plain dicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from hami_ray.core.model import ClusterSnapshot, Lease
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SliceStatus(_Model):
+    """One lease's part of one device: its owner, limits and what its processes use there."""
+
+    lease_id: str
+    owner: str
+    state: str
+    memory_mib: int
+    cores: int
+    memory_used_mib: int | None = None  # None: not sampled (yet)
+    pids: tuple[int, ...] = ()
+
+
+class DeviceStatus(_Model):
+    uuid: str
+    index: int
+    model: str
+    vendor: str
+    healthy: bool
+    memory_mib: int  # capacity (after the node's memory scaling)
+    memory_allocated_mib: int
+    memory_used_mib: int | None  # what the device reports; None: not sampled
+    core_capacity: int  # percent units (100 per device, after the node's core scaling)
+    cores_allocated: int
+    utilization: int | None  # percent of compute in use; None: not sampled
+    slice_count: int
+    split_count: int
+    slices: tuple[SliceStatus, ...] = ()
+
+
+class NodeStatus(_Model):
+    name: str
+    devices: tuple[DeviceStatus, ...]
+    fragment_milli: float = 0.0  # FGD's F_n against the requests seen so far, milli-GPU
+    idle_milli: float = 0.0
+
+
+class Waiting(_Model):
+    """A request in the queue: who asked, for what, and why it does not fit now."""
+
+    owner: str
+    request: str
+    priority: int
+    waited_s: float
+    reason: str
+
+
+class Summary(_Model):
+    nodes: int
+    devices: int
+    healthy_devices: int
+    memory_mib: int
+    memory_allocated_mib: int
+    memory_used_mib: int
+    sampled_devices: int
+    leases: int
+    queue_depth: int
+    fragmentation: float  # fragmented idle GPU share over idle GPU share (the FGD paper's ratio), 0-1
+
+    @property
+    def allocated_ratio(self) -> float:
+        return self.memory_allocated_mib / self.memory_mib if self.memory_mib else 0.0
+
+    @property
+    def used_ratio(self) -> float:
+        return self.memory_used_mib / self.memory_mib if self.memory_mib else 0.0
+
+
+class ClusterStatus(_Model):
+    """Everything ``hami-ray status`` shows. ``leases`` are the ledger's (for scripts that want them)."""
+
+    taken_at: float
+    summary: Summary
+    nodes: tuple[NodeStatus, ...]
+    leases: tuple[Lease, ...] = ()
+    waiting: tuple[Waiting, ...] = ()
+    lost: tuple[Lease, ...] = ()
+    enforcement: Mapping[str, int] = {}  # action ("interrupted", "killed") -> count since the node actors started
+
+    def node(self, name: str) -> NodeStatus:
+        return next(n for n in self.nodes if n.name == name)
+
+    def device(self, uuid: str) -> DeviceStatus:
+        return next(d for n in self.nodes for d in n.devices if d.uuid == uuid)
+
+
+def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None = None, queue_depth: int = 0,
+                 waiting: Sequence[Mapping[str, Any]] = (), fragments: Mapping[str, tuple[float, float]] | None = None,
+                 lost: Sequence[Lease] = (), enforcement: Mapping[str, int] | None = None,
+                 taken_at: float | None = None) -> ClusterStatus:
+    """The status of a cluster.
+
+    Args:
+        snapshot: the ledger's nodes and live leases.
+        usage: per node, its node actor's last sample: ``{"devices": [{"uuid", "used_mib",
+            "utilization"}], "slices": [{"lease_id", "uuid", "used_mib"}]}``; missing nodes are unsampled.
+        queue_depth: requests waiting.
+        waiting: the first waiting requests (``owner``, ``request``, ``priority``, ``waited_s``, ``reason``).
+        fragments: per node, ``(F_n, idle)`` in milli-GPU.
+        lost: leases lost with their nodes.
+        enforcement: action -> count.
+    """
+    usage = usage or {}
+    fragments = fragments or {}
+    device_used: dict[str, tuple[int, int]] = {}
+    slice_used: dict[tuple[str, str], int] = {}
+    for sample in usage.values():
+        for d in (sample or {}).get("devices", ()):
+            device_used[str(d["uuid"])] = (int(d["used_mib"]), int(d.get("utilization", 0)))
+        for s in (sample or {}).get("slices", ()):
+            slice_used[(str(s["lease_id"]), str(s["uuid"]))] = int(s["used_mib"])
+    by_device: dict[str, list[SliceStatus]] = {}
+    for lease in snapshot.leases:
+        for grant in lease.allocation.devices:
+            by_device.setdefault(grant.uuid, []).append(SliceStatus(
+                lease_id=lease.lease_id, owner=lease.owner, state=str(lease.state.value), memory_mib=grant.memory_mib,
+                cores=grant.cores, memory_used_mib=slice_used.get((lease.lease_id, grant.uuid)), pids=lease.pids))
+    nodes = []
+    for node in snapshot.nodes:
+        devices = []
+        for dev in node.devices:
+            held = by_device.get(dev.uuid, [])
+            used = device_used.get(dev.uuid)
+            devices.append(DeviceStatus(
+                uuid=dev.uuid, index=dev.index, model=dev.model, vendor=dev.vendor, healthy=dev.healthy,
+                memory_mib=dev.memory_capacity_mib, memory_allocated_mib=sum(s.memory_mib for s in held),
+                memory_used_mib=None if used is None else used[0], core_capacity=dev.core_capacity,
+                cores_allocated=sum(s.cores for s in held),
+                utilization=None if used is None else used[1], slice_count=len(held), split_count=dev.split_count,
+                slices=tuple(held)))
+        frag, idle = fragments.get(node.name, (0.0, 0.0))
+        nodes.append(NodeStatus(name=node.name, devices=tuple(devices), fragment_milli=frag, idle_milli=idle))
+    all_devices = [d for n in nodes for d in n.devices]
+    sampled = [d for d in all_devices if d.memory_used_mib is not None]
+    idle_total = sum(n.idle_milli for n in nodes)
+    summary = Summary(
+        nodes=len(nodes), devices=len(all_devices), healthy_devices=sum(d.healthy for d in all_devices),
+        memory_mib=sum(d.memory_mib for d in all_devices),
+        memory_allocated_mib=sum(d.memory_allocated_mib for d in all_devices),
+        memory_used_mib=sum(d.memory_used_mib or 0 for d in sampled), sampled_devices=len(sampled),
+        leases=len(snapshot.leases), queue_depth=queue_depth,
+        fragmentation=sum(n.fragment_milli for n in nodes) / idle_total if idle_total else 0.0)
+    return ClusterStatus(taken_at=time.time() if taken_at is None else taken_at, summary=summary, nodes=tuple(nodes),
+                         leases=snapshot.leases, waiting=tuple(Waiting(**w) for w in waiting), lost=tuple(lost),
+                         enforcement=dict(enforcement or {}))
+
+
+def status_json(status: ClusterStatus) -> dict[str, Any]:
+    """The snapshot for scripts (``hami-ray status --json``): nodes with their devices and slices, the
+    summary, the waiting requests; tokens left out."""
+    out = status.model_dump(mode="json", exclude={"leases", "lost"})
+    out["summary"]["allocated_ratio"] = round(status.summary.allocated_ratio, 4)
+    out["summary"]["used_ratio"] = round(status.summary.used_ratio, 4)
+    out["lost"] = [{"lease_id": x.lease_id, "owner": x.owner, "node": x.allocation.node} for x in status.lost]
+    return out
+
+
+def status_from(data: Mapping[str, Any]) -> ClusterStatus:
+    """The status from the placement actor's ``status()`` answer."""
+    return build_status(
+        ClusterSnapshot.model_validate(data["snapshot"]), usage=data.get("usage"),
+        queue_depth=int(data.get("queue_depth", 0)), waiting=data.get("waiting", ()),
+        fragments={k: (float(v[0]), float(v[1])) for k, v in (data.get("fragments") or {}).items()},
+        lost=[Lease.model_validate(x) for x in data.get("lost", ())], enforcement=data.get("enforcement"))

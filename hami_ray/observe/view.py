@@ -1,0 +1,159 @@
+"""The status view (``hami-ray status``): a rich rendering of :class:`~hami_ray.observe.model.ClusterStatus`.
+
+From the top: the cluster summary (devices, allocated and used memory as bars, FGD fragmentation, leases,
+queue), the waiting requests and why they wait, then per node its devices: model, memory allocated
+(``▓``) and used (``█``) against capacity, cores allocated and utilisation, slices against the split
+count, health, and under each device its slices with owner, limits and usage. Readable at 80 columns;
+a large cluster is summarised by device model and shown a page of nodes at a time (busiest first),
+``node``/``device`` narrow it to one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from hami_ray.observe.model import ClusterStatus, DeviceStatus, NodeStatus
+
+PER_PAGE = 20  # nodes per page
+SHOW_SLICES = 8  # slices listed under one device (the rest counted)
+
+
+def bar(allocated: float, used: float | None, width: int) -> Text:
+    """``width`` cells: used ``█`` within allocated ``▓``, free ``░`` (fractions of capacity, 0-1)."""
+    a = min(width, round(max(0.0, allocated) * width))
+    u = min(width, round(max(0.0, used or 0.0) * width))
+    text = Text()
+    text.append("█" * min(u, width), style="magenta")
+    text.append("▓" * max(0, a - u), style="cyan")
+    text.append("░" * max(0, width - max(a, u)), style="grey50")
+    return text
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _gib(mib: int | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.0f}" if mib >= 10240 else f"{mib / 1024:.1f}"
+
+
+def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, device: str | None = None,
+           page: int = 0, per_page: int = PER_PAGE) -> RenderableType:
+    """The whole view for a terminal ``width`` columns wide."""
+    bar_w = 10 if width < 100 else 20
+    parts: list[RenderableType] = [_summary(status, bar_w)]
+    if status.waiting:
+        parts.append(_waiting(status, width))
+    nodes = list(status.nodes)
+    if device is not None:
+        nodes = [n.model_copy(update={"devices": tuple(d for d in n.devices if d.uuid.startswith(device))})
+                 for n in nodes]
+        nodes = [n for n in nodes if n.devices]
+    if node is not None:
+        nodes = [n for n in nodes if n.name.startswith(node)]
+    if not nodes:
+        parts.append(Text("no nodes match" if (node or device) else "no nodes yet: no node actor has registered",
+                          style="yellow"))
+        return Group(*parts)
+    if len(nodes) > per_page:
+        parts.append(_by_model(nodes, bar_w))
+        nodes.sort(key=lambda n: (-sum(d.memory_allocated_mib for d in n.devices), n.name))
+        pages = (len(nodes) + per_page - 1) // per_page
+        page = max(0, min(page, pages - 1))
+        shown = nodes[page * per_page:(page + 1) * per_page]
+        parts.extend(_node(n, bar_w, slices=False) for n in shown)
+        parts.append(Text(f"page {page + 1}/{pages} of {len(nodes)} nodes, busiest first "
+                          "(--page K, --node NAME, --device UUID, or --json for all)", style="dim"))
+        return Group(*parts)
+    parts.extend(_node(n, bar_w, slices=True) for n in nodes)
+    return Group(*parts)
+
+
+def _summary(status: ClusterStatus, bar_w: int) -> RenderableType:
+    s = status.summary
+    head = Text()
+    head.append("hami-ray", style="bold")
+    head.append(f"  {s.nodes} nodes · {s.devices} devices")
+    if s.healthy_devices != s.devices:
+        head.append(f" ({s.devices - s.healthy_devices} unhealthy)", style="red")
+    head.append(f" · {s.leases} leases · queue {s.queue_depth}")
+    if status.lost:
+        head.append(f" · {len(status.lost)} lost", style="red")
+    acted = ", ".join(f"{n} {a}" for a, n in sorted(status.enforcement.items()) if n)
+    if acted:
+        head.append(f" · enforced: {acted}", style="yellow")
+    line = Text("memory  allocated ")
+    line.append_text(bar(s.allocated_ratio, None, bar_w))
+    line.append(f" {_pct(s.allocated_ratio)}  used ")
+    line.append_text(bar(0.0, s.used_ratio, bar_w))
+    line.append(f" {_pct(s.used_ratio)}")
+    if s.sampled_devices < s.devices:
+        line.append(f" ({s.sampled_devices}/{s.devices} sampled)", style="dim")
+    line.append(f"  fragmentation {_pct(s.fragmentation)}")
+    return Group(head, line)
+
+
+def _waiting(status: ClusterStatus, width: int) -> RenderableType:
+    table = Table(title=f"waiting ({status.summary.queue_depth})", title_justify="left", expand=False,
+                  show_edge=False, pad_edge=False)
+    table.add_column("owner", overflow="ellipsis", max_width=24, no_wrap=True)
+    table.add_column("request", overflow="ellipsis", max_width=28, no_wrap=True)
+    table.add_column("s", justify="right")
+    table.add_column("why", overflow="ellipsis", no_wrap=True, max_width=max(20, width - 64))
+    for w in status.waiting[:5]:
+        table.add_row(w.owner, w.request, f"{w.waited_s:.0f}", w.reason)
+    return table
+
+
+def _by_model(nodes: list[NodeStatus], bar_w: int) -> RenderableType:
+    agg: dict[str, list[DeviceStatus]] = defaultdict(list)
+    for n in nodes:
+        for d in n.devices:
+            agg[d.model].append(d)
+    table = Table(title="by model", title_justify="left", show_edge=False, pad_edge=False)
+    for col, justify in (("model", "left"), ("devices", "right"), ("allocated", "left"), ("", "right"),
+                         ("used", "right"), ("slices", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for model, devs in sorted(agg.items()):
+        cap = sum(d.memory_mib for d in devs) or 1
+        alloc = sum(d.memory_allocated_mib for d in devs) / cap
+        sampled = [d for d in devs if d.memory_used_mib is not None]
+        used = sum(d.memory_used_mib or 0 for d in sampled) / cap
+        table.add_row(model, str(len(devs)), bar(alloc, None, bar_w), _pct(alloc),
+                      _pct(used) if sampled else "-", str(sum(d.slice_count for d in devs)))
+    return table
+
+
+def _node(node: NodeStatus, bar_w: int, *, slices: bool) -> RenderableType:
+    frag = f"  frag {node.fragment_milli:.0f}/{node.idle_milli:.0f} milli idle" if node.idle_milli else ""
+    table = Table(title=f"node {node.name[:16]}{'…' if len(node.name) > 16 else ''}{frag}", title_justify="left",
+                  show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("memory ▓alloc █used", no_wrap=True)
+    table.add_column("GiB", justify="right", no_wrap=True)
+    table.add_column("cores", justify="right", no_wrap=True)
+    table.add_column("slices", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for d in node.devices:
+        cap = d.memory_mib or 1
+        used = None if d.memory_used_mib is None else d.memory_used_mib / cap
+        util = "" if d.utilization is None else f" u{d.utilization}"
+        table.add_row(str(d.index), d.model.removeprefix("NVIDIA "), bar(d.memory_allocated_mib / cap, used, bar_w),
+                      f"{_gib(d.memory_allocated_mib)}/{_gib(d.memory_used_mib)}/{_gib(d.memory_mib)}",
+                      f"{d.cores_allocated}{util}", f"{d.slice_count}/{d.split_count}",
+                      Text("ok", style="green") if d.healthy else Text("SICK", style="bold red"))
+        if not slices:
+            continue
+        for s in d.slices[:SHOW_SLICES]:
+            over = s.memory_used_mib is not None and s.memory_used_mib > s.memory_mib
+            table.add_row("", Text(f"└ {s.owner}", style="dim"), Text(f"…{s.lease_id[-6:]} {s.state}", style="dim"),
+                          Text(f"{_gib(s.memory_mib)}/{_gib(s.memory_used_mib)}", style="red" if over else "dim"),
+                          Text(f"{s.cores}", style="dim"), "", "")
+        if len(d.slices) > SHOW_SLICES:
+            table.add_row("", Text(f"└ … {len(d.slices) - SHOW_SLICES} more", style="dim"), "", "", "", "", "")
+    return table

@@ -1,0 +1,99 @@
+"""The status view rendered to a string console at 80 and 140 columns, for an empty cluster, a busy
+one and one of 1,000 nodes; the figures shown are checked against the ledger they came from."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+from hami_ray.core.model import SliceRequest
+from hami_ray.observe.model import build_status, status_json
+from hami_ray.observe.view import render
+from hami_ray.runtime.service import PlacementService
+from tests.core.builders import NodeBuilder
+
+
+def _text(renderable: object, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+    console.print(renderable)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def _busy() -> tuple[PlacementService, dict[str, object]]:
+    svc = PlacementService()
+    svc.register_node(NodeBuilder("node-a").gpus(2, "80GiB", "NVIDIA A100-SXM4-80GB").build(), "a")
+    svc.register_node(NodeBuilder("node-b").gpus(1, "16GiB", "Tesla T4").build(), "b")
+    for owner, mem, cores in (("task:infer", 20480, 25), ("actor:Model", 40960, 50), ("task:train", 8192, 0)):
+        plan = svc.plan(SliceRequest(memory_mib=mem, cores=cores), owner, 1.0)
+        svc.confirm(plan.lease)
+    infer = next(x for x in svc.snapshot().leases if x.owner == "task:infer")
+    first = infer.allocation.devices[0]
+    usage = {"node-a": {"devices": [{"uuid": first.uuid, "used_mib": 30000, "utilization": 40}],
+                        "slices": [{"lease_id": infer.lease_id, "uuid": first.uuid, "used_mib": 25000}]}}
+    return svc, usage
+
+
+@pytest.mark.parametrize("width", [80, 140])
+def test_an_empty_cluster(width: int) -> None:
+    out = _text(render(build_status(PlacementService().snapshot()), width=width), width)
+    assert "0 nodes · 0 devices · 0 leases · queue 0" in out
+    assert "no nodes yet" in out
+    assert max(len(line) for line in out.splitlines()) <= width
+
+
+@pytest.mark.parametrize("width", [80, 140])
+def test_a_busy_cluster_shows_what_the_ledger_holds(width: int) -> None:
+    svc, usage = _busy()
+    snap = svc.snapshot()
+    status = build_status(snap, usage=usage, fragments=svc.fragments(), queue_depth=0)
+    out = _text(render(status, width=width), width)
+    assert max(len(line) for line in out.splitlines()) <= width
+    assert "2 nodes · 3 devices · 3 leases · queue 0" in out
+    for lease in snap.leases:
+        assert lease.owner in out and lease.lease_id[-6:] in out
+    allocated = sum(g.memory_mib for x in snap.leases for g in x.allocation.devices)
+    capacity = sum(d.memory_capacity_mib for n in snap.nodes for d in n.devices)
+    assert re.search(rf"allocated \S+ {round(100 * allocated / capacity)}%", out)
+    assert status.summary.memory_allocated_mib == allocated
+    assert status.summary.memory_used_mib == 30000 and status.summary.sampled_devices == 1
+    assert "20/24" in out  # the sampled slice: 20 GiB allocated, 24 GiB (25000 MiB) used
+    for node in snap.nodes:
+        for d in node.devices:
+            held = [g for x in snap.leases for g in x.allocation.devices if g.uuid == d.uuid]
+            assert status.device(d.uuid).memory_allocated_mib == sum(g.memory_mib for g in held)
+            assert status.device(d.uuid).slice_count == len(held)
+            assert f"{len(held)}/{d.split_count}" in out
+
+
+def test_a_thousand_nodes_are_summarised_and_paged() -> None:
+    svc = PlacementService()
+    for i in range(1000):
+        svc.register_node(NodeBuilder(f"n{i:04d}").gpus(8, "80GiB", "NVIDIA A100-SXM4-80GB").build(), f"a{i}")
+    for _ in range(50):
+        svc.confirm(svc.plan(SliceRequest(count=2, memory_mib=40960), "task:big", 1.0).lease)
+    status = build_status(svc.snapshot(), fragments=svc.fragments())
+    for width in (80, 140):
+        out = _text(render(status, width=width), width)
+        lines = out.splitlines()
+        assert len(lines) < 300 and max(len(line) for line in lines) <= width
+        assert "1000 nodes · 8000 devices · 50 leases" in out
+        assert "by model" in out and "page 1/50 of 1000 nodes" in out
+        busiest = max(status.nodes, key=lambda n: sum(d.memory_allocated_mib for d in n.devices))
+        assert f"node {busiest.name}" in out
+    one = _text(render(status, width=80, node="n0999"), 80)
+    assert "node n0999" in one and "page" not in one
+
+
+def test_json_has_what_scripts_need() -> None:
+    svc, usage = _busy()
+    data = status_json(build_status(svc.snapshot(), usage=usage))
+    node = data["nodes"][0]
+    device = node["devices"][0]
+    for key in ("uuid", "model", "memory_mib", "memory_allocated_mib", "memory_used_mib", "cores_allocated", "slices"):
+        assert key in device
+    assert {"lease_id", "owner", "memory_mib", "cores"} <= set(device["slices"][0])
+    assert "token" not in str(data)
+    assert data["summary"]["devices"] == 3
