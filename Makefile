@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRACES := ../shared/traces/openb-v2023
 
-.PHONY: demo test test-fast lint tools simulate bench clean
+.PHONY: demo test test-fast lint tools k8s-bin k8s-up k8s-down simulate bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/hami-ray demo
 
-test: $(STAMP) lint tools
+test: $(STAMP) lint tools k8s-bin
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # promtool and a Prometheus server for the metrics tests: Debian's prometheus package
@@ -32,6 +32,26 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy hami_ray/core
+
+# the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
+K8S_BIN := .k8s/bin/hami-k8s-cluster
+K8S_SRC := $(wildcard tests/k8s/cluster/*.go) tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
+k8s-bin: $(K8S_BIN)
+$(K8S_BIN): $(K8S_SRC)
+	@mkdir -p .k8s/bin
+	cd tests/k8s/cluster && go build -o ../../../$(K8S_BIN) .
+
+k8s-up: $(K8S_BIN)
+	@mkdir -p .k8s/state
+	@if [ -f .k8s/cluster.pid ] && kill -0 $$(cat .k8s/cluster.pid) 2>/dev/null; then echo "already up"; else \
+		rm -f .k8s/state/kubeconfig; nohup $(K8S_BIN) -dir .k8s/state > .k8s/cluster.log 2>&1 & echo $$! > .k8s/cluster.pid; \
+		for i in $$(seq 1 240); do [ -f .k8s/state/kubeconfig ] && break; sleep 1; done; \
+		cp .k8s/state/kubeconfig .k8s/kubeconfig && echo "up: KUBECONFIG=.k8s/kubeconfig"; fi
+
+k8s-down:
+	@if [ -f .k8s/cluster.pid ]; then pid=$$(cat .k8s/cluster.pid); kill $$pid 2>/dev/null || true; \
+		for i in $$(seq 1 60); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+		rm -f .k8s/cluster.pid; echo "down"; fi
 
 simulate: $(STAMP)
 	$(BIN)/hami-ray simulate --seeds 10 --policies random,dotprod,clustering,packing,bestfit,fgd,default \

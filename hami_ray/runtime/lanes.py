@@ -124,8 +124,6 @@ class LaneClient:
         lane = self._lane_for(key, request, owner)
         if lane is None:
             return None
-        if lane.busy_since is None:
-            lane.busy_since = time.monotonic()
         try:
             if lane.request is not None:
                 ref = lane.worker.run_pending.remote(fn_id, [fn_ref], lane.request, owner, lane.submitted, *args,
@@ -145,8 +143,7 @@ class LaneClient:
                 return None
             best = self._usable(key, now)
             if best is not None and best.in_flight == 0:
-                best.in_flight += 1
-                return best
+                return self._take(best)
             may_open = now >= self._refused_until.get(key, 0.0)
         if may_open:
             lane = self._open(key, request, owner)
@@ -158,9 +155,16 @@ class LaneClient:
         with self._lock:
             best = self._usable(key, time.monotonic())
             if best is not None and best.in_flight < self.depth(key):
-                best.in_flight += 1
-                return best
+                return self._take(best)
         return self._pending(key, request)
+
+    @staticmethod
+    def _take(lane: Lane) -> Lane:
+        """One more task for ``lane`` (under the lock)."""
+        lane.in_flight += 1
+        if lane.busy_since is None:
+            lane.busy_since = time.monotonic()
+        return lane
 
     def _pending(self, key: str, request: dict[str, Any]) -> Lane | None:
         """A lane that waits for its slice: the newest of this shape while it has room (or when there
@@ -170,8 +174,7 @@ class LaneClient:
             pending = [x for x in self._lanes.get(key, ()) if x.request is not None and not x.dead]
             last = pending[-1] if pending else None
             if last is not None and (last.in_flight < self.depth(key) or len(pending) >= MAX_PENDING):
-                last.in_flight += 1
-                return last
+                return self._take(last)
         nodes = self._lane_nodes(key, request)
         if not nodes:
             return None  # nothing could hold it, or no answer: the queue path says why
@@ -180,7 +183,7 @@ class LaneClient:
         pool_key = (node, json.dumps(start, sort_keys=True))
         worker = self._worker(pool_key, None, node, start)
         lane = Lane(key, None, None, None, worker, pool_key, time.monotonic(), in_flight=1,
-                    request={**request, "include_uuids": uuids}, submitted=time.time())
+                    busy_since=time.monotonic(), request={**request, "include_uuids": uuids}, submitted=time.time())
         with self._lock:
             self._lanes.setdefault(key, []).append(lane)
             self.stats.pending += 1
@@ -228,7 +231,7 @@ class LaneClient:
         pool_key = (node, json.dumps(start, sort_keys=True))
         worker = self._worker(pool_key, json.dumps(env, sort_keys=True), node, start)
         lane = Lane(key, grant, slice_meta(grant, grant["state_root"]), env, worker, pool_key, time.monotonic(),
-                    in_flight=1)
+                    in_flight=1, busy_since=time.monotonic())
         with self._lock:
             self._lanes.setdefault(key, []).append(lane)
             self.stats.opened += 1
