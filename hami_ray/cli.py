@@ -289,6 +289,54 @@ def metrics_serve(
         pass
 
 
+k8s_app = typer.Typer(help="Kubernetes: hami-ray as hami-scheduler for pods.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("scheduler")
+def k8s_scheduler(
+    kubeconfig: Path | None = typer.Option(None, help="kubeconfig (default: in-cluster, else ~/.kube/config)"),
+    scheduler_name: str = typer.Option("hami-scheduler", help="schedule the pods with this schedulerName"),
+    inventory: str = typer.Option("annotations", help="devices from HAMi's node register annotations"),
+    once: bool = typer.Option(False, "--once", help="one pass, then exit"),
+) -> None:
+    """Place and bind pending pods with HAMi's annotations (RBAC: deploy/k8s/rbac.yaml)."""
+    import threading  # noqa: PLC0415
+
+    from kubernetes import config  # noqa: PLC0415
+
+    from hami_ray.k8s.scheduler import PodScheduler  # noqa: PLC0415
+
+    if inventory != "annotations":
+        console.print("[red]only --inventory annotations so far; the Ray placement actor as inventory comes next[/]")
+        raise typer.Exit(2)
+    try:
+        if kubeconfig is not None:
+            api = config.new_client_from_config(config_file=str(kubeconfig))
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            from kubernetes import client  # noqa: PLC0415
+
+            api = client.ApiClient()
+    except (OSError, config.ConfigException) as exc:
+        console.print(f"[red]no Kubernetes configuration: {exc}[/]")
+        raise typer.Exit(1) from None
+    sched = PodScheduler(api, scheduler_name=scheduler_name)
+    if once:
+        stats = sched.run_once()
+        console.print(f"bound {stats.bound}, unschedulable {stats.unschedulable}, invalid {stats.invalid}, "
+                      f"released {stats.released}, nodes skipped {len(stats.skipped_nodes)}")
+        return
+    stop = threading.Event()
+    try:
+        sched.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
 def main() -> None:
     app()
 

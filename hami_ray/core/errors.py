@@ -121,7 +121,7 @@ class Unschedulable(TemporaryError):
     """No node can hold the request now.
 
     The message reads like kube-scheduler's:
-    ``0/1213 nodes available: 800 insufficient device memory, 413 device type mismatch``.
+    ``0/1213 nodes are available: 800 insufficient device memory, 413 device type mismatch``.
     ``reasons`` maps a reason (a :class:`hami_ray.core.verdict.Reason` value) to the number of nodes
     that failed for it; ``never`` is true when no node could hold it even when empty.
     """
@@ -131,7 +131,7 @@ class Unschedulable(TemporaryError):
         self.reasons = dict(reasons)
         self.never = never
         parts = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
-        msg = f"0/{total_nodes} nodes available"
+        msg = f"0/{total_nodes} nodes are available"
         if parts:
             msg += f": {parts}"
         if never:

@@ -2,7 +2,7 @@
 
 Not fitting is a result, not an exception, until the scheduler has looked at every node; then
 :func:`unschedulable` turns the counts into :class:`Unschedulable`
-("0/1213 nodes available: 800 insufficient device memory, 413 device type mismatch").
+("0/1213 nodes are available: 800 insufficient device memory, 413 device type mismatch").
 """
 
 from __future__ import annotations

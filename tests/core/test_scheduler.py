@@ -46,7 +46,7 @@ def test_message_counts_reasons_like_kube_scheduler() -> None:
     with pytest.raises(Unschedulable) as info:
         sched(ledger).place(request)
     exc = info.value
-    assert str(exc) == "0/3 nodes available: 2 insufficient device memory, 1 device type mismatch"
+    assert str(exc) == "0/3 nodes are available: 2 insufficient device memory, 1 device type mismatch"
     assert exc.reasons == {"insufficient device memory": 2, "device type mismatch": 1}
     assert exc.total_nodes == 3 and exc.never is False
     assert isinstance(exc, TemporaryError)
@@ -55,9 +55,9 @@ def test_message_counts_reasons_like_kube_scheduler() -> None:
 def test_reason_ties_sort_by_name_and_never_is_spelled_out() -> None:
     exc = unschedulable(4, [Reason.TYPE_MISMATCH, Reason.INSUFFICIENT_CPU, Reason.INSUFFICIENT_CPU,
                             Reason.TYPE_MISMATCH], never=True)
-    assert str(exc) == ("0/4 nodes available: 2 device type mismatch, 2 insufficient cpu "
+    assert str(exc) == ("0/4 nodes are available: 2 device type mismatch, 2 insufficient cpu "
                         "(no node could ever hold this request)")
-    assert str(Unschedulable(0, {})) == "0/0 nodes available"
+    assert str(Unschedulable(0, {})) == "0/0 nodes are available"
 
 
 def _one(node: Node, *holds: tuple[str, int, int], cpu: int = 0, hmem: int = 0) -> Ledger:
@@ -164,7 +164,7 @@ def test_an_empty_cluster_is_unschedulable_not_invalid() -> None:
     """No node yet: the request waits for nodes to join (a Ray autoscaler, a starting cluster)."""
     with pytest.raises(Unschedulable) as info:
         sched(Ledger()).place(SliceRequest(memory_mib=10**9, count=64))
-    assert str(info.value) == "0/0 nodes available"
+    assert str(info.value) == "0/0 nodes are available"
     assert not info.value.never
 
 

@@ -1,0 +1,1 @@
+"""The Kubernetes bridge: hami-ray as hami-scheduler for pods."""

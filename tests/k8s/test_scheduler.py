@@ -1,0 +1,150 @@
+"""hami-ray as hami-scheduler against the real API server: HAMi's documented pod is bound with
+annotations HAMi's device plugin would decode, bad input gets kube-scheduler's explanations and stays
+pending, pods without devices are bound, a restart rebuilds the ledger from the annotations, and a
+deleted pod's lease is freed for a pod that waited. Inventory: HAMi's node register annotations."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config, utils
+
+from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
+from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION, PodScheduler
+
+pytestmark = pytest.mark.k8s
+_ns = itertools.count()
+REGISTER = "hami.io/node-nvidia-register"
+
+
+RBAC = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "rbac.yaml"
+
+
+@pytest.fixture(scope="session")
+def admin(kubeconfig: Path) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def api(admin: client.ApiClient) -> client.ApiClient:
+    """The scheduler's own identity: the ServiceAccount of deploy/k8s/rbac.yaml, with only its rights."""
+    utils.create_from_yaml(admin, str(RBAC))
+    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
+        "hami-scheduler", "hami-ray", client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=["https://kubernetes.default.svc"], expiration_seconds=3600)))
+    conf = client.Configuration()
+    conf.host = admin.configuration.host
+    conf.ssl_ca_cert = admin.configuration.ssl_ca_cert
+    conf.api_key = {"authorization": f"Bearer {token.status.token}"}
+    return client.ApiClient(conf)
+
+
+@pytest.fixture
+def namespace(admin: client.ApiClient) -> str:
+    core = client.CoreV1Api(admin)
+    name = f"sched-{next(_ns)}-{int(time.time() * 1000) % 100000}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    core.create_namespaced_service_account(name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default")))
+    return name
+
+
+def _node(api: client.ApiClient, name: str, register: str) -> None:
+    core = client.CoreV1Api(api)
+    try:
+        core.delete_node(name)
+    except client.ApiException:
+        pass
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, annotations={REGISTER: register})))
+
+
+def _pod(api: client.ApiClient, namespace: str, name: str, limits: dict[str, str] | None) -> None:
+    resources = client.V1ResourceRequirements(limits=limits) if limits else None
+    client.CoreV1Api(api).create_namespaced_pod(namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(scheduler_name="hami-scheduler", containers=[
+            client.V1Container(name="main", image="busybox", resources=resources)])))
+
+
+def _events(api: client.ApiClient, namespace: str, pod: str) -> list[tuple[str, str]]:
+    items = client.EventsV1Api(api).list_namespaced_event(namespace).items
+    return [(e.reason, e.note) for e in items if e.regarding.name == pod]
+
+
+def test_the_scheduler_has_only_what_deploy_grants(api: client.ApiClient) -> None:
+    core = client.CoreV1Api(api)
+    assert core.list_node().items is not None  # may read nodes
+    with pytest.raises(client.ApiException) as info:
+        core.list_secret_for_all_namespaces()
+    assert info.value.status == 403
+    with pytest.raises(client.ApiException) as info:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="not-mine")))
+    assert info.value.status == 403
+
+
+def test_hami_documented_pod_is_bound_with_hami_annotations(admin: client.ApiClient, api: client.ApiClient,
+                                                            namespace: str) -> None:
+    """Pods and nodes are made by the admin; the scheduler runs with deploy/k8s/rbac.yaml's rights."""
+    for node in list(client.CoreV1Api(admin).list_node().items):
+        client.CoreV1Api(admin).delete_node(node.metadata.name)
+    _node(admin, "gpu-node-1", "GPU-aaaa-0,10,16384,100,NVIDIA-Tesla T4,0,true:GPU-aaaa-1,10,16384,100,NVIDIA-Tesla T4,0,true:")
+    _node(admin, "broken-node", "this is not a register annotation")
+    _pod(admin, namespace, "hami-doc", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"})
+    # (a fractional gpumem such as "1500m" never reaches a scheduler: the API server refuses it)
+    _pod(admin, namespace, "over-100-percent", {"nvidia.com/gpu": "1", "nvidia.com/gpumem-percentage": "150"})
+    _pod(admin, namespace, "too-big", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "100000"})
+    _pod(admin, namespace, "no-room-now", {"nvidia.com/gpu": "2", "nvidia.com/gpumem": "16000"})
+    _pod(admin, namespace, "no-devices", None)
+    sched = PodScheduler(api)
+    stats = sched.run_once()
+    assert stats.skipped_nodes == ["broken-node"]
+    core = client.CoreV1Api(admin)
+    pod = core.read_namespaced_pod("hami-doc", namespace)
+    assert pod.spec.node_name == "gpu-node-1"
+    annotations = pod.metadata.annotations
+    assert annotations[NODE_ANNOTATION] == "gpu-node-1" and annotations[BIND_PHASE_ANNOTATION] == "allocating"
+    assert annotations[TO_ALLOCATE_ANNOTATION] == annotations[ALLOCATED_ANNOTATION]
+    [[device]] = decode_pod_devices(annotations[ALLOCATED_ANNOTATION])
+    assert device.uuid in {"GPU-aaaa-0", "GPU-aaaa-1"} and (device.type, device.memory_mib, device.cores) == (
+        "NVIDIA", 3000, 30)
+    assert ("Scheduled", "Successfully assigned %s/hami-doc to gpu-node-1" % namespace) in _events(admin, namespace,
+                                                                                                  "hami-doc")
+    assert core.read_namespaced_pod("no-devices", namespace).spec.node_name == "gpu-node-1"
+    for name, words in (("over-100-percent", "nvidia.com/gpumem-percentage"),
+                        ("too-big", "more than any NVIDIA device has"), ("no-room-now", "0/1 nodes are available")):
+        left = core.read_namespaced_pod(name, namespace)
+        assert left.spec.node_name is None
+        notes = [note for reason, note in _events(admin, namespace, name) if reason == "FailedScheduling"]
+        assert notes and words in notes[0], notes
+        cond = {c.type: c for c in left.status.conditions or []}["PodScheduled"]
+        assert cond.status == "False"
+    assert sched.run_once().bound == 0  # nothing new; the explanations are not repeated
+    assert len([r for r, _ in _events(admin, namespace, "too-big") if r == "FailedScheduling"]) == 1
+
+    restarted = PodScheduler(api)  # a new process: its ledger comes from the annotations
+    restarted.run_once()
+    usage = restarted.ledger.usage(device.uuid)
+    assert (usage.memory_mib, usage.cores, usage.slices) == (3000, 30, 1)
+    core.delete_namespaced_pod("hami-doc", namespace, grace_period_seconds=0)
+    after = restarted.run_once()  # its lease is freed, and the pod that waited for room is bound
+    assert (after.released, after.bound) == (1, 1)
+    assert core.read_namespaced_pod("no-room-now", namespace).spec.node_name == "gpu-node-1"
+    assert [restarted.ledger.usage(u).memory_mib for u in ("GPU-aaaa-0", "GPU-aaaa-1")] == [16000, 16000]
+    restarted.ledger.check_invariants()
+    for name in ("gpu-node-1", "broken-node"):
+        core.delete_node(name)
+
+
+def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient, namespace: str) -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from hami_ray.cli import app  # noqa: PLC0415
+
+    _node(admin, "cli-node", "GPU-cccc-0,10,16384,100,NVIDIA-Tesla T4,0,true:")
+    _pod(admin, namespace, "cli-pod", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1024"})
+    result = CliRunner().invoke(app, ["k8s", "scheduler", "--kubeconfig", str(kubeconfig), "--once"])
+    assert result.exit_code == 0, result.output
+    assert "bound 1" in result.output
+    assert client.CoreV1Api(admin).read_namespaced_pod("cli-pod", namespace).spec.node_name == "cli-node"
