@@ -218,16 +218,27 @@ def status(
     node: str | None = typer.Option(None, help="only nodes whose name starts with this"),
     device: str | None = typer.Option(None, help="only devices whose uuid starts with this"),
     page: int = typer.Option(1, min=1, help="page of nodes on a large cluster (busiest first)"),
+    kubeconfig: Path | None = typer.Option(None, help="show a Kubernetes cluster's pods and devices instead "
+                                                      "(HAMi's annotations)"),
 ) -> None:
     """Nodes, devices and slices: allocated vs used memory, cores, owners, fragmentation, the queue."""
-    api = _attached(address)
+    fetch: Callable[[], ClusterStatus]
+    if kubeconfig is not None:
+        from kubernetes import config  # noqa: PLC0415
+
+        from hami_ray.k8s.scheduler import cluster_status  # noqa: PLC0415
+
+        k8s = config.new_client_from_config(config_file=str(kubeconfig))
+        fetch = lambda: cluster_status(k8s)  # noqa: E731
+    else:
+        fetch = _attached(address).status
     if json_out:
-        typer.echo(json.dumps(status_json(api.status()), indent=1))
+        typer.echo(json.dumps(status_json(fetch()), indent=1))
         return
     if not watch:
-        console.print(render(api.status(), width=console.width, node=node, device=device, page=page - 1))
+        console.print(render(fetch(), width=console.width, node=node, device=device, page=page - 1))
         return
-    watch_status(api.status, seconds=seconds, interval=interval, node=node, device=device, page=page - 1)
+    watch_status(fetch, seconds=seconds, interval=interval, node=node, device=device, page=page - 1)
 
 
 def _attached(address: str) -> Any:

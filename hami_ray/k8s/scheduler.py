@@ -38,6 +38,7 @@ from hami_ray.core.ledger import Ledger
 from hami_ray.core.model import Allocation, DeviceGrant, Lease, LeaseState, Node
 from hami_ray.core.scheduler import Scheduler
 from hami_ray.core.vendors import NVIDIA_SCORE_ANNOTATION
+from hami_ray.observe.model import ClusterStatus, build_status
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class PodScheduler:
                 log.exception("pod %s/%s: %s", pod.metadata.namespace, pod.metadata.name, exc)
         return stats
 
-    def _sync_nodes(self, stats: PassStats) -> None:
+    def _sync_nodes(self, stats: PassStats, quiet: bool = False) -> None:
         seen = set()
         for node in self.core.list_node().items:
             name = node.metadata.name
@@ -107,8 +108,9 @@ class PodScheduler:
                     devices = devices_from_register(register, annotations.get(NVIDIA_SCORE_ANNOTATION))
                 except HamiRayError as exc:
                     stats.skipped_nodes.append(name)
-                    self._event(node, "Warning", "InvalidRegisterAnnotation", f"{REGISTER_ANNOTATION}: {exc}",
-                                kind="Node")
+                    if not quiet:
+                        self._event(node, "Warning", "InvalidRegisterAnnotation", f"{REGISTER_ANNOTATION}: {exc}",
+                                    kind="Node")
                     continue
             seen.add(name)
             new = Node(name=name, devices=devices)
@@ -265,6 +267,31 @@ class PodScheduler:
                         return
             except Exception:  # noqa: BLE001 - the API server restarting: watch again
                 time.sleep(1.0)
+
+
+def cluster_status(api: client.ApiClient, scheduler_name: str = SCHEDULER_NAME) -> ClusterStatus:
+    """What ``hami-ray status --kubeconfig`` shows: nodes and devices from the register annotations,
+    every placed pod's slices (owner ``namespace/pod``) from its allocation annotation, and the pending
+    pods of ``scheduler_name`` with their last ``PodScheduled`` message. Read-only."""
+    view = PodScheduler(api, scheduler_name=scheduler_name)
+    view._sync_nodes(PassStats(), quiet=True)
+    pods = view.core.list_pod_for_all_namespaces().items
+    view._rebuild(pods)
+    pending = [p for p in pods if p.spec.scheduler_name == scheduler_name and not p.spec.node_name
+               and p.status.phase == "Pending"]
+    now = time.time()
+    waiting = [{"owner": _owner(p), "request": "pod", "priority": 0,
+                "waited_s": round(now - p.metadata.creation_timestamp.timestamp(), 1)
+                if p.metadata.creation_timestamp else 0.0,
+                "reason": _pod_scheduled_message(p)} for p in pending[:10]]
+    return build_status(view.ledger.snapshot(), queue_depth=len(pending), waiting=waiting)
+
+
+def _pod_scheduled_message(pod: Any) -> str:
+    for cond in pod.status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status == "False":
+            return str(cond.message or cond.reason or "")
+    return "not tried yet"
 
 
 def _owner(pod: Any) -> str:

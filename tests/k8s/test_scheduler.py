@@ -6,6 +6,7 @@ deleted pod's lease is freed for a pod that waited. Inventory: HAMi's node regis
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -148,3 +149,10 @@ def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient,
     assert result.exit_code == 0, result.output
     assert "bound 1" in result.output
     assert client.CoreV1Api(admin).read_namespaced_pod("cli-pod", namespace).spec.node_name == "cli-node"
+    shown = CliRunner().invoke(app, ["status", "--kubeconfig", str(kubeconfig), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    (node,) = [n for n in data["nodes"] if n["name"] == "cli-node"]
+    (slice_,) = node["devices"][0]["slices"]
+    assert (slice_["owner"], slice_["memory_mib"]) == (f"{namespace}/cli-pod", 1024)
+    assert data["summary"]["queue_depth"] >= 1  # the pods of the other test that cannot be placed
