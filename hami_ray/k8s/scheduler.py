@@ -146,8 +146,11 @@ class PodScheduler:
 
     def _schedule(self, pod: Any, stats: PassStats) -> None:
         uid = pod.metadata.uid
-        if uid in self._leases:
-            return  # placed, binding pending (a 409 refreshes next pass)
+        if uid in self._leases:  # placed before a restart, not bound: bind where its annotations say
+            node = (pod.metadata.annotations or {}).get(NODE_ANNOTATION)
+            if node:
+                self._bind(pod, node, None, stats, annotate=False)
+            return
         try:
             containers = pod_requests(client.ApiClient().sanitize_for_serialization(pod), self.config)
         except HamiRayError as exc:
@@ -176,8 +179,10 @@ class PodScheduler:
         self._leases[uid] = lease.lease_id
         self._bind(pod, allocation.node, encode_pod_devices(per_container), stats)
 
-    def _bind(self, pod: Any, node: str | None, encoded: str | None, stats: PassStats) -> None:
-        """Write HAMi's annotations (``encoded``: the devices, None without any), then the Binding."""
+    def _bind(self, pod: Any, node: str | None, encoded: str | None, stats: PassStats, *,
+              annotate: bool = True) -> None:
+        """Write HAMi's annotations (``encoded``: the devices, None without any), then the Binding; a
+        409 (bound meanwhile, by another replica or before a restart) keeps what the annotations say."""
         uid = pod.metadata.uid
         if node is None:
             stats.unschedulable += 1
@@ -190,8 +195,9 @@ class PodScheduler:
             annotations[TO_ALLOCATE_ANNOTATION] = encoded
             annotations[ALLOCATED_ANNOTATION] = encoded
         try:
-            self.core.patch_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
-                                           {"metadata": {"annotations": annotations}})
+            if annotate:
+                self.core.patch_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
+                                               {"metadata": {"annotations": annotations}})
             self.core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace, client.V1Binding(
                 metadata=client.V1ObjectMeta(name=pod.metadata.name, uid=uid),
                 target=client.V1ObjectReference(api_version="v1", kind="Node", name=node)),

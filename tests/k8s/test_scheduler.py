@@ -156,3 +156,85 @@ def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient,
     (slice_,) = node["devices"][0]["slices"]
     assert (slice_["owner"], slice_["memory_mib"]) == (f"{namespace}/cli-pod", 1024)
     assert data["summary"]["queue_depth"] >= 1  # the pods of the other test that cannot be placed
+
+
+def _sa_kubeconfig(api: client.ApiClient, path: Path) -> Path:
+    token = api.configuration.api_key["authorization"].removeprefix("Bearer ")
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{api.configuration.host}", certificate-authority: "{api.configuration.ssl_ca_cert}"}}}}]
+users: [{{name: u, user: {{token: "{token}"}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+""")
+    return path
+
+
+def test_a_restart_in_the_middle_of_500_pods(admin: client.ApiClient, api: client.ApiClient, namespace: str,
+                                            tmp_path: Path) -> None:
+    """The scheduler process (with deploy/k8s/rbac.yaml's rights) is SIGKILLed while 500 pods arrive and
+    a new one takes over: every pod is bound once, where its annotations say; no device holds more than
+    it has; the ledger rebuilt from the annotations recounts clean."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from hami_ray.core.codec import devices_from_register  # noqa: PLC0415
+
+    core = client.CoreV1Api(admin)
+    for node in list(core.list_node().items):
+        core.delete_node(node.metadata.name)
+    register = "".join(f"GPU-r{{n}}-{i},10,16384,100,NVIDIA-Tesla T4,0,true:" for i in range(8))
+    for n in range(10):
+        _node(admin, f"node-{n}", register.replace("{n}", str(n)))
+    capacity = {d.uuid: d for n in range(10) for d in devices_from_register(register.replace("{n}", str(n)))}
+    config_path = _sa_kubeconfig(api, tmp_path / "scheduler.kubeconfig")
+    command = [sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--kubeconfig", str(config_path)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shapes = [{"nvidia.com/gpu": "1", "nvidia.com/gpumem": m, "nvidia.com/gpucores": c}
+              for m, c in (("1024", "10"), ("2048", "20"), ("4096", "0"))]
+    second = None
+    try:
+        for i in range(500):
+            _pod(admin, namespace, f"p{i:03d}", shapes[i % 3])
+            if i == 250:
+                bound = lambda: sum(1 for p in core.list_namespaced_pod(namespace).items if p.spec.node_name)  # noqa: E731
+                deadline = time.monotonic() + 60
+                while bound() < 50 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                os.kill(first.pid, signal.SIGKILL)  # in the middle of its work
+                first.wait(timeout=30)
+                second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            pods = core.list_namespaced_pod(namespace).items
+            if len(pods) == 500 and all(p.spec.node_name for p in pods):
+                break
+            time.sleep(0.5)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+    pods = core.list_namespaced_pod(namespace).items
+    assert len(pods) == 500 and all(p.spec.node_name for p in pods), sum(1 for p in pods if not p.spec.node_name)
+    held: dict[str, list[tuple[int, int]]] = {}
+    for p in pods:
+        annotations = p.metadata.annotations
+        assert annotations[NODE_ANNOTATION] == p.spec.node_name  # bound where it was placed
+        for container in decode_pod_devices(annotations[ALLOCATED_ANNOTATION]):
+            for d in container:
+                assert d.uuid.startswith(f"GPU-r{p.spec.node_name.removeprefix('node-')}-")
+                held.setdefault(d.uuid, []).append((d.memory_mib, d.cores))
+    for uuid, grants in held.items():
+        device = capacity[uuid]
+        assert sum(m for m, _ in grants) <= device.memory_mib and sum(c for _, c in grants) <= 100
+        assert len(grants) <= device.split_count
+    rebuilt = PodScheduler(admin)
+    rebuilt.run_once()
+    rebuilt.ledger.check_invariants()
+    for uuid, grants in held.items():
+        assert rebuilt.ledger.usage(uuid).memory_mib == sum(m for m, _ in grants)
+    for n in range(10):
+        core.delete_node(f"node-{n}")
