@@ -23,6 +23,7 @@ import datetime
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,12 +76,23 @@ class PodScheduler:
         self._rebuilt = False
         self._wake = threading.Event()
         self._told: dict[str, str] = {}  # pod uid -> the last FailedScheduling message (not repeated)
+        self._pods: dict[str, Any] | None = None  # run(): pods by uid, kept by the watch (no re-list per pass)
+        self._pods_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # run(): API calls of bindings, several at once
+        self._in_flight: set[str] = set()  # pod uids whose binding calls are under way
+        self._failed: list[str] = []  # pod uids whose binding failed (their leases are freed by the pass)
 
     # --- one pass ----------------------------------------------------------------------------
     def run_once(self) -> PassStats:
         stats = PassStats()
         self._sync_nodes(stats)
-        pods = self.core.list_pod_for_all_namespaces().items
+        with self._pods_lock:
+            failed, self._failed = self._failed, []
+            cached = None if self._pods is None else list(self._pods.values())
+        for uid in failed:
+            if uid in self._leases:
+                self.ledger.release(self._leases.pop(uid))
+        pods = self.core.list_pod_for_all_namespaces().items if cached is None else cached
         if not self._rebuilt:
             self._rebuild(pods)
             self._rebuilt = True
@@ -146,6 +158,9 @@ class PodScheduler:
 
     def _schedule(self, pod: Any, stats: PassStats) -> None:
         uid = pod.metadata.uid
+        with self._pods_lock:
+            if uid in self._in_flight:
+                return
         if uid in self._leases:  # placed before a restart, not bound: bind where its annotations say
             node = (pod.metadata.annotations or {}).get(NODE_ANNOTATION)
             if node:
@@ -194,8 +209,31 @@ class PodScheduler:
         if encoded is not None:
             annotations[TO_ALLOCATE_ANNOTATION] = encoded
             annotations[ALLOCATED_ANNOTATION] = encoded
+        stats.bound += 1
+        if self._pool is None:
+            self._api_bind(pod, node, annotations if annotate else None)
+            return
+        with self._pods_lock:
+            self._in_flight.add(uid)
+        self._pool.submit(self._api_bind, pod, node, annotations if annotate else None)
+
+    def _api_bind(self, pod: Any, node: str, annotations: dict[str, str] | None) -> None:
+        """The API calls of a binding (run(): on a pool thread; a failure frees the lease next pass)."""
+        uid = pod.metadata.uid
         try:
-            if annotate:
+            self._calls(pod, node, annotations)
+        except Exception as exc:  # noqa: BLE001 - one pod's failure never stops the others
+            log.warning("pod %s not bound: %s", _owner(pod), exc)
+            with self._pods_lock:
+                self._failed.append(uid)
+        finally:
+            with self._pods_lock:
+                self._in_flight.discard(uid)
+
+    def _calls(self, pod: Any, node: str, annotations: dict[str, str] | None) -> None:
+        uid = pod.metadata.uid
+        try:
+            if annotations is not None:
                 self.core.patch_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
                                                {"metadata": {"annotations": annotations}})
             self.core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace, client.V1Binding(
@@ -205,10 +243,7 @@ class PodScheduler:
         except ApiException as exc:
             if exc.status == 409:  # bound meanwhile (another replica): keep what the annotations say
                 return
-            if uid in self._leases:
-                self.ledger.release(self._leases.pop(uid))
             raise
-        stats.bound += 1
         self._told.pop(uid, None)
         self._event(pod, "Normal", "Scheduled",
                     f"Successfully assigned {pod.metadata.namespace}/{pod.metadata.name} to {node}")
@@ -252,10 +287,12 @@ class PodScheduler:
             log.warning("event %s on %s not written: %s %s", reason, obj.metadata.name, exc.reason, exc.body)
 
     # --- the loop ----------------------------------------------------------------------------
-    def run(self, stop: threading.Event, resync_s: float = 1.0) -> None:
-        """Passes until ``stop``: after every pod or node change, and every ``resync_s`` anyway."""
-        for target in (self.core.list_pod_for_all_namespaces, self.core.list_node):
-            threading.Thread(target=self._watch, args=(target, stop), daemon=True).start()
+    def run(self, stop: threading.Event, resync_s: float = 1.0, binders: int = 8) -> None:
+        """Passes until ``stop``: after every pod or node change, and every ``resync_s`` anyway. Pods
+        are kept by a watch (listed once, then followed); bindings go out from ``binders`` threads."""
+        self._pool = ThreadPoolExecutor(binders, thread_name_prefix="hami-ray-bind")  # pods cached once listed
+        threading.Thread(target=self._follow_pods, args=(stop,), daemon=True).start()
+        threading.Thread(target=self._watch, args=(self.core.list_node, stop), daemon=True).start()
         while not stop.is_set():
             try:
                 self.run_once()
@@ -263,6 +300,29 @@ class PodScheduler:
                 log.exception("scheduling pass failed")
             self._wake.wait(resync_s)
             self._wake.clear()
+
+    def _follow_pods(self, stop: threading.Event) -> None:
+        """List the pods once, then follow them by watch from that version (list again if it is gone)."""
+        while not stop.is_set():
+            try:
+                listed = self.core.list_pod_for_all_namespaces()
+                with self._pods_lock:
+                    self._pods = {p.metadata.uid: p for p in listed.items}
+                self._wake.set()
+                for event in watch.Watch().stream(self.core.list_pod_for_all_namespaces, timeout_seconds=30,
+                                                  resource_version=listed.metadata.resource_version):
+                    pod = event["object"]
+                    with self._pods_lock:
+                        assert self._pods is not None
+                        if event["type"] == "DELETED":
+                            self._pods.pop(pod.metadata.uid, None)
+                        else:
+                            self._pods[pod.metadata.uid] = pod
+                    self._wake.set()
+                    if stop.is_set():
+                        return
+            except Exception:  # noqa: BLE001 - the API server restarting, or a 410: list again
+                time.sleep(0.5)
 
     def _watch(self, target: Any, stop: threading.Event) -> None:
         while not stop.is_set():
