@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/mypy hami_ray/core
+	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py
 
 # the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
 K8S_BIN := .k8s/bin/hami-k8s-cluster
