@@ -25,8 +25,8 @@ from hami_ray.core.scheduler import Scheduler
 
 __version__ = "0.1.0"
 
-_RUNTIME = ("check", "current_slice", "init", "lease", "lost_leases", "queue_depth", "remote", "shutdown", "status",
-            "NotInitialized", "SliceQuotaExceeded")
+_RUNTIME = ("attach", "check", "current_slice", "init", "lease", "lost_leases", "metrics_address", "queue_depth",
+            "remote", "shutdown", "status", "NotInitialized", "NotRunning", "SliceQuotaExceeded")
 
 
 def __getattr__(name: str) -> Any:
@@ -60,16 +60,20 @@ __all__ = [
     "Node",
     "NodePolicyName",
     "NotInitialized",
+    "NotRunning",
     "Scheduler",
     "SliceQuotaExceeded",
     "SliceRequest",
     "UnknownPolicy",
     "Unschedulable",
     "__version__",
+    "attach",
     "check",
     "current_slice",
     "init",
     "lease",
+    "lost_leases",
+    "metrics_address",
     "queue_depth",
     "remote",
     "shutdown",
