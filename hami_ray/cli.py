@@ -267,12 +267,17 @@ def watch_status(fetch: Callable[[], ClusterStatus], *, seconds: float = 0.0, in
         stamp = Text(time.strftime("%H:%M:%S", time.localtime(taken.taken_at)) + "  (Ctrl-C to stop)", style="dim")
         return Group(stamp, render(taken, width=out.width, node=node, device=device, page=page))
 
+    with Live(view(), console=out, refresh_per_second=4, screen=False) as live:
+        _every(interval, seconds, lambda: live.update(view()))
+
+
+def _every(interval: float, seconds: float, tick: Callable[[], object]) -> None:
+    """Call ``tick`` every ``interval`` seconds for ``seconds`` (0: until Ctrl-C), then return."""
     end = time.monotonic() + seconds if seconds > 0 else float("inf")
     try:
-        with Live(view(), console=out, refresh_per_second=4, screen=False) as live:
-            while time.monotonic() < end:
-                time.sleep(min(interval, max(0.0, end - time.monotonic())))
-                live.update(view())
+        while time.monotonic() < end:
+            time.sleep(min(interval, max(0.0, end - time.monotonic())))
+            tick()
     except KeyboardInterrupt:
         pass
 
@@ -292,12 +297,7 @@ def metrics_serve(
     api = _attached(address)
     _, bound = serve(StatusCollector(api.status), port=port, addr=bind)
     console.print(f"metrics on http://{bind}:{bound}/metrics")
-    end = time.monotonic() + seconds if seconds > 0 else float("inf")
-    try:
-        while time.monotonic() < end:
-            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-    except KeyboardInterrupt:
-        pass
+    _every(1.0, seconds, lambda: None)
 
 
 k8s_app = typer.Typer(help="Kubernetes: hami-ray as hami-scheduler for pods.")

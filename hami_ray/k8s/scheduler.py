@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,6 +362,3 @@ def _pod_scheduled_message(pod: Any) -> str:
 def _owner(pod: Any) -> str:
     return f"{pod.metadata.namespace}/{pod.metadata.name}"
 
-
-def annotations_of(pod: Any) -> Mapping[str, str]:
-    return dict(pod.metadata.annotations or {})

@@ -104,7 +104,7 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         _calls.close()
     _calls = PlacementCalls(_placement)
     if _lanes is None and lanes_enabled():
-        _lanes = LaneClient(_placement, str(config["state_root"]))
+        _lanes = LaneClient(_placement)
 
 
 class NotRunning(HamiRayError):

@@ -97,11 +97,10 @@ class _IdleWorker:
 class LaneClient:
     """The driver's lanes, by shape; thread-safe (Ray calls completion callbacks from its own thread)."""
 
-    def __init__(self, placement: Any, state_root: str, *, max_depth: int = MAX_DEPTH, idle_s: float = IDLE_S,
+    def __init__(self, placement: Any, *, max_depth: int = MAX_DEPTH, idle_s: float = IDLE_S,
                  term_s: float = TERM_S, backoff_s: float = BACKOFF_S) -> None:
         self._placement = placement
         self._calls = PlacementCalls(placement)
-        self._state_root = state_root
         self.max_depth, self.idle_s, self.term_s, self.backoff_s = max_depth, idle_s, term_s, backoff_s
         self._lock = threading.Lock()
         self._lanes: dict[str, list[Lane]] = {}
@@ -337,11 +336,6 @@ class LaneClient:
                     return True
             time.sleep(self.idle_s)
         return False
-
-    def open_lanes(self) -> int:
-        """Lanes holding a slice (the driver's)."""
-        with self._lock:
-            return sum(1 for v in self._lanes.values() for x in v if x.request is None and not x.dead)
 
     def waiting_lanes(self) -> int:
         """Lanes whose worker waits for (or holds) a slice of its own."""

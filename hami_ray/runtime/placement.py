@@ -58,7 +58,7 @@ class PlacementShell:
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
         self._host = ""
-        self._view: ClusterStatus | None = None  # the status as of the last sync, for scrapes
+        self._loop: asyncio.AbstractEventLoop | None = None  # this actor's loop (scrapes run their reads there)
         self._fast = AsyncServer({"acquire": self.acquire, "release": self.release, "ping": self.ping})
         self._wire: dict[str, AsyncClient] = {}  # per node: its node actor's fast path
 
@@ -81,7 +81,8 @@ class PlacementShell:
         port = self.config.get("metrics_port")
         if port is not None:
             try:
-                _, self.metrics_port = serve_metrics(StatusCollector(lambda: self._view, lambda: self.decisions_ms),
+                self._loop = asyncio.get_running_loop()
+                _, self.metrics_port = serve_metrics(StatusCollector(self._scraped, lambda: self.decisions_ms),
                                                      port=int(port), addr=self.config.get("metrics_bind") or host)
             except OSError as exc:  # the port is taken: the cluster runs on, `hami-ray metrics serve` still works
                 log.warning("placement metrics not served on port %s: %s", port, exc)
@@ -91,8 +92,6 @@ class PlacementShell:
             await asyncio.sleep(SYNC_S)
             try:
                 await self._sync_nodes()
-                if self.metrics_port is not None:  # what a scrape reads, built here on the actor's loop
-                    self._view = status_from(self._status())
             except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
                 log.exception("node sync failed")
 
@@ -385,6 +384,16 @@ class PlacementShell:
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()
         return self._status()
+
+    def _scraped(self) -> ClusterStatus:
+        """The status for a scrape (on the metrics server's thread): built on the actor's own loop, only
+        when somebody scrapes."""
+        assert self._loop is not None
+
+        async def build() -> ClusterStatus:
+            return status_from(self._status())
+
+        return asyncio.run_coroutine_threadsafe(build(), self._loop).result(timeout=INFO_TIMEOUT_S)
 
     def _status(self) -> dict[str, Any]:
         snap = self.svc.snapshot()

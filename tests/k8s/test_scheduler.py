@@ -145,6 +145,7 @@ def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient,
 
     _node(admin, "cli-node", "GPU-cccc-0,10,16384,100,NVIDIA-Tesla T4,0,true:")
     _pod(admin, namespace, "cli-pod", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1024"})
+    _pod(admin, namespace, "cli-too-big", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "100000"})
     result = CliRunner().invoke(app, ["k8s", "scheduler", "--kubeconfig", str(kubeconfig), "--once"])
     assert result.exit_code == 0, result.output
     assert "bound 1" in result.output
@@ -155,7 +156,8 @@ def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient,
     (node,) = [n for n in data["nodes"] if n["name"] == "cli-node"]
     (slice_,) = node["devices"][0]["slices"]
     assert (slice_["owner"], slice_["memory_mib"]) == (f"{namespace}/cli-pod", 1024)
-    assert data["summary"]["queue_depth"] >= 1  # the pods of the other test that cannot be placed
+    assert data["summary"]["queue_depth"] >= 1  # cli-too-big waits
+    assert any(w["owner"] == f"{namespace}/cli-too-big" for w in data["waiting"])
 
 
 def _sa_kubeconfig(api: client.ApiClient, path: Path) -> Path:
