@@ -116,17 +116,15 @@ class PlacementShell:
         for node_id in alive:
             handle = self._node_actor(node_id)
             try:
+                info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
+                self._follow_wire(node_id, info.get("wire"))
+                self._start_env[node_id] = dict(info.get("start_env", {}))
+                self._usage[node_id] = info.get("usage")
+                self._actions[node_id] = dict(info.get("enforcement", {}))
                 if node_id not in self.svc.node_actor:
-                    info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                     leases = [Lease.model_validate(x) for x in info["leases"]]
-                    self._start_env[node_id] = dict(info.get("start_env", {}))
-                    self._follow_wire(node_id, info.get("wire"))
                     self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
                 else:
-                    info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
-                    self._follow_wire(node_id, info.get("wire"))
-                    self._usage[node_id] = info.get("usage")
-                    self._actions[node_id] = dict(info.get("enforcement", {}))
                     held = {x["lease_id"]: Lease.model_validate(x) for x in info["leases"]}
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
@@ -288,7 +286,7 @@ class PlacementShell:
         """
         await self._ensure_started()
         return [(node, list(uuids), self._start_env.get(node, {}))
-                for node, uuids in self.svc.lane_nodes(SliceRequest.model_validate(request))]
+                for node, uuids in self.svc.lane_nodes(self._request(request))]
 
     async def waiting(self) -> int:
         """How many requests wait in the queue (a lane worker holding a slice asks, to give it back)."""
