@@ -36,12 +36,22 @@ lint: $(STAMP)
 # the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
 K8S_BIN := .k8s/bin/hami-k8s-cluster
 K8S_SRC := $(wildcard tests/k8s/cluster/*.go) tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
-k8s-bin: $(K8S_BIN)
+KWOK_BIN := .k8s/bin/kwok
+k8s-bin: $(K8S_BIN) $(KWOK_BIN)
 $(K8S_BIN): $(K8S_SRC)
 	@mkdir -p .k8s/bin
 	cd tests/k8s/cluster && go build -o ../../../$(K8S_BIN) .
+# kwok (simulated nodes' kubelets) is its own module: it needs newer Kubernetes libraries (tests/k8s/kwok)
+# its stages (nodes Ready with leases, pods run, finish and go) come from the module's own kustomize files
+KWOK_STAGES := node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+	pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete
+$(KWOK_BIN): tests/k8s/kwok/go.mod tests/k8s/kwok/go.sum
+	@mkdir -p .k8s/bin
+	cd tests/k8s/kwok && go build -o ../../../$(KWOK_BIN) sigs.k8s.io/kwok/cmd/kwok
+	dir=$$(cd tests/k8s/kwok && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok) && \
+		for s in $(KWOK_STAGES); do cat $$dir/kustomize/stage/$$s.yaml; echo "---"; done > .k8s/bin/kwok-stages.yaml
 
-k8s-up: $(K8S_BIN)
+k8s-up: $(K8S_BIN) $(KWOK_BIN)
 	@mkdir -p .k8s/state
 	@if [ -f .k8s/cluster.pid ] && kill -0 $$(cat .k8s/cluster.pid) 2>/dev/null; then echo "already up"; else \
 		rm -f .k8s/state/kubeconfig; nohup $(K8S_BIN) -dir .k8s/state > .k8s/cluster.log 2>&1 & echo $$! > .k8s/cluster.pid; \

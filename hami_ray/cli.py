@@ -308,7 +308,12 @@ app.add_typer(k8s_app, name="k8s")
 def k8s_scheduler(
     kubeconfig: Path | None = typer.Option(None, help="kubeconfig (default: in-cluster, else ~/.kube/config)"),
     scheduler_name: str = typer.Option("hami-scheduler", help="schedule the pods with this schedulerName"),
-    inventory: str = typer.Option("annotations", help="devices from HAMi's node register annotations"),
+    inventory: str = typer.Option("annotations", help="'annotations': HAMi's node register annotations; "
+                                  "'ray': the placement actor's ledger (with --ray-address)"),
+    ray_address: str | None = typer.Option(None, help="share the ledger with this Ray cluster's placement actor"),
+    leader_elect: bool = typer.Option(False, "--leader-elect", help="one active replica (a coordination Lease)"),
+    lock_namespace: str = typer.Option("hami-ray", help="namespace of the leader election Lease"),
+    lease_seconds: float = typer.Option(15.0, help="leader election: a silent leader is replaced after this"),
     once: bool = typer.Option(False, "--once", help="one pass, then exit"),
 ) -> None:
     """Place and bind pending pods with HAMi's annotations (RBAC: deploy/k8s/rbac.yaml)."""
@@ -316,10 +321,11 @@ def k8s_scheduler(
 
     from kubernetes import config  # noqa: PLC0415
 
-    from hami_ray.k8s.scheduler import PodScheduler  # noqa: PLC0415
+    from hami_ray.k8s.inventory import Inventory  # noqa: PLC0415
+    from hami_ray.k8s.scheduler import PodScheduler, lead  # noqa: PLC0415
 
-    if inventory != "annotations":
-        console.print("[red]only --inventory annotations so far; the Ray placement actor as inventory comes next[/]")
+    if inventory not in ("annotations", "ray") or (inventory == "ray" and ray_address is None):
+        console.print("[red]--inventory is 'annotations' or 'ray' (which needs --ray-address)[/]")
         raise typer.Exit(2)
     try:
         if kubeconfig is not None:
@@ -335,7 +341,22 @@ def k8s_scheduler(
     except (OSError, config.ConfigException) as exc:
         console.print(f"[red]no Kubernetes configuration: {exc}[/]")
         raise typer.Exit(1) from None
-    sched = PodScheduler(api, scheduler_name=scheduler_name)
+    source: Inventory | None = None
+    if ray_address is not None:
+        import ray  # noqa: PLC0415
+
+        from hami_ray.k8s.inventory import RayInventory  # noqa: PLC0415
+        from hami_ray.runtime import api as ray_api  # noqa: PLC0415
+        from hami_ray.runtime.placement import PLACEMENT_NAME  # noqa: PLC0415
+        from node_actors.actor import NAMESPACE  # noqa: PLC0415
+
+        try:
+            ray_api.attach(ray_address)
+            source = RayInventory(ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE))
+        except ray_api.NotRunning as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    sched = PodScheduler(api, scheduler_name=scheduler_name, inventory=source)
     if once:
         stats = sched.run_once()
         console.print(f"bound {stats.bound}, unschedulable {stats.unschedulable}, invalid {stats.invalid}, "
@@ -343,7 +364,10 @@ def k8s_scheduler(
         return
     stop = threading.Event()
     try:
-        sched.run(stop)
+        if leader_elect:
+            lead(api, sched, stop, namespace=lock_namespace, name=scheduler_name, lease_s=lease_seconds)
+        else:
+            sched.run(stop)
     except KeyboardInterrupt:
         stop.set()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from hami_ray.core.model import Lease
+from hami_ray.core.model import K8S_NODE_LABEL, Lease
 from hami_ray.wire import ThreadServer
 from node_actors.agent import NodeAgent
 from node_actors.backends import detect_backend
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "hami-ray"
 TICK_S = 1.0
 NODE_SIMULATE_ENV = "HAMI_RAY_NODE_SIMULATE"  # set where a node starts (`ray start`): that node's devices
+K8S_NODE_ENV = "HAMI_RAY_K8S_NODE"  # the Kubernetes node this Ray node runs on (KubeRay: spec.nodeName)
 
 
 def node_actor_name(node_id: str) -> str:
@@ -55,6 +56,8 @@ class NodeActorShell:
         self.agent = NodeAgent(node_id, self.backend, state_dir, settings=AgentSettings(**settings),
                                cpu_milli=0, memory_mib=0)
         self.state_dir = str(state_dir)
+        k8s_node = os.environ.get(K8S_NODE_ENV, "").strip()
+        self.labels = {K8S_NODE_LABEL: k8s_node} if k8s_node else {}
         self.simulated = simulate is not None and self.backend.__class__.__name__ == "SimulatedBackend"
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -83,7 +86,10 @@ class NodeActorShell:
 
     def info(self) -> dict[str, Any]:
         with self._lock:
-            return {"node": self.agent.node().model_dump(mode="json"), "state_dir": self.state_dir,
+            node = self.agent.node()
+            if self.labels:
+                node = node.model_copy(update={"labels": {**node.labels, **self.labels}})
+            return {"node": node.model_dump(mode="json"), "state_dir": self.state_dir,
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
                     "usage": self._usage(), "enforcement": dict(self._actions)}

@@ -251,6 +251,7 @@ class NodeAgent:
     # --- housekeeping ------------------------------------------------------------------------
     def reap(self) -> list[Lease]:
         """Free leases whose holder processes all died, and reservations no process claimed in time.
+        A pod's lease (``holder="pod"``) has no process here: the Kubernetes bridge frees it.
 
         Dead pids of a lease that still has live ones are dropped from it. Returns the freed leases.
         """
@@ -258,6 +259,8 @@ class NodeAgent:
         self._last_reap = now
         freed: list[Lease | None] = []
         for lease in self.leases():
+            if lease.holder == "pod":
+                continue
             if lease.pids:
                 alive = tuple(p for p in lease.pids if pid_alive(p))
                 if not alive:

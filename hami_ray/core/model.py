@@ -8,7 +8,7 @@ the wire as JSON.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,6 +64,9 @@ class Device(_Frozen):
     @property
     def slice_capacity(self) -> int:
         return 1 if self.mode is DeviceMode.EXCLUSIVE else self.split_count
+
+
+K8S_NODE_LABEL = "hami-ray.io/k8s-node"  # a Ray node's Kubernetes node (pods placed there bind to it)
 
 
 class Node(_Frozen):
@@ -183,7 +186,11 @@ class LeaseState(StrEnum):
 
 
 class Lease(_Frozen):
-    """An allocation held by an owner, released by presenting ``token``."""
+    """An allocation held by an owner, released by presenting ``token``.
+
+    ``holder``: ``"process"`` (a Ray task or actor: freed when its processes die or never come), or
+    ``"pod"`` (a Kubernetes pod: held until the bridge frees it, when the pod is gone or finished).
+    """
 
     lease_id: str
     owner: str
@@ -193,6 +200,7 @@ class Lease(_Frozen):
     pids: tuple[int, ...] = ()
     priority: int = 0
     created_at: float = 0.0
+    holder: Literal["process", "pod"] = "process"
 
 
 class ClusterSnapshot(_Frozen):

@@ -12,7 +12,7 @@ cluster touches a few rows in Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -125,10 +125,12 @@ class Scheduler:
             raise InvalidRequest("gpus", f"{request.count} devices is more than any node has (most: {most})")
 
     # --- placement ---------------------------------------------------------------------------
-    def place(self, requests: SliceRequest | Sequence[SliceRequest]) -> Allocation:
+    def place(self, requests: SliceRequest | Sequence[SliceRequest], nodes: Collection[str] | None = None) -> Allocation:
         """Choose a node and devices for one slice, or for several that share a node (a pod).
 
         Example: ``Scheduler(ledger).place(SliceRequest(memory_mib=4096, cores=25))``.
+        ``nodes``: only these may be chosen (a Kubernetes pod: the schedulable nodes); the others are
+        left out of the ``0/N nodes`` count too.
 
         Raises:
             Unschedulable: no node fits now (``never=True`` when none could even empty).
@@ -143,9 +145,12 @@ class Scheduler:
         ok = self.view.host_fit(self._host_total(reqs))
         for r, fit in zip(device_reqs, fits):
             ok &= self._numa_ok(fit, r.count) if r.numa_bind else fit.sum(axis=1) >= r.count
+        mask = None if nodes is None else self._node_mask(nodes)
+        if mask is not None:
+            ok &= mask
         rows = ok.nonzero()[0]
         if rows.size == 0:
-            raise self._explain(reqs)
+            raise self._explain(reqs, mask)
         state = CycleState(first, self.rng)
         lead = device_reqs[0] if device_reqs else first
         dp = self.device_policy_for(lead.device_policy or self.device_policy)
@@ -156,7 +161,7 @@ class Scheduler:
             alloc = self._fit_row(int(row), reqs, dp, state)
             if alloc is not None:
                 return alloc
-        raise self._explain(reqs)
+        raise self._explain(reqs, mask)
 
     def _row_order(self, rows: IntArray, dp: DevicePolicy, np_: NodePolicy, fit: BoolArray,
                    state: CycleState) -> Iterator[int]:
@@ -334,13 +339,20 @@ class Scheduler:
         return reqs[0] if len(reqs) == 1 else reqs[0].model_copy(update={"cpu_milli": cpu, "host_memory_mib": mem})
 
     # --- explanation -------------------------------------------------------------------------
-    def _explain(self, reqs: list[SliceRequest]) -> Unschedulable:
+    def _node_mask(self, nodes: Collection[str]) -> BoolArray:
+        idx = self.ledger.index
+        mask = np.zeros(idx.alive.shape[0], dtype=bool)
+        rows = [idx.rows[n] for n in nodes if n in idx.rows]
+        mask[rows] = True
+        return mask
+
+    def _explain(self, reqs: list[SliceRequest], mask: BoolArray | None = None) -> Unschedulable:
         """One reason per alive node, in kube-scheduler's style; ``never`` if no empty node fits."""
         for r in reqs:
             self.validate(r)
         idx = self.ledger.index
         view = self.view
-        alive = idx.alive
+        alive = idx.alive if mask is None else idx.alive & mask
         total = int(alive.sum())
         codes = list(Reason)
         reasons = np.full(idx.alive.shape[0], -1, dtype=np.int64)

@@ -1,43 +1,57 @@
 """hami-ray as ``hami-scheduler`` for pods: HAMi-compatible placement, annotations and binding.
 
-One pass (:meth:`PodScheduler.run_once`) reads the nodes' HAMi register annotations into the ledger
-(a node whose annotation does not parse is skipped, with a warning event on it), rebuilds the leases of
-pods already placed from their allocation annotations (first pass, or after a restart, before anything
-new is bound), frees the leases of pods that are gone, Succeeded or Failed, and then places every
-pending pod of this scheduler in creation order: the containers' requests (init containers first, as
-HAMi resolves them: :func:`hami_ray.core.hami.pod_requests`) on one node with the core engine, HAMi's
-pod annotations written exactly (``hami.io/vgpu-node``, ``hami.io/vgpu-time``,
-``hami.io/vgpu-devices-to-allocate``, ``hami.io/vgpu-devices-allocated``, ``hami.io/bind-phase``,
-``hami.io/bind-time``), then the Binding. A pod that cannot be placed gets kube-scheduler's
-``FailedScheduling`` event and ``PodScheduled=False`` condition with the ``0/N nodes are available``
-counts, and is tried again next pass; a pod with bad input gets the reason and stays pending; nothing
-stops the loop. :meth:`run` repeats passes, woken by pod and node watch events.
+The bridge keeps every node and pod by list-then-watch (:class:`~hami_ray.k8s.kubeapi.Informer`, plain
+JSON) and reacts to each change:
 
-Inventory from HAMi's node annotations (``--inventory annotations``); sharing the ledger with the Ray
-placement actor comes with the rest of the bridge.
+- a node's register annotations fill the inventory (a node whose annotation does not parse is left out,
+  with a warning event on it, once);
+- a pod that is bound (by us, another replica, HAMi's scheduler or before a restart) holds what its
+  allocation annotations say; one that is deleted, Succeeded or Failed frees its lease. The first list
+  is taken in whole before anything is placed, so a restarted bridge has rebuilt its ledger from the
+  annotations before it binds anything new;
+- a pending pod of this scheduler joins the queue (creation order). The scheduling loop places the
+  containers' requests (init containers first, as HAMi resolves them: :func:`hami_ray.core.hami.pod_requests`)
+  on one node with the core engine, then binds: one ``pods/binding`` call that carries HAMi's annotations
+  (``hami.io/vgpu-node``, ``hami.io/vgpu-time``, the vendors' ``...-devices-to-allocate`` and
+  ``...-devices-allocated``, ``hami.io/bind-phase``, ``hami.io/bind-time``; the API server writes the
+  Binding's annotations onto the pod with its node, so there is no moment where one is there without the
+  other). A 409 (bound meanwhile) reads the pod again and keeps what it says instead of ours.
+
+A pod that cannot be placed gets kube-scheduler's ``FailedScheduling`` event and ``PodScheduled=False``
+condition with the ``0/N nodes are available`` counts (once per distinct message), and waits: it is tried
+again after a back-off (1 s doubling to 10 s) once the cluster changed (a slice freed, a node changed),
+and every minute anyway. Bad input gets the reason and the pod stays pending; nothing stops the loop.
+A ``Scheduled`` event follows each binding. Events and conditions are written off the binding path.
+
+Inventory (:mod:`hami_ray.k8s.inventory`): HAMi's node register annotations, or the Ray placement
+actor's ledger (pods and Ray tasks in one).
 """
 
 from __future__ import annotations
 
 import datetime
+import heapq
+import json
 import logging
+import math
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from hami_ray.core.codec import ALLOCATED_ANNOTATION, REGISTER_ANNOTATION, decode_pod_devices, devices_from_register, \
-    encode_pod_devices
-from hami_ray.core.errors import HamiRayError, Unschedulable
-from hami_ray.core.hami import HamiConfig, pod_requests
-from hami_ray.core.ledger import Ledger
-from hami_ray.core.model import Allocation, DeviceGrant, Lease, LeaseState, Node
-from hami_ray.core.scheduler import Scheduler
-from hami_ray.core.vendors import NVIDIA_SCORE_ANNOTATION
+from hami_ray.core.codec import decode_pod_devices, encode_pod_devices
+from hami_ray.core.errors import HamiRayError, TemporaryError
+from hami_ray.core.hami import ContainerRequest, HamiConfig, pod_requests
+from hami_ray.core.model import Allocation, DeviceGrant
+from hami_ray.core.vendors import VENDORS, vendor_by_type
+from hami_ray.k8s.inventory import AnnotationInventory, Inventory
+from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path, since
 from hami_ray.observe.model import ClusterStatus, build_status
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,10 @@ TO_ALLOCATE_ANNOTATION = "hami.io/vgpu-devices-to-allocate"
 BIND_PHASE_ANNOTATION = "hami.io/bind-phase"
 BIND_TIME_ANNOTATION = "hami.io/bind-time"
 COMPONENT = "hami-ray-scheduler"
+BACKOFF_S = (1.0, 10.0)  # kube-scheduler's pod back-off: initial, most
+RESYNC_WAITING_S = 60.0  # a waiting pod is tried again at least this often, cluster change or not
+CHANGES_POLL_S = 1.0  # how often the inventory is asked whether somebody else freed slices (Ray tasks)
+ALLOCATED_KEYS = tuple((v.allocated, v.type_word) for v in VENDORS if v.allocated)
 
 
 @dataclass
@@ -60,305 +78,509 @@ class PassStats:
     skipped_nodes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Waiting:
+    """A pod that could not be placed: when it may be tried again."""
+
+    signature: str
+    backoff: float = BACKOFF_S[0]
+    retry_at: float = 0.0
+    last: float = 0.0
+    changes: int = 0  # the cluster-change count when it was last tried
+
+
 class PodScheduler:
-    """Places and binds the pods whose ``schedulerName`` is ``scheduler_name``."""
+    """Places and binds the pods whose ``schedulerName`` is ``scheduler_name``.
+
+    :meth:`run_once` is one pass (list, place everything pending, bind in this thread); :meth:`run`
+    follows the cluster by watch until stopped, binding from a pool of threads.
+    """
 
     def __init__(self, api: client.ApiClient, *, scheduler_name: str = SCHEDULER_NAME,
-                 config: HamiConfig | None = None) -> None:
-        self.core = client.CoreV1Api(api)
-        self.events = client.EventsV1Api(api)
+                 config: HamiConfig | None = None, inventory: Inventory | None = None, quiet: bool = False) -> None:
+        self.kube = KubeApi(api)
         self.scheduler_name = scheduler_name
         self.config = config or HamiConfig()
-        self.ledger = Ledger()
-        self.scheduler = Scheduler(self.ledger)
-        self._leases: dict[str, str] = {}  # pod uid -> lease id
-        self._rebuilt = False
-        self._wake = threading.Event()
-        self._told: dict[str, str] = {}  # pod uid -> the last FailedScheduling message (not repeated)
-        self._pods: dict[str, Any] | None = None  # run(): pods by uid, kept by the watch (no re-list per pass)
-        self._pods_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # run(): API calls of bindings, several at once
-        self._in_flight: set[str] = set()  # pod uids whose binding calls are under way
-        self._failed: list[str] = []  # pod uids whose binding failed (their leases are freed by the pass)
+        self.inventory: Inventory = inventory if inventory is not None else AnnotationInventory()
+        self.quiet = quiet  # read-only (status): no events, no conditions
+        self.stats = PassStats()
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod, as the API server has it
+        self.nodes: dict[str, bool] = {}  # node name -> schedulable (not cordoned); nodes left out are not here
+        self._skipped: dict[str, str] = {}  # node -> why its register annotation was refused
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._active: list[tuple[str, str, str]] = []  # heap: (creationTimestamp, namespace/name, uid)
+        self._queued: set[str] = set()
+        self._waiting: dict[str, _Waiting] = {}
+        self._told: dict[str, str] = {}  # uid -> the last FailedScheduling message (never repeated)
+        self._in_flight: set[str] = set()  # uids whose binding call is under way
+        self._bound_on: dict[str, str] = {}  # uid -> node, for every bound live pod (spreads device-less pods)
+        self._per_node: Counter[str] = Counter()
+        self._changes = 0  # cluster changes seen (slices freed, nodes changed)
+        self._outside = self.inventory.changes()
+        self._outside_at = time.monotonic()
+        self._swept_at = 0.0
+        self._pool: ThreadPoolExecutor | None = None  # run(): bindings, several at once
+        self._notes: ThreadPoolExecutor | None = None  # run(): events and conditions, off the binding path
+        self.pod_informer = Informer(self.kube, "/api/v1/pods", self._on_pod, "pods")
+        self.node_informer = Informer(self.kube, "/api/v1/nodes", self._on_node, "nodes")
 
-    # --- one pass ----------------------------------------------------------------------------
-    def run_once(self) -> PassStats:
-        stats = PassStats()
-        self._sync_nodes(stats)
-        with self._pods_lock:
-            failed, self._failed = self._failed, []
-            cached = None if self._pods is None else list(self._pods.values())
-        for uid in failed:
-            if uid in self._leases:
-                self.ledger.release(self._leases.pop(uid))
-        pods = self.core.list_pod_for_all_namespaces().items if cached is None else cached
-        if not self._rebuilt:
-            self._rebuild(pods)
-            self._rebuilt = True
-        self._release_gone(pods, stats)
-        pending = [p for p in pods if p.spec.scheduler_name == self.scheduler_name and not p.spec.node_name
-                   and p.status.phase == "Pending" and p.metadata.deletion_timestamp is None]
-        pending.sort(key=lambda p: (p.metadata.creation_timestamp or datetime.datetime.min, p.metadata.name))
-        for pod in pending:
+    @property
+    def ledger(self) -> Any:
+        """The annotation inventory's ledger (tests and status read it)."""
+        return getattr(self.inventory, "ledger")
+
+    # --- following the cluster -----------------------------------------------------------------
+    def _on_node(self, kind: str, node: dict[str, Any]) -> None:
+        meta = node["metadata"]
+        name = meta["name"]
+        with self._lock:
+            if kind == "DELETED":
+                self.nodes.pop(name, None)
+                self._skipped.pop(name, None)
+                self.inventory.remove_node(name)
+                self._changed()
+                return
+            annotations = meta.get("annotations") or {}
+            old = self.nodes.get(name)
             try:
-                self._schedule(pod, stats)
-            except Exception as exc:  # noqa: BLE001 - a long-running loop never dies on one bad object
-                log.exception("pod %s/%s: %s", pod.metadata.namespace, pod.metadata.name, exc)
-        return stats
+                changed = self.inventory.set_node(name, annotations)
+            except HamiRayError as exc:
+                self.nodes.pop(name, None)
+                if self._skipped.get(name) != str(exc):
+                    self._skipped[name] = str(exc)
+                    self._note(self._event, node, "Warning", "InvalidRegisterAnnotation", str(exc), "Node")
+                return
+            self._skipped.pop(name, None)
+            schedulable = not (node.get("spec") or {}).get("unschedulable", False)
+            self.nodes[name] = schedulable
+            if changed or old != schedulable:
+                self._changed()
 
-    def _sync_nodes(self, stats: PassStats, quiet: bool = False) -> None:
-        seen = set()
-        for node in self.core.list_node().items:
-            name = node.metadata.name
-            annotations = node.metadata.annotations or {}
-            register = annotations.get(REGISTER_ANNOTATION)
-            if register is None:
-                devices: tuple[Any, ...] = ()
+    def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        spec = pod.get("spec") or {}
+        with self._lock:
+            if kind == "DELETED" or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                if kind == "DELETED":
+                    self.pods.pop(uid, None)
+                else:
+                    self.pods[uid] = pod
+                self._forget(uid)
+                node = self._bound_on.pop(uid, None)
+                if node is not None:
+                    self._per_node[node] -= 1
+                if self.inventory.holds(uid):
+                    self.inventory.release(uid)
+                    self.stats.released += 1
+                    self._changed()
+                return
+            self.pods[uid] = pod
+            node = spec.get("nodeName")
+            if node:
+                self._forget(uid)
+                if uid not in self._bound_on:
+                    self._bound_on[uid] = node
+                    self._per_node[node] += 1
+                if not self.inventory.holds(uid) and uid not in self._in_flight:
+                    self._adopt(pod, node)
+                return
+            if spec.get("schedulerName") != self.scheduler_name or meta.get("deletionTimestamp"):
+                return
+            if uid in self._in_flight or uid in self._queued:
+                return
+            placed_on = (meta.get("annotations") or {}).get(NODE_ANNOTATION)
+            if placed_on and not self.inventory.holds(uid):  # annotated, never bound (HAMi's two steps)
+                self._adopt(pod, placed_on)
+            waiting = self._waiting.get(uid)
+            if waiting is not None:
+                if waiting.signature == _signature(pod):
+                    return  # our own condition, or nothing that placement reads changed
+                del self._waiting[uid]
+            self._push(pod)
+
+    def _adopt(self, pod: dict[str, Any], node: str) -> None:
+        """Hold what the pod's allocation annotations say it was given on ``node``."""
+        annotations = pod["metadata"].get("annotations") or {}
+        per_container: list[list[DeviceGrant]] = []
+        try:
+            for key, _ in ALLOCATED_KEYS:
+                value = annotations.get(key)
+                if value is None:
+                    continue
+                for i, devices in enumerate(decode_pod_devices(value, field=key)):
+                    while len(per_container) <= i:
+                        per_container.append([])
+                    per_container[i].extend(DeviceGrant(uuid=d.uuid, memory_mib=d.memory_mib, cores=d.cores)
+                                            for d in devices)
+            slices = [c for c in per_container if c]
+            if slices and not self.inventory.adopt(pod["metadata"]["uid"], _owner(pod), node, slices):
+                log.warning("pod %s: node %s is not in the inventory; its slices are not counted", _owner(pod), node)
+        except HamiRayError as exc:
+            log.warning("pod %s: allocation annotation not restored: %s", _owner(pod), exc)
+
+    def _forget(self, uid: str) -> None:
+        self._queued.discard(uid)
+        self._waiting.pop(uid, None)
+        self._told.pop(uid, None)
+
+    def _push(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        heapq.heappush(self._active, (meta.get("creationTimestamp") or "", _owner(pod), meta["uid"]))
+        self._queued.add(meta["uid"])
+        self._cond.notify()
+
+    def _changed(self) -> None:
+        self._changes += 1
+        self._cond.notify()
+
+    # --- the queue -------------------------------------------------------------------------------
+    def _sweep(self, now: float, everyone: bool = False) -> None:
+        """Waiting pods whose back-off is over and that saw a cluster change (or waited a minute) go
+        back to the queue; ``everyone``: all of them (a pass of :meth:`run_once`)."""
+        if now - self._outside_at >= CHANGES_POLL_S or everyone:
+            self._outside_at = now
+            try:
+                outside = self.inventory.changes()
+            except Exception as exc:  # noqa: BLE001 - the placement actor restarting: ask again later
+                log.info("inventory changes not read: %s", exc)
+                outside = self._outside
+            if outside != self._outside:
+                self._outside = outside
+                self._changes += 1
+        self._swept_at = now
+        for uid, waiting in list(self._waiting.items()):
+            due = (waiting.changes != self._changes and now >= waiting.retry_at) or now - waiting.last >= RESYNC_WAITING_S
+            if everyone or due:
+                del self._waiting[uid]
+                pod = self.pods.get(uid)
+                if pod is not None:
+                    self._push(pod)
+
+    def _next(self, stop: threading.Event | None) -> str | None:
+        """The next pod to place (creation order); None when there is none (``stop=None``) or on stop."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if stop is not None and self._waiting and (now - self._swept_at >= 0.2
+                                                           or now - self._outside_at >= CHANGES_POLL_S):
+                    self._sweep(now)
+                while self._active:
+                    uid = heapq.heappop(self._active)[2]
+                    if uid in self._queued:
+                        self._queued.discard(uid)
+                        return uid
+                if stop is None or stop.is_set():
+                    return None
+                self._cond.wait(0.2)
+
+    # --- placing ---------------------------------------------------------------------------------
+    def _schedule(self, uid: str) -> None:
+        with self._lock:
+            pod = self.pods.get(uid)
+            if pod is None or uid in self._in_flight:
+                return
+            meta, spec = pod["metadata"], pod.get("spec") or {}
+            if spec.get("nodeName") or meta.get("deletionTimestamp") or spec.get("schedulerName") != self.scheduler_name:
+                return
+            if self.inventory.holds(uid):  # placed before (annotations), not bound: bind it there
+                node = (meta.get("annotations") or {}).get(NODE_ANNOTATION)
+                if node:
+                    self._in_flight.add(uid)
+                    self._submit(pod, node, None)
+                    return
+                self.inventory.release(uid)
+            try:
+                containers = pod_requests(pod, self.config)
+            except HamiRayError as exc:
+                self._unschedulable(pod, "InvalidRequest", str(exc), invalid=True)
+                return
+            requests = [c.request for c in containers if c.request is not None]
+            allowed = [n for n, ok in self.nodes.items() if ok]
+            if not requests:
+                if not allowed:
+                    self._unschedulable(pod, "Unschedulable", "0/0 nodes are available")
+                    return
+                node = min(allowed, key=lambda n: (self._per_node[n], n))
+                annotations = _annotations(node, containers, None)
             else:
                 try:
-                    devices = devices_from_register(register, annotations.get(NVIDIA_SCORE_ANNOTATION))
+                    allocation = self.inventory.place(uid, _owner(pod), requests, allowed)
+                except TemporaryError as exc:  # Unschedulable; a reservation refused (Ray)
+                    self._unschedulable(pod, "Unschedulable", str(exc))
+                    return
                 except HamiRayError as exc:
-                    stats.skipped_nodes.append(name)
-                    if not quiet:
-                        self._event(node, "Warning", "InvalidRegisterAnnotation", f"{REGISTER_ANNOTATION}: {exc}",
-                                    kind="Node")
-                    continue
-            seen.add(name)
-            new = Node(name=name, devices=devices)
-            if name not in self.ledger.nodes or self.ledger.node(name) != new:
-                self.ledger.add_node(new)
-        for name in set(self.ledger.nodes) - seen:
-            self.ledger.remove_node(name)
-
-    def _rebuild(self, pods: list[Any]) -> None:
-        """Leases of the pods already placed (ours or HAMi's), from their allocation annotations."""
-        for pod in pods:
-            annotations = pod.metadata.annotations or {}
-            node = annotations.get(NODE_ANNOTATION) or pod.spec.node_name
-            value = annotations.get(ALLOCATED_ANNOTATION)
-            if not node or value is None or pod.status.phase in ("Succeeded", "Failed"):
-                continue
-            try:
-                containers = decode_pod_devices(value)
-                slices = tuple(tuple(DeviceGrant(uuid=d.uuid, memory_mib=d.memory_mib, cores=d.cores) for d in c)
-                               for c in containers if c)
-                lease = Lease(lease_id=f"pod-{pod.metadata.uid}", owner=_owner(pod), token=pod.metadata.uid,
-                              allocation=Allocation(node=node, slices=slices), state=LeaseState.ACTIVE)
-                self.ledger.allocate(lease)
-                self._leases[pod.metadata.uid] = lease.lease_id
-            except HamiRayError as exc:
-                log.warning("pod %s: allocation annotation not restored: %s", _owner(pod), exc)
-
-    def _release_gone(self, pods: list[Any], stats: PassStats) -> None:
-        live = {p.metadata.uid for p in pods if p.status.phase not in ("Succeeded", "Failed")}
-        for uid in [u for u in self._leases if u not in live]:
-            self.ledger.release(self._leases.pop(uid))
-            stats.released += 1
-
-    def _schedule(self, pod: Any, stats: PassStats) -> None:
-        uid = pod.metadata.uid
-        with self._pods_lock:
-            if uid in self._in_flight:
-                return
-        if uid in self._leases:  # placed before a restart, not bound: bind where its annotations say
-            node = (pod.metadata.annotations or {}).get(NODE_ANNOTATION)
-            if node:
-                self._bind(pod, node, None, stats, annotate=False)
-            return
-        try:
-            containers = pod_requests(client.ApiClient().sanitize_for_serialization(pod), self.config)
-        except HamiRayError as exc:
-            stats.invalid += 1
-            self._unschedulable(pod, "InvalidRequest", str(exc))
-            return
-        requests = [c.request for c in containers if c.request is not None]
-        if not requests:
-            self._bind(pod, self._least_busy(), None, stats)
-            return
-        try:
-            allocation = self.scheduler.place(requests)
-        except Unschedulable as exc:
-            stats.unschedulable += 1
-            self._unschedulable(pod, "Unschedulable", str(exc))
-            return
-        except HamiRayError as exc:
-            stats.invalid += 1
-            self._unschedulable(pod, "InvalidRequest", str(exc))
-            return
-        grants = iter(allocation.slices)
-        per_container = [list(next(grants)) if c.request is not None else [] for c in containers]
-        lease = Lease(lease_id=f"pod-{uid}", owner=_owner(pod), token=uid, allocation=allocation,
-                      state=LeaseState.ACTIVE)
-        self.ledger.allocate(lease)
-        self._leases[uid] = lease.lease_id
-        self._bind(pod, allocation.node, encode_pod_devices(per_container), stats)
-
-    def _bind(self, pod: Any, node: str | None, encoded: str | None, stats: PassStats, *,
-              annotate: bool = True) -> None:
-        """Write HAMi's annotations (``encoded``: the devices, None without any), then the Binding; a
-        409 (bound meanwhile, by another replica or before a restart) keeps what the annotations say."""
-        uid = pod.metadata.uid
-        if node is None:
-            stats.unschedulable += 1
-            self._unschedulable(pod, "Unschedulable", "0/0 nodes are available")
-            return
-        now = str(int(time.time()))
-        annotations = {NODE_ANNOTATION: node, TIME_ANNOTATION: now, BIND_PHASE_ANNOTATION: "allocating",
-                       BIND_TIME_ANNOTATION: now}
-        if encoded is not None:
-            annotations[TO_ALLOCATE_ANNOTATION] = encoded
-            annotations[ALLOCATED_ANNOTATION] = encoded
-        stats.bound += 1
-        if self._pool is None:
-            self._api_bind(pod, node, annotations if annotate else None)
-            return
-        with self._pods_lock:
+                    self._unschedulable(pod, "InvalidRequest", str(exc), invalid=True)
+                    return
+                node = allocation.node
+                annotations = _annotations(node, containers, allocation)
             self._in_flight.add(uid)
-        self._pool.submit(self._api_bind, pod, node, annotations if annotate else None)
+        self._submit(pod, node, annotations)
 
-    def _api_bind(self, pod: Any, node: str, annotations: dict[str, str] | None) -> None:
-        """The API calls of a binding (run(): on a pool thread; a failure frees the lease next pass)."""
-        uid = pod.metadata.uid
-        try:
-            self._calls(pod, node, annotations)
-        except Exception as exc:  # noqa: BLE001 - one pod's failure never stops the others
-            log.warning("pod %s not bound: %s", _owner(pod), exc)
-            with self._pods_lock:
-                self._failed.append(uid)
-        finally:
-            with self._pods_lock:
-                self._in_flight.discard(uid)
+    def _submit(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None) -> None:
+        if self._pool is None:
+            self._bind(pod, node, annotations)
+        else:
+            self._pool.submit(self._bind, pod, node, annotations)
 
-    def _calls(self, pod: Any, node: str, annotations: dict[str, str] | None) -> None:
-        uid = pod.metadata.uid
+    def _bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None) -> None:
+        """One ``pods/binding`` call, with HAMi's annotations on it; a 409 (bound meanwhile) keeps what the
+        pod says; any other failure frees the slice and the pod waits its back-off."""
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        body = {"apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": uid,
+                             "annotations": annotations or {}},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:
-            if annotations is not None:
-                self.core.patch_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
-                                               {"metadata": {"annotations": annotations}})
-            self.core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace, client.V1Binding(
-                metadata=client.V1ObjectMeta(name=pod.metadata.name, uid=uid),
-                target=client.V1ObjectReference(api_version="v1", kind="Node", name=node)),
-                _preload_content=False)
+            self.kube.post(pod_path(pod, "/binding"), body)
         except ApiException as exc:
-            if exc.status == 409:  # bound meanwhile (another replica): keep what the annotations say
-                return
-            raise
-        self._told.pop(uid, None)
-        self._event(pod, "Normal", "Scheduled",
-                    f"Successfully assigned {pod.metadata.namespace}/{pod.metadata.name} to {node}")
-
-    def _least_busy(self) -> str | None:
-        """For a pod without devices: the node holding the fewest leases (it is their scheduler too)."""
-        names = sorted(self.ledger.nodes)
-        if not names:
-            return None
-        held = dict.fromkeys(names, 0)
-        for lease in self.ledger.leases.values():
-            held[lease.allocation.node] = held.get(lease.allocation.node, 0) + 1
-        return min(names, key=lambda n: (held[n], n))
-
-    # --- explaining ----------------------------------------------------------------------------
-    def _unschedulable(self, pod: Any, reason: str, message: str) -> None:
-        if self._told.get(pod.metadata.uid) == message:
+            if exc.status == 409:
+                self._refresh(pod)
+            else:
+                with self._lock:
+                    self._in_flight.discard(uid)
+                    if self.inventory.holds(uid):
+                        self.inventory.release(uid)
+                    if exc.status != 404 and uid in self.pods:
+                        self._unschedulable(pod, "BindingRejected", f"binding to {node} failed: {exc.status} {exc.reason}")
             return
-        self._told[pod.metadata.uid] = message
-        self._event(pod, "Warning", "FailedScheduling", message)
-        condition = {"type": "PodScheduled", "status": "False", "reason": reason, "message": message,
-                     "lastTransitionTime": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        except Exception as exc:  # noqa: BLE001 - the API server went away: free it, try again later
+            with self._lock:
+                self._in_flight.discard(uid)
+                if self.inventory.holds(uid):
+                    self.inventory.release(uid)
+                if uid in self.pods:
+                    self._unschedulable(pod, "BindingRejected", f"binding to {node} failed: {exc}")
+            return
+        with self._lock:
+            self._in_flight.discard(uid)
+            self.stats.bound += 1
+            self._told.pop(uid, None)
+        self._note(self._event, pod, "Normal", "Scheduled",
+                   f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
+
+    def _refresh(self, pod: dict[str, Any]) -> None:
+        """The binding was refused with 409: read the pod; if it is bound, what it says wins over what
+        this bridge chose (our slice is freed, its annotations' are held)."""
+        uid = pod["metadata"]["uid"]
         try:
-            self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace,
-                                                  {"status": {"conditions": [condition]}})
+            fresh = self.kube.get(pod_path(pod))
+        except ApiException as exc:
+            fresh = None if exc.status == 404 else pod
+        with self._lock:
+            self._in_flight.discard(uid)
+            if self.inventory.holds(uid):
+                self.inventory.release(uid)
+            if fresh is None or fresh["metadata"].get("uid") != uid:
+                return
+            self.pods[uid] = fresh
+            node = (fresh.get("spec") or {}).get("nodeName")
+            if node:
+                self._adopt(fresh, node)
+            else:
+                self._unschedulable(fresh, "BindingRejected", "binding refused (409); tried again")
+
+    # --- explaining --------------------------------------------------------------------------------
+    def _unschedulable(self, pod: dict[str, Any], reason: str, message: str, invalid: bool = False) -> None:
+        uid = pod["metadata"]["uid"]
+        now = time.monotonic()
+        waiting = self._waiting.get(uid)
+        if waiting is None:
+            waiting = self._waiting[uid] = _Waiting(_signature(pod))
+        else:
+            waiting.backoff = min(waiting.backoff * 2, BACKOFF_S[1])
+        waiting.retry_at, waiting.last, waiting.changes = now + waiting.backoff, now, self._changes
+        if invalid:
+            self.stats.invalid += 1
+        else:
+            self.stats.unschedulable += 1
+        if self._told.get(uid) == message:
+            return
+        self._told[uid] = message
+        self._note(self._event, pod, "Warning", "FailedScheduling", message)
+        self._note(self._condition, pod, reason, message)
+
+    def _condition(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        condition = {"type": "PodScheduled", "status": "False", "reason": reason, "message": message,
+                     "lastTransitionTime": _now()}
+        try:
+            self.kube.patch(pod_path(pod, "/status"), {"status": {"conditions": [condition]}},
+                            content_type="application/strategic-merge-patch+json")
         except ApiException as exc:
             log.info("pod %s: condition not written: %s", _owner(pod), exc.reason)
 
-    def _event(self, obj: Any, type_: str, reason: str, message: str, kind: str = "Pod") -> None:
-        namespace = obj.metadata.namespace or "default"
-        now = datetime.datetime.now(datetime.timezone.utc)
-        body = client.EventsV1Event(
-            metadata=client.V1ObjectMeta(name=f"{obj.metadata.name}.{time.time_ns():x}", namespace=namespace),
-            event_time=now, reporting_controller=COMPONENT, reporting_instance=COMPONENT, action="Scheduling",
-            type=type_, reason=reason, note=message[:1024],
-            regarding=client.V1ObjectReference(kind=kind, name=obj.metadata.name, namespace=obj.metadata.namespace,
-                                               uid=obj.metadata.uid, api_version="v1"))
+    def _event(self, obj: dict[str, Any], type_: str, reason: str, message: str, kind: str = "Pod") -> None:
+        meta = obj["metadata"]
+        namespace = meta.get("namespace") or "default"
+        body = {"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": namespace},
+                "eventTime": _now(micro=True), "reportingController": COMPONENT, "reportingInstance": COMPONENT,
+                "action": "Scheduling", "type": type_, "reason": reason, "note": message[:1024],
+                "regarding": {"kind": kind, "name": meta["name"], "namespace": meta.get("namespace"),
+                              "uid": meta.get("uid"), "apiVersion": "v1"}}
         try:
-            self.events.create_namespaced_event(namespace, body)
+            self.kube.post(f"/apis/events.k8s.io/v1/namespaces/{namespace}/events", body)
         except ApiException as exc:
-            log.warning("event %s on %s not written: %s %s", reason, obj.metadata.name, exc.reason, exc.body)
+            log.warning("event %s on %s not written: %s %s", reason, meta["name"], exc.reason, exc.body)
 
-    # --- the loop ----------------------------------------------------------------------------
-    def run(self, stop: threading.Event, resync_s: float = 1.0, binders: int = 8) -> None:
-        """Passes until ``stop``: after every pod or node change, and every ``resync_s`` anyway. Pods
-        are kept by a watch (listed once, then followed); bindings go out from ``binders`` threads."""
-        self._pool = ThreadPoolExecutor(binders, thread_name_prefix="hami-ray-bind")  # pods cached once listed
-        threading.Thread(target=self._follow_pods, args=(stop,), daemon=True).start()
-        threading.Thread(target=self._watch, args=(self.core.list_node, stop), daemon=True).start()
-        while not stop.is_set():
+    def _note(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.quiet:
+            return
+        if self._notes is None:
+            fn(*args)
+        else:
+            self._notes.submit(fn, *args)
+
+    # --- running ---------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """List nodes, then pods, into the caches (differences since the last list are handled as the
+        watch would: a first list rebuilds the ledger from the pods' allocation annotations)."""
+        self.node_informer.relist()
+        self.pod_informer.relist()
+
+    def schedule_pending(self) -> None:
+        """Place and bind, in this thread, every queued pod and every waiting one (whatever its back-off)."""
+        with self._lock:
+            self._sweep(time.monotonic(), everyone=True)
+        while (uid := self._next(None)) is not None:
             try:
-                self.run_once()
+                self._schedule(uid)
             except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
-                log.exception("scheduling pass failed")
-            self._wake.wait(resync_s)
-            self._wake.clear()
+                log.exception("pod %s not scheduled", uid)
 
-    def _follow_pods(self, stop: threading.Event) -> None:
-        """List the pods once, then follow them by watch from that version (list again if it is gone)."""
-        while not stop.is_set():
-            try:
-                listed = self.core.list_pod_for_all_namespaces()
-                with self._pods_lock:
-                    self._pods = {p.metadata.uid: p for p in listed.items}
-                self._wake.set()
-                for event in watch.Watch().stream(self.core.list_pod_for_all_namespaces, timeout_seconds=30,
-                                                  resource_version=listed.metadata.resource_version):
-                    pod = event["object"]
-                    with self._pods_lock:
-                        assert self._pods is not None
-                        if event["type"] == "DELETED":
-                            self._pods.pop(pod.metadata.uid, None)
-                        else:
-                            self._pods[pod.metadata.uid] = pod
-                    self._wake.set()
-                    if stop.is_set():
-                        return
-            except Exception:  # noqa: BLE001 - the API server restarting, or a 410: list again
-                time.sleep(0.5)
+    def run_once(self) -> PassStats:
+        """One pass: :meth:`sync`, then :meth:`schedule_pending`; what it did."""
+        before = PassStats(**{k: v for k, v in vars(self.stats).items() if k != "skipped_nodes"})
+        self.sync()
+        self.schedule_pending()
+        with self._lock:
+            return PassStats(bound=self.stats.bound - before.bound,
+                             unschedulable=self.stats.unschedulable - before.unschedulable,
+                             invalid=self.stats.invalid - before.invalid,
+                             released=self.stats.released - before.released, skipped_nodes=sorted(self._skipped))
 
-    def _watch(self, target: Any, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                for _ in watch.Watch().stream(target, timeout_seconds=30):
-                    self._wake.set()
-                    if stop.is_set():
-                        return
-            except Exception:  # noqa: BLE001 - the API server restarting: watch again
-                time.sleep(1.0)
+    def run(self, stop: threading.Event, binders: int = 8) -> None:
+        """Follow the cluster and schedule until ``stop``; bindings go out from ``binders`` threads."""
+        self._pool = ThreadPoolExecutor(binders, thread_name_prefix="hami-ray-bind")
+        self._notes = ThreadPoolExecutor(2, thread_name_prefix="hami-ray-events")
+        try:
+            for informer in (self.node_informer, self.pod_informer):  # nodes first: pods adopt slices on them
+                while not stop.is_set():
+                    try:
+                        informer.relist()
+                        break
+                    except Exception as exc:  # noqa: BLE001 - the API server is not there yet
+                        log.warning("listing %s: %s", informer.name, exc)
+                        stop.wait(1.0)
+                threading.Thread(target=informer.run, args=(stop,), name=f"hami-ray-{informer.name}",
+                                 daemon=True).start()
+            while not stop.is_set():
+                uid = self._next(stop)
+                if uid is None:
+                    continue
+                try:
+                    self._schedule(uid)
+                except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
+                    log.exception("pod %s not scheduled", uid)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._notes.shutdown(wait=True)
+            self._pool = self._notes = None
+
+
+def _annotations(node: str, containers: Sequence[ContainerRequest], allocation: Allocation | None) -> dict[str, str]:
+    """HAMi's pod annotations for a placement: the node and times, and per vendor asked for, the devices of
+    every container (a container without that vendor's devices is an empty entry, as HAMi writes it)."""
+    now = str(int(time.time()))
+    out = {NODE_ANNOTATION: node, TIME_ANNOTATION: now, BIND_PHASE_ANNOTATION: "allocating", BIND_TIME_ANNOTATION: now}
+    if allocation is None:
+        return out
+    grants = iter(allocation.slices)
+    per_container = [(c.request.vendor, list(next(grants))) if c.request is not None else (None, [])
+                     for c in containers]
+    for word in dict.fromkeys(v for v, _ in per_container if v is not None):
+        vendor = vendor_by_type(word)
+        if vendor is None or vendor.to_allocate is None or vendor.allocated is None:
+            continue
+        encoded = encode_pod_devices([g if v == word else [] for v, g in per_container], type_word=word)
+        out[vendor.to_allocate] = encoded
+        out[vendor.allocated] = encoded
+    return out
+
+
+def _signature(pod: dict[str, Any]) -> str:
+    """What placement reads of a pod: its annotations and containers' resources."""
+    spec = pod.get("spec") or {}
+    return json.dumps([pod["metadata"].get("annotations"),
+                       [c.get("resources") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])]],
+                      sort_keys=True)
+
+
+def _now(micro: bool = False) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def cluster_status(api: client.ApiClient, scheduler_name: str = SCHEDULER_NAME) -> ClusterStatus:
     """What ``hami-ray status --kubeconfig`` shows: nodes and devices from the register annotations,
-    every placed pod's slices (owner ``namespace/pod``) from its allocation annotation, and the pending
+    every placed pod's slices (owner ``namespace/pod``) from its allocation annotations, and the pending
     pods of ``scheduler_name`` with their last ``PodScheduled`` message. Read-only."""
-    view = PodScheduler(api, scheduler_name=scheduler_name)
-    view._sync_nodes(PassStats(), quiet=True)
-    pods = view.core.list_pod_for_all_namespaces().items
-    view._rebuild(pods)
-    pending = [p for p in pods if p.spec.scheduler_name == scheduler_name and not p.spec.node_name
-               and p.status.phase == "Pending"]
+    view = PodScheduler(api, scheduler_name=scheduler_name, quiet=True)
+    view.sync()
+    pending = sorted((p for p in view.pods.values() if (p.get("spec") or {}).get("schedulerName") == scheduler_name
+                      and not (p.get("spec") or {}).get("nodeName")
+                      and (p.get("status") or {}).get("phase") == "Pending"),
+                     key=lambda p: p["metadata"].get("creationTimestamp") or "")
     now = time.time()
     waiting = [{"owner": _owner(p), "request": "pod", "priority": 0,
-                "waited_s": round(now - p.metadata.creation_timestamp.timestamp(), 1)
-                if p.metadata.creation_timestamp else 0.0,
+                "waited_s": round(now - since(p["metadata"].get("creationTimestamp")), 1)
+                if p["metadata"].get("creationTimestamp") else 0.0,
                 "reason": _pod_scheduled_message(p)} for p in pending[:10]]
-    return build_status(view.ledger.snapshot(), queue_depth=len(pending), waiting=waiting)
+    return build_status(view.inventory.snapshot(), queue_depth=len(pending), waiting=waiting)
 
 
-def _pod_scheduled_message(pod: Any) -> str:
-    for cond in pod.status.conditions or []:
-        if cond.type == "PodScheduled" and cond.status == "False":
-            return str(cond.message or cond.reason or "")
+def _pod_scheduled_message(pod: dict[str, Any]) -> str:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("message") or cond.get("reason") or "")
     return "not tried yet"
 
 
-def _owner(pod: Any) -> str:
-    return f"{pod.metadata.namespace}/{pod.metadata.name}"
+def _owner(pod: dict[str, Any]) -> str:
+    meta = pod["metadata"]
+    return f"{meta.get('namespace')}/{meta.get('name')}"
 
+
+def lead(api: client.ApiClient, sched: PodScheduler, stop: threading.Event, *, namespace: str, name: str,
+         identity: str | None = None, lease_s: float = 15.0) -> None:
+    """Schedule only while holding the ``coordination.k8s.io`` Lease ``namespace/name`` (kube-scheduler's
+    ``--leader-elect``): a second replica waits, and takes over within ``lease_s`` when the first stops
+    renewing. Losing the lease stops scheduling and returns (the process should exit, as kube-scheduler does)."""
+    import os  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from kubernetes.leaderelection import electionconfig, leaderelection  # noqa: PLC0415
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock  # noqa: PLC0415
+
+    lock = LeaseLock(name, namespace, identity or f"{socket.gethostname()}_{os.getpid()}")
+    lock.api_instance = client.CoordinationV1Api(api)
+    done = threading.Event()
+
+    def started() -> None:
+        log.info("leading as %s", lock.identity)
+        try:
+            sched.run(stop)
+        finally:
+            done.set()
+
+    def stopped() -> None:
+        log.warning("%s lost the lease %s/%s: scheduling stops", lock.identity, namespace, name)
+        stop.set()
+
+    retry_s = max(lease_s / 7.5, 1.1)  # kube-scheduler: 15 / 10 / 2 s; the client wants retries over 1 s
+    renew_s = max(lease_s * 2 / 3, retry_s * 1.3)
+    config = electionconfig.Config(lock, math.ceil(max(lease_s, renew_s * 1.2)), renew_s, retry_s, started, stopped)
+    leaderelection.LeaderElection(config).run()
+    done.wait(30)

@@ -15,20 +15,21 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded, Unschedulable
-from hami_ray.core.model import Lease, Node, SliceRequest
+from hami_ray.core.errors import HamiRayError, ReservationRefused, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.model import K8S_NODE_LABEL, Allocation, DeviceGrant, Lease, Node, SliceRequest
 from hami_ray.observe.metrics import StatusCollector
 from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
 from hami_ray.wire import AsyncClient, AsyncServer, WireError
-from hami_ray.runtime.service import PlacementService, Waiter
+from hami_ray.runtime.service import PlacementService, Plan, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PlacementShell:
         self.decisions_ms: list[float] = []
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
+        self.changes = 0  # slices freed so far: the Kubernetes bridge retries waiting pods when it moves
         self._host = ""
         self._loop: asyncio.AbstractEventLoop | None = None  # this actor's loop (scrapes run their reads there)
         self._fast = AsyncServer({"acquire": self.acquire, "release": self.release, "ping": self.ping})
@@ -131,6 +133,7 @@ class PlacementShell:
                         if truth is None:
                             if lease.state == "active":  # freed there: finished, reaped, enforced
                                 self.svc.release(lease.lease_id, None)
+                                self.changes += 1
                         elif self._orphaned(truth):
                             self.svc.release(lease.lease_id, None)
                             handle.release.remote(truth.lease_id, truth.token)
@@ -161,7 +164,8 @@ class PlacementShell:
     def _orphaned(self, lease: Lease) -> bool:
         """Reserved by an earlier incarnation of this actor (it died between reserving and starting the
         work) and never claimed by a process: nobody will use it."""
-        return (lease.lease_id not in self._mine and lease.state == "reserved" and not lease.pids
+        return (lease.holder == "process" and lease.lease_id not in self._mine and lease.state == "reserved"
+                and not lease.pids
                 and time.time() - lease.created_at > ORPHAN_S)
 
     # --- queue -------------------------------------------------------------------------------
@@ -206,10 +210,15 @@ class PlacementShell:
             raise
 
     async def _try_place(self, request: SliceRequest, owner: str) -> tuple[Lease, dict[str, str]] | None:
+        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time()))
+
+    async def _reserve_planned(self, planner: Callable[[], Plan]) -> tuple[Lease, dict[str, str]] | None:
+        """Plan (``planner``: the ledger holds the slice as reserved), then have the node actor confirm it;
+        a refusal (its ledger still holds a release not told yet, or it is restarting) plans again."""
         for _ in range(RESERVE_TRIES):
             t0 = time.perf_counter()
             try:
-                plan = self.svc.plan(request, owner, time.time())
+                plan = planner()
             except Unschedulable as exc:
                 if exc.never:
                     raise  # fail fast: waiting would be forever
@@ -239,6 +248,7 @@ class PlacementShell:
         there may be refused once and retried: safe, never over-committed."""
         self.svc.release(lease.lease_id, lease.token)
         self._mine.discard(lease.lease_id)
+        self.changes += 1
         self._kick()
         node = lease.allocation.node
         box = self._outbox.setdefault(node, [])
@@ -378,6 +388,77 @@ class PlacementShell:
         except RayError:
             return None
         return record
+
+    # --- Kubernetes pods (the bridge: hami_ray.k8s.inventory.RayInventory) -------------------
+    async def place_pod(self, requests: list[dict[str, Any]], owner: str, lease_id: str, token: str,
+                        k8s_nodes: list[str] | None = None) -> dict[str, Any]:
+        """Hold a pod's containers' slices on one node that runs in Kubernetes, now, never ahead of a
+        Ray request that waits; returns the lease and the Kubernetes node to bind the pod to.
+
+        Raises:
+            Unschedulable: nothing fits now (kube-scheduler's ``0/N nodes`` wording), or requests wait.
+            InvalidRequest: a request this cluster can never hold.
+        """
+        await self._ensure_started()
+        reqs = [self._request(r) for r in requests]
+        for req in reqs:
+            self.svc.scheduler.validate(req)
+        if self.svc.head() is not None:
+            nodes = len(self.svc.pod_nodes(k8s_nodes))
+            raise Unschedulable(nodes, {f"kept for {self.svc.queue_depth} waiting Ray requests": nodes})
+        placed = await self._reserve_planned(lambda: self.svc.plan_pod(reqs, owner, lease_id, token, k8s_nodes))
+        if placed is None:
+            self.svc.scheduler.place(reqs, nodes=self.svc.pod_nodes(k8s_nodes))  # raises why it did not fit
+            raise ReservationRefused(f"the node actor refused {owner}'s slices {RESERVE_TRIES} times; tried again later")
+        lease = placed[0]
+        return {"lease": lease.model_dump(mode="json"), "k8s_node": self._k8s_name(lease.allocation.node)}
+
+    async def adopt_pod(self, lease_id: str, token: str, owner: str, k8s_node: str,
+                        slices: list[list[dict[str, Any]]]) -> bool:
+        """Hold the slices a pod was given before (its allocation annotation: a restarted bridge, or a pod
+        placed by HAMi's scheduler); False if that Kubernetes node has no node actor here.
+
+        Raises:
+            HamiRayError: the slices do not fit there (unknown devices, over capacity).
+        """
+        await self._ensure_started()
+        if lease_id in self.svc.ledger.leases:
+            return True
+        node_id = self.svc.k8s_nodes().get(k8s_node)
+        if node_id is None:
+            return False
+        allocation = Allocation(node=node_id, slices=tuple(tuple(DeviceGrant.model_validate(g) for g in c)
+                                                           for c in slices))
+        lease = Lease(lease_id=lease_id, owner=owner, allocation=allocation, token=token, holder="pod",
+                      created_at=time.time())
+
+        def planner() -> Plan:
+            self.svc.ledger.allocate(lease)
+            return Plan(lease, node_id)
+
+        if await self._reserve_planned(planner) is None:
+            raise ReservationRefused(f"node {k8s_node} refused the slices of {owner}")
+        return True
+
+    async def release_pod(self, lease_id: str) -> bool:
+        """Free a pod's lease (deleted, Succeeded or Failed); False if it was not held."""
+        await self._ensure_started()
+        lease = self.svc.ledger.leases.get(lease_id)
+        if lease is None or lease.holder != "pod":
+            return False
+        await self._release(lease)
+        return True
+
+    async def pod_leases(self) -> dict[str, Any]:
+        """The pods' leases held (lease id -> Kubernetes node), the Kubernetes nodes with a node actor,
+        and :attr:`changes` (it moves whenever a slice is freed)."""
+        await self._ensure_started()
+        return {"leases": {x.lease_id: self._k8s_name(x.allocation.node) for x in self.svc.ledger.leases.values()
+                           if x.holder == "pod"},
+                "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes}
+
+    def _k8s_name(self, node_id: str) -> str:
+        return self.svc.ledger.node(node_id).labels.get(K8S_NODE_LABEL, node_id)
 
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hami_ray.core.errors import InvalidRequest, Unschedulable
 from hami_ray.core.ledger import Ledger
-from hami_ray.core.model import ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
+from hami_ray.core.model import K8S_NODE_LABEL, ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
 from hami_ray.core.policies.fgd import FgdDevicePolicy
 from hami_ray.core.policies.workload import TargetWorkload
 from hami_ray.core.scheduler import Scheduler
@@ -91,6 +91,34 @@ class PlacementService:
         allocation = self.scheduler.place(request)
         lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
                       token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at)
+        self.ledger.allocate(lease)
+        return Plan(lease, allocation.node)
+
+    def k8s_nodes(self) -> dict[str, str]:
+        """Kubernetes node name -> node id, for the nodes whose node actor says where it runs."""
+        return {node.labels[K8S_NODE_LABEL]: name for name, node in self.ledger.nodes.items()
+                if node.labels.get(K8S_NODE_LABEL)}
+
+    def pod_nodes(self, k8s_nodes: Sequence[str] | None) -> list[str]:
+        """The node ids that may hold a pod: those running in Kubernetes (on ``k8s_nodes``; None: any)."""
+        named = self.k8s_nodes()
+        return [named[n] for n in (named if k8s_nodes is None else k8s_nodes) if n in named]
+
+    def plan_pod(self, requests: Sequence[SliceRequest], owner: str, lease_id: str, token: str,
+                 k8s_nodes: Sequence[str] | None) -> Plan:
+        """A Kubernetes pod's containers on one node that runs in Kubernetes (``k8s_nodes``: only those
+        Kubernetes nodes; None: any), held as ``reserved`` with ``holder="pod"``.
+
+        Raises:
+            Unschedulable, InvalidRequest: as :meth:`plan`; a node without a Kubernetes name never fits.
+        """
+        allowed = self.pod_nodes(k8s_nodes)
+        for request in requests:
+            self.scheduler.observe(request)
+            self.workload.observe(request)
+        allocation = self.scheduler.place(requests, nodes=allowed)
+        lease = Lease(lease_id=lease_id, owner=owner, allocation=allocation, token=token, holder="pod",
+                      priority=max(r.priority for r in requests), created_at=time.time())
         self.ledger.allocate(lease)
         return Plan(lease, allocation.node)
 

@@ -5,51 +5,19 @@ deleted pod's lease is freed for a pod that waited. Inventory: HAMi's node regis
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config, utils
+from kubernetes import client
 
 from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
 from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION, PodScheduler
+from tests.helpers import sa_kubeconfig
 
 pytestmark = pytest.mark.k8s
-_ns = itertools.count()
 REGISTER = "hami.io/node-nvidia-register"
-
-
-RBAC = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "rbac.yaml"
-
-
-@pytest.fixture(scope="session")
-def admin(kubeconfig: Path) -> client.ApiClient:
-    return config.new_client_from_config(config_file=str(kubeconfig))
-
-
-@pytest.fixture(scope="session")
-def api(admin: client.ApiClient) -> client.ApiClient:
-    """The scheduler's own identity: the ServiceAccount of deploy/k8s/rbac.yaml, with only its rights."""
-    utils.create_from_yaml(admin, str(RBAC))
-    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
-        "hami-scheduler", "hami-ray", client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=["https://kubernetes.default.svc"], expiration_seconds=3600)))
-    conf = client.Configuration()
-    conf.host = admin.configuration.host
-    conf.ssl_ca_cert = admin.configuration.ssl_ca_cert
-    conf.api_key = {"authorization": f"Bearer {token.status.token}"}
-    return client.ApiClient(conf)
-
-
-@pytest.fixture
-def namespace(admin: client.ApiClient) -> str:
-    core = client.CoreV1Api(admin)
-    name = f"sched-{next(_ns)}-{int(time.time() * 1000) % 100000}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    core.create_namespaced_service_account(name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default")))
-    return name
 
 
 def _node(api: client.ApiClient, name: str, register: str) -> None:
@@ -160,17 +128,6 @@ def test_the_command_line_runs_a_pass(kubeconfig: Path, admin: client.ApiClient,
     assert any(w["owner"] == f"{namespace}/cli-too-big" for w in data["waiting"])
 
 
-def _sa_kubeconfig(api: client.ApiClient, path: Path) -> Path:
-    token = api.configuration.api_key["authorization"].removeprefix("Bearer ")
-    path.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: c, cluster: {{server: "{api.configuration.host}", certificate-authority: "{api.configuration.ssl_ca_cert}"}}}}]
-users: [{{name: u, user: {{token: "{token}"}}}}]
-contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
-current-context: x
-""")
-    return path
-
 
 def test_a_restart_in_the_middle_of_500_pods(admin: client.ApiClient, api: client.ApiClient, namespace: str,
                                             tmp_path: Path) -> None:
@@ -191,7 +148,7 @@ def test_a_restart_in_the_middle_of_500_pods(admin: client.ApiClient, api: clien
     for n in range(10):
         _node(admin, f"node-{n}", register.replace("{n}", str(n)))
     capacity = {d.uuid: d for n in range(10) for d in devices_from_register(register.replace("{n}", str(n)))}
-    config_path = _sa_kubeconfig(api, tmp_path / "scheduler.kubeconfig")
+    config_path = sa_kubeconfig(api, tmp_path / "scheduler.kubeconfig")
     command = [sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--kubeconfig", str(config_path)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shapes = [{"nvidia.com/gpu": "1", "nvidia.com/gpumem": m, "nvidia.com/gpucores": c}

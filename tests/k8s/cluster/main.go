@@ -2,8 +2,10 @@
 // and the real kube-apiserver (k8s.io/kubernetes, RBAC on), both on 127.0.0.1, state in -dir.
 //
 // It writes <dir>/kubeconfig (cluster-admin, by bearer token; the API server's self-signed certificate
-// as the authority) once the API server answers /readyz, and
-// runs until SIGINT/SIGTERM. Built by `make k8s-bin`; started by the pytest fixture and `make k8s-up`.
+// as the authority) once the API server answers /readyz, then starts kwok (-kwok, default: the kwok
+// binary beside this one, when there) as the kubelet of every node annotated kwok.x-k8s.io/node=fake,
+// and runs until SIGINT/SIGTERM (kwok is stopped with it, and dies with it if this is killed).
+// Built by `make k8s-bin`; started by the pytest fixture and `make k8s-up`.
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
@@ -32,18 +35,19 @@ import (
 func main() {
 	dir := flag.String("dir", "", "state directory (etcd data, keys, certificates, kubeconfig)")
 	port := flag.Int("port", 0, "API server port on 127.0.0.1 (0: a free one)")
+	kwok := flag.String("kwok", defaultKwok(), "kwok binary for simulated nodes (empty: none)")
 	flag.Parse()
 	if *dir == "" {
 		fmt.Fprintln(os.Stderr, "-dir is required")
 		os.Exit(2)
 	}
-	if err := run(*dir, *port); err != nil {
+	if err := run(*dir, *port, *kwok); err != nil {
 		fmt.Fprintln(os.Stderr, "hami-k8s-cluster:", err)
 		os.Exit(1)
 	}
 }
 
-func run(dir string, port int) error {
+func run(dir string, port int, kwok string) error {
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
@@ -128,6 +132,13 @@ current-context: hami-test
 	if err := os.Rename(tmp, filepath.Join(dir, "kubeconfig")); err != nil {
 		return err
 	}
+	if kwok != "" {
+		child, err := startKwok(kwok, dir)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = child.Process.Signal(syscall.SIGTERM); _ = child.Wait() }()
+	}
 	fmt.Println("ready", server)
 	select {
 	case <-ctx.Done():
@@ -135,6 +146,52 @@ current-context: hami-test
 	case err := <-done:
 		return err
 	}
+}
+
+const kwokConfig = `apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  nodeLeaseDurationSeconds: 40
+  nodeLeaseParallelism: 4
+  nodePlayStageParallelism: 4
+  podPlayStageParallelism: 4
+  podsOnNodeSyncParallelism: 4
+`
+
+// defaultKwok is the kwok built beside this binary by `make k8s-bin`, if it is there.
+func defaultKwok() string {
+	self, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	path := filepath.Join(filepath.Dir(self), "kwok")
+	if _, err := os.Stat(path); err != nil {
+		return ""
+	}
+	return path
+}
+
+// startKwok runs kwok for the nodes annotated kwok.x-k8s.io/node=fake, with the stages that
+// `make k8s-bin` put beside it (nodes become Ready and keep their leases; pods bound to them run),
+// logging to <dir>/kwok.log.
+func startKwok(path, dir string) (*exec.Cmd, error) {
+	log, err := os.Create(filepath.Join(dir, "kwok.log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(path, "--kubeconfig", filepath.Join(dir, "kubeconfig"),
+		"--manage-nodes-with-annotation-selector", "kwok.x-k8s.io/node=fake", "--node-lease-duration-seconds", "40",
+		"--config", filepath.Join(dir, "kwok.yaml"), "--config", filepath.Join(filepath.Dir(path), "kwok-stages.yaml"),
+		"--server-address", "127.0.0.1:0", "--v", "WARN")
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := os.WriteFile(filepath.Join(dir, "kwok.yaml"), []byte(kwokConfig), 0o600); err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("kwok: %w", err)
+	}
+	return cmd, nil
 }
 
 func waitReady(server, token string, done <-chan error) error {

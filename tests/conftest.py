@@ -1,0 +1,88 @@
+"""A real Kubernetes control plane for the bridge's tests (tests/k8s, and tests/runtime where Ray tasks
+and pods share the ledger): etcd and the real kube-apiserver (built from the Kubernetes Go modules by
+``make k8s-bin`` into ``.k8s/bin``) with kwok as the kubelet of nodes annotated
+``kwok.x-k8s.io/node=fake``, on 127.0.0.1, RBAC on, state in a temp dir; one per test session, started
+when a test first asks for it, stopped by its pid at the end.
+
+- ``kubeconfig``: cluster-admin's kubeconfig; ``admin``: a client with it.
+- ``api``: a client with exactly the rights of ``deploy/k8s/rbac.yaml``'s ServiceAccount (the bridge's).
+- ``namespace``: a fresh namespace (with its default ServiceAccount) per test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import itertools
+
+import pytest
+from kubernetes import client, config, utils
+
+REPO = Path(__file__).resolve().parents[1]
+RBAC = REPO / "deploy" / "k8s" / "rbac.yaml"
+_ns = itertools.count()
+BINARY = REPO / ".k8s" / "bin" / "hami-k8s-cluster"
+START_TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if not BINARY.exists():
+        pytest.fail(f"{BINARY} is missing: `make k8s-bin` builds it (`make test` does it for you)")
+    state = tmp_path_factory.mktemp("k8s")
+    log = (state / "cluster.log").open("wb")
+    proc = subprocess.Popen([str(BINARY), "-dir", str(state)], stdout=log, stderr=subprocess.STDOUT)
+    config = state / "kubeconfig"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not config.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the test cluster exited ({proc.returncode}): {(state / 'cluster.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the test cluster was not ready in {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+        yield config
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def admin(kubeconfig: Path) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def api(admin: client.ApiClient) -> client.ApiClient:
+    """The scheduler's own identity: the ServiceAccount of deploy/k8s/rbac.yaml, with only its rights."""
+    utils.create_from_yaml(admin, str(RBAC))
+    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
+        "hami-scheduler", "hami-ray", client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=["https://kubernetes.default.svc"], expiration_seconds=3600)))
+    conf = client.Configuration()
+    conf.host = admin.configuration.host
+    conf.ssl_ca_cert = admin.configuration.ssl_ca_cert
+    conf.api_key = {"authorization": f"Bearer {token.status.token}"}
+    return client.ApiClient(conf)
+
+
+@pytest.fixture
+def namespace(admin: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace; its pods are deleted at the end (the test cluster runs no namespace controller),
+    so that no later test's scheduler meets them."""
+    core = client.CoreV1Api(admin)
+    name = f"t-{next(_ns)}-{int(time.time() * 1000) % 100000}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    core.create_namespaced_service_account(name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default")))
+    yield name
+    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)

@@ -1,0 +1,130 @@
+"""Ray tasks and Kubernetes pods on one ledger: the bridge with the placement actor as its inventory
+(``hami-ray k8s scheduler --ray-address``), against the real API server and a Ray node that says which
+Kubernetes node it runs on (``$HAMI_RAY_K8S_NODE``) with a simulated 16 GiB GPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from kubernetes import client
+
+import hami_ray
+from hami_ray.core.codec import decode_pod_devices
+from hami_ray.k8s.inventory import RayInventory
+from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION, PodScheduler
+from hami_ray.runtime import api
+from hami_ray.runtime.placement import PLACEMENT_NAME
+from node_actors.actor import K8S_NODE_ENV, NAMESPACE
+
+from tests.helpers import wait_for
+
+from .conftest import RayCluster
+
+pytestmark = pytest.mark.k8s
+K8S_NODE = "ray-gpu-node"
+SCHED = "ray-bridge"
+
+
+
+@pytest.fixture(scope="module")
+def bridge(hami: RayCluster, admin: client.ApiClient, api: client.ApiClient) -> Iterator[PodScheduler]:
+    """A Ray node with one simulated L4 (16 GiB) on Kubernetes node ``ray-gpu-node`` (kwok plays its
+    kubelet), and the bridge (deploy/k8s/rbac.yaml's rights) sharing the placement actor's ledger."""
+    ray_node = hami.add_node("1xL4-16GB", env={K8S_NODE_ENV: K8S_NODE})
+    placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+    assert wait_for(lambda: K8S_NODE in ray.get(placement.pod_leases.remote())["nodes"], timeout=60)
+    core = client.CoreV1Api(admin)
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=K8S_NODE, annotations={"kwok.x-k8s.io/node": "fake"})))
+    sched = PodScheduler(api, scheduler_name=SCHED, inventory=RayInventory(placement))
+    stop = threading.Event()
+    runner = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        yield sched
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        core.delete_node(K8S_NODE)
+        hami.cluster.remove_node(ray_node)
+
+
+def _pod(admin: client.ApiClient, namespace: str, name: str, limits: dict[str, str]) -> None:
+    client.CoreV1Api(admin).create_namespaced_pod(namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name), spec=client.V1PodSpec(scheduler_name=SCHED, containers=[
+            client.V1Container(name="main", image="busybox", resources=client.V1ResourceRequirements(limits=limits))])))
+
+
+def _l4() -> tuple[str, str]:
+    """The L4's node id and uuid, as the placement actor has them."""
+    for node in api.status().nodes:
+        for device in node.devices:
+            if device.model == "L4-16GB":
+                return node.name, device.uuid
+    raise AssertionError("no L4 in the cluster")
+
+
+def _slices_on(uuid: str) -> list[tuple[str, int]]:
+    return sorted((lease.owner, g.memory_mib) for lease in api.status().leases
+                  for g in lease.allocation.devices if g.uuid == uuid)
+
+
+def test_hami_documented_pod_is_bound_from_the_placement_actors_ledger(bridge: PodScheduler, admin: client.ApiClient,
+                                                                       namespace: str) -> None:
+    _, uuid = _l4()
+    _pod(admin, namespace, "hami-doc", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"})
+    core = client.CoreV1Api(admin)
+    assert wait_for(lambda: core.read_namespaced_pod("hami-doc", namespace).spec.node_name == K8S_NODE)
+    annotations = core.read_namespaced_pod("hami-doc", namespace).metadata.annotations
+    assert annotations[NODE_ANNOTATION] == K8S_NODE and annotations[BIND_PHASE_ANNOTATION] == "allocating"
+    [[device]] = decode_pod_devices(annotations["hami.io/vgpu-devices-allocated"])
+    assert annotations[TO_ALLOCATE_ANNOTATION] == annotations["hami.io/vgpu-devices-allocated"]
+    assert (device.uuid, device.type, device.memory_mib, device.cores) == (uuid, "NVIDIA", 3000, 30)
+    assert _slices_on(uuid) == [(f"{namespace}/hami-doc", 3000)]  # the Ray cluster's ledger holds it
+    core.delete_namespaced_pod("hami-doc", namespace, grace_period_seconds=0)
+    assert wait_for(lambda: _slices_on(uuid) == [])
+
+
+def test_a_ray_task_and_a_pod_never_share_the_gpu_beyond_its_memory(bridge: PodScheduler, admin: client.ApiClient,
+                                                                    namespace: str, tmp_path: Path) -> None:
+    """A Ray task holds 12 GiB of the 16 GiB GPU: a pod asking 8 GiB waits (FailedScheduling) and is bound
+    once the task ends. Then the pod holds 8 GiB: a Ray task asking 12 GiB waits until the pod is gone."""
+    _, uuid = _l4()
+    core = client.CoreV1Api(admin)
+    go = tmp_path / "go"
+
+    @hami_ray.remote(gpu_memory="12GiB", gpu_type="L4-16GB")
+    def hold(flag: str) -> str:
+        import os  # noqa: PLC0415
+
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        return os.environ["CUDA_DEVICE_MEMORY_LIMIT_0"]
+
+    task = hold.remote(str(go))
+    assert wait_for(lambda: [m for _, m in _slices_on(uuid)] == [12288])
+    _pod(admin, namespace, "wants-8g", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "8192"})
+    assert wait_for(lambda: any(e.reason == "FailedScheduling" and "0/1 nodes are available" in e.note
+                             for e in client.EventsV1Api(admin).list_namespaced_event(namespace).items
+                             if e.regarding.name == "wants-8g"))
+    time.sleep(2.0)
+    assert core.read_namespaced_pod("wants-8g", namespace).spec.node_name is None
+    go.touch()
+    assert ray.get(task, timeout=60) == "12288m"
+    assert wait_for(lambda: core.read_namespaced_pod("wants-8g", namespace).spec.node_name == K8S_NODE)
+    assert _slices_on(uuid) == [(f"{namespace}/wants-8g", 8192)]
+
+    go.unlink()
+    second = hold.remote(str(go))
+    assert wait_for(lambda: any(w.owner for w in api.status().waiting), timeout=30)  # it waits for the pod
+    time.sleep(1.0)
+    assert [m for _, m in _slices_on(uuid)] == [8192]
+    core.delete_namespaced_pod("wants-8g", namespace, grace_period_seconds=0)
+    assert wait_for(lambda: sorted(m for _, m in _slices_on(uuid)) == [12288])
+    go.touch()
+    assert ray.get(second, timeout=60) == "12288m"
+    assert wait_for(lambda: _slices_on(uuid) == [])
