@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster
 from hami_ray.runtime import api
 from hami_ray.runtime.loopback import LOOPBACK, pin_ray_to_loopback
 from node_actors.actor import NODE_SIMULATE_ENV
+from tests.helpers import wait_for as wait_until  # noqa: F401 - the runtime tests import it from here
 
 SPEC = "2xA100-80GB,1xT4-16GB"
 WORKER_SPEC = "2xV100-32GB"
@@ -55,13 +56,6 @@ def hami(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         cluster.shutdown()
 
 
-def wait_until(predicate, timeout: float = 15.0, step: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def live_leases() -> int:
