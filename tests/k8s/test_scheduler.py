@@ -29,10 +29,11 @@ def _node(api: client.ApiClient, name: str, register: str) -> None:
     core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, annotations={REGISTER: register})))
 
 
-def _pod(api: client.ApiClient, namespace: str, name: str, limits: dict[str, str] | None) -> None:
+def _pod(api: client.ApiClient, namespace: str, name: str, limits: dict[str, str] | None,
+         annotations: dict[str, str] | None = None) -> None:
     resources = client.V1ResourceRequirements(limits=limits) if limits else None
     client.CoreV1Api(api).create_namespaced_pod(namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
+        metadata=client.V1ObjectMeta(name=name, annotations=annotations),
         spec=client.V1PodSpec(scheduler_name="hami-scheduler", containers=[
             client.V1Container(name="main", image="busybox", resources=resources)])))
 
@@ -65,6 +66,7 @@ def test_hami_documented_pod_is_bound_with_hami_annotations(admin: client.ApiCli
     _pod(admin, namespace, "over-100-percent", {"nvidia.com/gpu": "1", "nvidia.com/gpumem-percentage": "150"})
     _pod(admin, namespace, "too-big", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "100000"})
     _pod(admin, namespace, "no-room-now", {"nvidia.com/gpu": "2", "nvidia.com/gpumem": "16000"})
+    _pod(admin, namespace, "bad-annotation", {"nvidia.com/gpu": "1"}, {"hami.io/gpu-scheduler-policy": "mutex"})
     _pod(admin, namespace, "no-devices", None)
     sched = PodScheduler(api)
     stats = sched.run_once()
@@ -82,7 +84,8 @@ def test_hami_documented_pod_is_bound_with_hami_annotations(admin: client.ApiCli
                                                                                                   "hami-doc")
     assert core.read_namespaced_pod("no-devices", namespace).spec.node_name == "gpu-node-1"
     for name, words in (("over-100-percent", "nvidia.com/gpumem-percentage"),
-                        ("too-big", "more than any NVIDIA device has"), ("no-room-now", "0/1 nodes are available")):
+                        ("too-big", "more than any NVIDIA device has"), ("no-room-now", "0/1 nodes are available"),
+                        ("bad-annotation", "hami.io/gpu-scheduler-policy")):
         left = core.read_namespaced_pod(name, namespace)
         assert left.spec.node_name is None
         notes = [note for reason, note in _events(admin, namespace, name) if reason == "FailedScheduling"]

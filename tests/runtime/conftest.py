@@ -9,7 +9,6 @@ Tests that need a node of their own (node removal) add and remove it themselves.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
