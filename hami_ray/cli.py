@@ -372,6 +372,31 @@ def k8s_scheduler(
         stop.set()
 
 
+@k8s_app.command("webhook")
+def k8s_webhook(
+    tls_cert: Path = typer.Option(..., help="the serving certificate (PEM); the API server must trust its CA"),
+    tls_key: Path = typer.Option(..., help="its private key (PEM)"),
+    bind: str = typer.Option("0.0.0.0:9443", help="host:port to serve HTTPS on"),
+    scheduler_name: str = typer.Option("hami-scheduler", help="the schedulerName given to pods with devices"),
+    force_overwrite_default_scheduler: bool = typer.Option(True, help="replace default-scheduler too (HAMi's default)"),
+) -> None:
+    """The mutating admission webhook (POST /mutate): HAMi's pod defaults and refusals (deploy/k8s/webhook.yaml)."""
+    from hami_ray.k8s.webhook import WebhookServer  # noqa: PLC0415
+
+    host, _, port = bind.rpartition(":")
+    try:
+        server = WebhookServer(host or "0.0.0.0", int(port), str(tls_cert), str(tls_key), scheduler_name,
+                               force_overwrite_default_scheduler)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]webhook not started: {exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"webhook on https://{server.address[0]}:{server.address[1]}/mutate")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 def main() -> None:
     app()
 
