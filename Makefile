@@ -31,16 +31,31 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py
+	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py hami_ray/k8s --exclude 'hami_ray/k8s/_generated/'
 
 # the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
 K8S_BIN := .k8s/bin/hami-k8s-cluster
 K8S_SRC := $(wildcard tests/k8s/cluster/*.go) tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
 KWOK_BIN := .k8s/bin/kwok
-k8s-bin: $(K8S_BIN) $(KWOK_BIN)
+CRDS := .k8s/crds/.pinned
+KUBE_SCHEDULER_BIN := .k8s/bin/kube-scheduler
+k8s-bin: $(K8S_BIN) $(KWOK_BIN) $(CRDS) $(KUBE_SCHEDULER_BIN)
 $(K8S_BIN): $(K8S_SRC)
 	@mkdir -p .k8s/bin
 	cd tests/k8s/cluster && go build -o ../../../$(K8S_BIN) .
+# the real CRDs that deploy/'s RayCluster and ServiceMonitor are validated against (tests/k8s/crds pins them)
+$(CRDS): tests/k8s/crds/go.mod tests/k8s/crds/go.sum
+	@mkdir -p .k8s/crds
+	cd tests/k8s/crds && go mod download github.com/ray-project/kuberay/ray-operator github.com/prometheus-operator/prometheus-operator && \
+		cat $$(go list -m -f '{{.Dir}}' github.com/ray-project/kuberay/ray-operator)/config/crd/bases/ray.io_rayclusters.yaml \
+			> ../../../.k8s/crds/ray.io_rayclusters.yaml && \
+		cat $$(go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator)/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml \
+			> ../../../.k8s/crds/monitoring.coreos.com_servicemonitors.yaml
+	@touch $@
+# the real kube-scheduler from the same module (tests/k8s/test_extender.py runs it with `hami-ray k8s extender`)
+$(KUBE_SCHEDULER_BIN): tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
+	@mkdir -p .k8s/bin
+	cd tests/k8s/cluster && go build -o ../../../$(KUBE_SCHEDULER_BIN) k8s.io/kubernetes/cmd/kube-scheduler
 # kwok (simulated nodes' kubelets) is its own module: it needs newer Kubernetes libraries (tests/k8s/kwok)
 # its stages (nodes Ready with leases, pods run, finish and go) come from the module's own kustomize files
 KWOK_STAGES := node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \

@@ -224,11 +224,9 @@ def status(
     """Nodes, devices and slices: allocated vs used memory, cores, owners, fragmentation, the queue."""
     fetch: Callable[[], ClusterStatus]
     if kubeconfig is not None:
-        from kubernetes import config  # noqa: PLC0415
-
         from hami_ray.k8s.scheduler import cluster_status  # noqa: PLC0415
 
-        k8s = config.new_client_from_config(config_file=str(kubeconfig))
+        k8s = _kube_client(kubeconfig)
         fetch = lambda: cluster_status(k8s)  # noqa: E731
     else:
         fetch = _attached(address).status
@@ -300,6 +298,23 @@ def metrics_serve(
     _every(1.0, seconds, lambda: None)
 
 
+def _kube_client(kubeconfig: Path | None) -> Any:
+    """A Kubernetes client: ``kubeconfig``, else the pod's ServiceAccount (in-cluster), else ~/.kube/config."""
+    from kubernetes import client, config  # noqa: PLC0415
+
+    try:
+        if kubeconfig is not None:
+            return config.new_client_from_config(config_file=str(kubeconfig))
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return client.ApiClient()
+    except (OSError, config.ConfigException) as exc:
+        console.print(f"[red]no Kubernetes configuration: {exc}[/]")
+        raise typer.Exit(1) from None
+
+
 k8s_app = typer.Typer(help="Kubernetes: hami-ray as hami-scheduler for pods.")
 app.add_typer(k8s_app, name="k8s")
 
@@ -319,28 +334,13 @@ def k8s_scheduler(
     """Place and bind pending pods with HAMi's annotations (RBAC: deploy/k8s/rbac.yaml)."""
     import threading  # noqa: PLC0415
 
-    from kubernetes import config  # noqa: PLC0415
-
     from hami_ray.k8s.inventory import Inventory  # noqa: PLC0415
     from hami_ray.k8s.scheduler import PodScheduler, lead  # noqa: PLC0415
 
     if inventory not in ("annotations", "ray") or (inventory == "ray" and ray_address is None):
         console.print("[red]--inventory is 'annotations' or 'ray' (which needs --ray-address)[/]")
         raise typer.Exit(2)
-    try:
-        if kubeconfig is not None:
-            api = config.new_client_from_config(config_file=str(kubeconfig))
-        else:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            from kubernetes import client  # noqa: PLC0415
-
-            api = client.ApiClient()
-    except (OSError, config.ConfigException) as exc:
-        console.print(f"[red]no Kubernetes configuration: {exc}[/]")
-        raise typer.Exit(1) from None
+    api = _kube_client(kubeconfig)
     source: Inventory | None = None
     if ray_address is not None:
         import ray  # noqa: PLC0415
@@ -396,6 +396,76 @@ def k8s_webhook(
     except KeyboardInterrupt:
         server.shutdown()
 
+
+@k8s_app.command("device-plugin")
+def k8s_device_plugin(
+    node: str = typer.Option(..., envvar="NODE_NAME", help="this node's name (the DaemonSet: spec.nodeName)"),
+    kubeconfig: Path | None = typer.Option(None, help="kubeconfig (default: in-cluster, else ~/.kube/config)"),
+    plugin_dir: Path = typer.Option(Path("/var/lib/kubelet/device-plugins"), help="the kubelet's device plugin dir"),
+    resource: str = typer.Option("nvidia.com/gpu", help="the extended resource advertised"),
+    split_count: int = typer.Option(10, min=1, help="virtual devices per GPU (HAMi's deviceSplitCount)"),
+    simulate: str | None = typer.Option(None, help="simulated devices instead of NVML, e.g. '2xT4-16GB'"),
+    libvgpu: Path | None = typer.Option(None, help="HAMi-core's libvgpu.so on the host: mounted, preloaded"),
+) -> None:
+    """The kubelet device plugin: HAMi's node annotations, Allocate from the pods the bridge bound
+    (RBAC: deploy/k8s/device-plugin.yaml)."""
+    import logging  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from hami_ray.k8s.deviceplugin import DevicePlugin, discover_devices  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = _kube_client(kubeconfig)
+    try:
+        devices, health = discover_devices(node, simulate=simulate, libvgpu=libvgpu)
+    except HamiRayError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2 if simulate else 1) from None
+    if not devices:
+        console.print("[red]no GPU found on this node (NVML); --simulate SPEC for simulated ones[/]")
+        raise typer.Exit(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    plugin = DevicePlugin(api, node, devices, health=health, plugin_dir=plugin_dir, resource=resource,
+                          split_count=split_count, libvgpu=libvgpu)
+    try:
+        plugin.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@k8s_app.command("extender")
+def k8s_extender(
+    kubeconfig: Path | None = typer.Option(None, help="kubeconfig (default: in-cluster, else ~/.kube/config)"),
+    bind: str = typer.Option("127.0.0.1:8888", help="host:port of the extender (kube-scheduler's urlPrefix)"),
+    tls_cert: Path | None = typer.Option(None, help="serve HTTPS with this certificate (with --tls-key)"),
+    tls_key: Path | None = typer.Option(None, help="the certificate's key"),
+    scheduler_name: str = typer.Option("hami-scheduler", help="the kube-scheduler profile's schedulerName"),
+) -> None:
+    """A kube-scheduler extender: filter, prioritize and bind with HAMi's annotations
+    (deploy/k8s/extender.yaml: kube-scheduler and this side by side)."""
+    import logging  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from hami_ray.k8s import extender  # noqa: PLC0415
+
+    if (tls_cert is None) != (tls_key is None):
+        console.print("[red]--tls-cert and --tls-key go together[/]")
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = _kube_client(kubeconfig)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        extender.run(api, stop, bind=bind, tls_cert=str(tls_cert) if tls_cert else None,
+                     tls_key=str(tls_key) if tls_key else None, scheduler_name=scheduler_name)
+    except (OSError, ValueError) as exc:  # the address is taken, a certificate that does not load
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        stop.set()
 
 def main() -> None:
     app()

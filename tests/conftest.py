@@ -10,8 +10,6 @@ when a test first asks for it, stopped by its pid at the end.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +19,8 @@ import itertools
 
 import pytest
 from kubernetes import client, config, utils
+
+from tests.helpers import service_account_client, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 RBAC = REPO / "deploy" / "k8s" / "rbac.yaml"
@@ -47,13 +47,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             time.sleep(0.2)
         yield config
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_process(proc, timeout=30)
         log.close()
 
 
@@ -66,14 +60,7 @@ def admin(kubeconfig: Path) -> client.ApiClient:
 def api(admin: client.ApiClient) -> client.ApiClient:
     """The scheduler's own identity: the ServiceAccount of deploy/k8s/rbac.yaml, with only its rights."""
     utils.create_from_yaml(admin, str(RBAC))
-    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
-        "hami-scheduler", "hami-ray", client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=["https://kubernetes.default.svc"], expiration_seconds=3600)))
-    conf = client.Configuration()
-    conf.host = admin.configuration.host
-    conf.ssl_ca_cert = admin.configuration.ssl_ca_cert
-    conf.api_key = {"authorization": f"Bearer {token.status.token}"}
-    return client.ApiClient(conf)
+    return service_account_client(admin, "hami-scheduler", "hami-ray")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +63,31 @@ def tls_files(directory: Path, host: str = "127.0.0.1") -> tuple[bytes, Path, Pa
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return ca.public_bytes(serialization.Encoding.PEM), cert_path, key_path
+
+
+def service_account_client(admin: client.ApiClient, name: str, namespace: str) -> client.ApiClient:
+    """A client with a fresh token of the ServiceAccount ``namespace/name`` (TokenRequest API): exactly
+    the rights deploy/ gives it."""
+    token = client.CoreV1Api(admin).create_namespaced_service_account_token(
+        name, namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=["https://kubernetes.default.svc"], expiration_seconds=3600)))
+    conf = client.Configuration()
+    conf.host = admin.configuration.host
+    conf.ssl_ca_cert = admin.configuration.ssl_ca_cert
+    conf.api_key = {"authorization": f"Bearer {token.status.token}"}
+    return client.ApiClient(conf)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM a process this test started (by its pid), SIGKILL it if it lingers."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)

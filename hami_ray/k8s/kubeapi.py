@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class KubeApi:
         resp = self.api.call_api(method_, url, header_params=headers_, body=body_, post_params=post,
                                  _request_timeout=timeout)
         if not 200 <= resp.status <= 299:
-            resp.read()
+            resp.read()  # type: ignore[no-untyped-call]
             raise ApiException(http_resp=resp)
         return resp
 
@@ -95,7 +95,7 @@ class KubeApi:
                  ("timeoutSeconds", str(timeout_s))]
         resp = self._send("GET", path, query=query, timeout=timeout_s + 15)
         try:
-            for line in iter_resp_lines(resp.response):
+            for line in iter_resp_lines(resp.response):  # type: ignore[no-untyped-call]
                 if not line:
                     continue
                 event = json.loads(line)

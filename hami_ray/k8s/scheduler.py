@@ -43,15 +43,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from hami_ray.core.codec import decode_pod_devices, encode_pod_devices
-from hami_ray.core.errors import HamiRayError, TemporaryError
+from hami_ray.core.errors import HamiRayError, TemporaryError, Unschedulable
 from hami_ray.core.hami import ContainerRequest, HamiConfig, pod_requests
 from hami_ray.core.model import Allocation, DeviceGrant
 from hami_ray.core.vendors import VENDORS, vendor_by_type
 from hami_ray.k8s.inventory import AnnotationInventory, Inventory
 from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path, since
+from hami_ray.k8s.nodefit import NodeInfo, allowed
 from hami_ray.observe.model import ClusterStatus, build_status
 
 log = logging.getLogger(__name__)
@@ -97,15 +98,18 @@ class PodScheduler:
     """
 
     def __init__(self, api: client.ApiClient, *, scheduler_name: str = SCHEDULER_NAME,
-                 config: HamiConfig | None = None, inventory: Inventory | None = None, quiet: bool = False) -> None:
+                 config: HamiConfig | None = None, inventory: Inventory | None = None, quiet: bool = False,
+                 queue: bool = True) -> None:
         self.kube = KubeApi(api)
         self.scheduler_name = scheduler_name
         self.config = config or HamiConfig()
         self.inventory: Inventory = inventory if inventory is not None else AnnotationInventory()
         self.quiet = quiet  # read-only (status): no events, no conditions
+        self.queue = queue  # False: follow the cluster only (extender mode: kube-scheduler decides when)
         self.stats = PassStats()
         self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod, as the API server has it
-        self.nodes: dict[str, bool] = {}  # node name -> schedulable (not cordoned); nodes left out are not here
+        self.nodes: dict[str, NodeInfo] = {}  # what the filters read of each node; nodes left out are not here
+        self._open: list[str] | None = None  # the nodes without cordon or taints (cached until a node changes)
         self._skipped: dict[str, str] = {}  # node -> why its register annotation was refused
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -126,6 +130,11 @@ class PodScheduler:
         self.node_informer = Informer(self.kube, "/api/v1/nodes", self._on_node, "nodes")
 
     @property
+    def lock(self) -> threading.RLock:
+        """Guards the caches and the inventory (the watch threads hold it while they apply a change)."""
+        return self._lock
+
+    @property
     def ledger(self) -> Any:
         """The annotation inventory's ledger (tests and status read it)."""
         return getattr(self.inventory, "ledger")
@@ -137,6 +146,7 @@ class PodScheduler:
         with self._lock:
             if kind == "DELETED":
                 self.nodes.pop(name, None)
+                self._open = None
                 self._skipped.pop(name, None)
                 self.inventory.remove_node(name)
                 self._changed()
@@ -147,14 +157,16 @@ class PodScheduler:
                 changed = self.inventory.set_node(name, annotations)
             except HamiRayError as exc:
                 self.nodes.pop(name, None)
+                self._open = None
                 if self._skipped.get(name) != str(exc):
                     self._skipped[name] = str(exc)
                     self._note(self._event, node, "Warning", "InvalidRegisterAnnotation", str(exc), "Node")
                 return
             self._skipped.pop(name, None)
-            schedulable = not (node.get("spec") or {}).get("unschedulable", False)
-            self.nodes[name] = schedulable
-            if changed or old != schedulable:
+            info = NodeInfo.of(node)
+            self.nodes[name] = info
+            if changed or old != info:
+                self._open = None
                 self._changed()
 
     def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
@@ -193,6 +205,8 @@ class PodScheduler:
             placed_on = (meta.get("annotations") or {}).get(NODE_ANNOTATION)
             if placed_on and not self.inventory.holds(uid):  # annotated, never bound (HAMi's two steps)
                 self._adopt(pod, placed_on)
+            if not self.queue:
+                return
             waiting = self._waiting.get(uid)
             if waiting is not None:
                 if waiting.signature == _signature(pod):
@@ -291,42 +305,66 @@ class PodScheduler:
                     self._submit(pod, node, None)
                     return
                 self.inventory.release(uid)
+            if self._open is None:
+                self._open = [n for n, info in self.nodes.items() if info.open]
+            nodes, refused = allowed(pod, self.nodes, self._open)
             try:
-                containers = pod_requests(pod, self.config)
-            except HamiRayError as exc:
+                node, annotations = self.reserve(pod, nodes)
+            except Unschedulable as exc:  # counted with the nodes its selector, taints or cordons left out
+                total = exc.total_nodes + sum(refused.values())
+                self._unschedulable(pod, "Unschedulable", str(Unschedulable(total, {**exc.reasons, **refused})))
+                return
+            except TemporaryError as exc:  # a reservation refused (Ray)
+                self._unschedulable(pod, "Unschedulable", str(exc))
+                return
+            except HamiRayError as exc:  # the pod's resources or annotations; a request no device can hold
                 self._unschedulable(pod, "InvalidRequest", str(exc), invalid=True)
                 return
+        self._submit(pod, node, annotations)
+
+    def reserve(self, pod: dict[str, Any], nodes: Sequence[str]) -> tuple[str, dict[str, str]]:
+        """Place the pod's containers (HAMi's requests) on one of ``nodes`` and hold them; the pod is then
+        in flight until :meth:`bind` says how its binding went (what it held before, never bound, is
+        freed first). A pod without devices goes to the node of ``nodes`` with the fewest pods. Returns the
+        node and HAMi's annotations for the Binding.
+
+        Raises:
+            TemporaryError: the pod is in flight already.
+            Unschedulable: no node of ``nodes`` fits now (``0/N nodes are available: ...``).
+            InvalidRequest: bad resources or annotations, or a request no device can ever hold.
+        """
+        uid = pod["metadata"]["uid"]
+        with self._lock:
+            if uid in self._in_flight:
+                raise TemporaryError(f"pod {_owner(pod)} is being bound already")
+            if self.inventory.holds(uid):  # placed before (its annotations) and never bound: place it again
+                self.inventory.release(uid)
+            containers = pod_requests(pod, self.config)
             requests = [c.request for c in containers if c.request is not None]
-            allowed = [n for n, ok in self.nodes.items() if ok]
             if not requests:
-                if not allowed:
-                    self._unschedulable(pod, "Unschedulable", "0/0 nodes are available")
-                    return
-                node = min(allowed, key=lambda n: (self._per_node[n], n))
+                if not nodes:
+                    raise Unschedulable(0, {})
+                node = min(nodes, key=lambda n: (self._per_node[n], n))
                 annotations = _annotations(node, containers, None)
             else:
-                try:
-                    allocation = self.inventory.place(uid, _owner(pod), requests, allowed)
-                except TemporaryError as exc:  # Unschedulable; a reservation refused (Ray)
-                    self._unschedulable(pod, "Unschedulable", str(exc))
-                    return
-                except HamiRayError as exc:
-                    self._unschedulable(pod, "InvalidRequest", str(exc), invalid=True)
-                    return
+                allocation = self.inventory.place(uid, _owner(pod), requests, nodes)
                 node = allocation.node
                 annotations = _annotations(node, containers, allocation)
             self._in_flight.add(uid)
-        self._submit(pod, node, annotations)
+        return node, annotations
 
     def _submit(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None) -> None:
         if self._pool is None:
-            self._bind(pod, node, annotations)
+            self.bind(pod, node, annotations)
         else:
-            self._pool.submit(self._bind, pod, node, annotations)
+            self._pool.submit(self.bind, pod, node, annotations)
 
-    def _bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None) -> None:
+    def bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None, *,
+             explain: bool = True) -> str | None:
         """One ``pods/binding`` call, with HAMi's annotations on it; a 409 (bound meanwhile) keeps what the
-        pod says; any other failure frees the slice and the pod waits its back-off."""
+        pod says; any other failure frees the slice and the pod waits its back-off. None when the pod is
+        bound on ``node``, else why not. ``explain=False`` (extender mode: kube-scheduler writes them):
+        no events, no conditions, no back-off here."""
         meta = pod["metadata"]
         uid = meta["uid"]
         body = {"apiVersion": "v1", "kind": "Binding",
@@ -337,34 +375,38 @@ class PodScheduler:
             self.kube.post(pod_path(pod, "/binding"), body)
         except ApiException as exc:
             if exc.status == 409:
-                self._refresh(pod)
-            else:
-                with self._lock:
-                    self._in_flight.discard(uid)
-                    if self.inventory.holds(uid):
-                        self.inventory.release(uid)
-                    if exc.status != 404 and uid in self.pods:
-                        self._unschedulable(pod, "BindingRejected", f"binding to {node} failed: {exc.status} {exc.reason}")
-            return
-        except Exception as exc:  # noqa: BLE001 - the API server went away: free it, try again later
+                return self._refresh(pod, node, explain)
+            error = f"binding to {node} failed: {exc.status} {exc.reason}"
             with self._lock:
                 self._in_flight.discard(uid)
                 if self.inventory.holds(uid):
                     self.inventory.release(uid)
-                if uid in self.pods:
-                    self._unschedulable(pod, "BindingRejected", f"binding to {node} failed: {exc}")
-            return
+                if explain and exc.status != 404 and uid in self.pods:
+                    self._unschedulable(pod, "BindingRejected", error)
+            return error
+        except Exception as exc:  # noqa: BLE001 - the API server went away: free it, try again later
+            error = f"binding to {node} failed: {exc}"
+            with self._lock:
+                self._in_flight.discard(uid)
+                if self.inventory.holds(uid):
+                    self.inventory.release(uid)
+                if explain and uid in self.pods:
+                    self._unschedulable(pod, "BindingRejected", error)
+            return error
         with self._lock:
             self._in_flight.discard(uid)
             self.stats.bound += 1
             self._told.pop(uid, None)
-        self._note(self._event, pod, "Normal", "Scheduled",
-                   f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
+        if explain:
+            self._note(self._event, pod, "Normal", "Scheduled",
+                       f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
+        return None
 
-    def _refresh(self, pod: dict[str, Any]) -> None:
+    def _refresh(self, pod: dict[str, Any], node: str, explain: bool = True) -> str | None:
         """The binding was refused with 409: read the pod; if it is bound, what it says wins over what
-        this bridge chose (our slice is freed, its annotations' are held)."""
+        this bridge chose (our slice is freed, its annotations' are held). None if it is bound on ``node``."""
         uid = pod["metadata"]["uid"]
+        fresh: dict[str, Any] | None
         try:
             fresh = self.kube.get(pod_path(pod))
         except ApiException as exc:
@@ -374,13 +416,15 @@ class PodScheduler:
             if self.inventory.holds(uid):
                 self.inventory.release(uid)
             if fresh is None or fresh["metadata"].get("uid") != uid:
-                return
+                return "binding refused (409): the pod is gone"
             self.pods[uid] = fresh
-            node = (fresh.get("spec") or {}).get("nodeName")
-            if node:
-                self._adopt(fresh, node)
-            else:
+            bound_on = (fresh.get("spec") or {}).get("nodeName")
+            if bound_on:
+                self._adopt(fresh, bound_on)
+                return None if bound_on == node else f"binding refused (409): the pod is bound to {bound_on}"
+            if explain:
                 self._unschedulable(fresh, "BindingRejected", "binding refused (409); tried again")
+            return "binding refused (409)"
 
     # --- explaining --------------------------------------------------------------------------------
     def _unschedulable(self, pod: dict[str, Any], reason: str, message: str, invalid: bool = False) -> None:
@@ -461,21 +505,26 @@ class PodScheduler:
                              invalid=self.stats.invalid - before.invalid,
                              released=self.stats.released - before.released, skipped_nodes=sorted(self._skipped))
 
+    def follow(self, stop: threading.Event) -> None:
+        """List nodes, then pods (until the API server answers), then follow both by watch in two threads
+        until ``stop``. Returns once the first lists are in: the ledger is rebuilt from the annotations."""
+        for informer in (self.node_informer, self.pod_informer):  # nodes first: pods adopt slices on them
+            while not stop.is_set():
+                try:
+                    informer.relist()
+                    break
+                except Exception as exc:  # noqa: BLE001 - the API server is not there yet
+                    log.warning("listing %s: %s", informer.name, exc)
+                    stop.wait(1.0)
+            threading.Thread(target=informer.run, args=(stop,), name=f"hami-ray-{informer.name}",
+                             daemon=True).start()
+
     def run(self, stop: threading.Event, binders: int = 8) -> None:
         """Follow the cluster and schedule until ``stop``; bindings go out from ``binders`` threads."""
         self._pool = ThreadPoolExecutor(binders, thread_name_prefix="hami-ray-bind")
         self._notes = ThreadPoolExecutor(2, thread_name_prefix="hami-ray-events")
         try:
-            for informer in (self.node_informer, self.pod_informer):  # nodes first: pods adopt slices on them
-                while not stop.is_set():
-                    try:
-                        informer.relist()
-                        break
-                    except Exception as exc:  # noqa: BLE001 - the API server is not there yet
-                        log.warning("listing %s: %s", informer.name, exc)
-                        stop.wait(1.0)
-                threading.Thread(target=informer.run, args=(stop,), name=f"hami-ray-{informer.name}",
-                                 daemon=True).start()
+            self.follow(stop)
             while not stop.is_set():
                 uid = self._next(stop)
                 if uid is None:
@@ -564,7 +613,7 @@ def lead(api: client.ApiClient, sched: PodScheduler, stop: threading.Event, *, n
     from kubernetes.leaderelection import electionconfig, leaderelection  # noqa: PLC0415
     from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock  # noqa: PLC0415
 
-    lock = LeaseLock(name, namespace, identity or f"{socket.gethostname()}_{os.getpid()}")
+    lock = LeaseLock(name, namespace, identity or f"{socket.gethostname()}_{os.getpid()}")  # type: ignore[no-untyped-call]
     lock.api_instance = client.CoordinationV1Api(api)
     done = threading.Event()
 
@@ -581,6 +630,7 @@ def lead(api: client.ApiClient, sched: PodScheduler, stop: threading.Event, *, n
 
     retry_s = max(lease_s / 7.5, 1.1)  # kube-scheduler: 15 / 10 / 2 s; the client wants retries over 1 s
     renew_s = max(lease_s * 2 / 3, retry_s * 1.3)
-    config = electionconfig.Config(lock, math.ceil(max(lease_s, renew_s * 1.2)), renew_s, retry_s, started, stopped)
-    leaderelection.LeaderElection(config).run()
+    config = electionconfig.Config(  # type: ignore[no-untyped-call]
+        lock, math.ceil(max(lease_s, renew_s * 1.2)), renew_s, retry_s, started, stopped)
+    leaderelection.LeaderElection(config).run()  # type: ignore[no-untyped-call]
     done.wait(30)

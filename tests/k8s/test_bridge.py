@@ -204,3 +204,35 @@ def _holder(coordination: client.CoordinationV1Api) -> str | None:
     except client.ApiException:
         return None
     return str(lease.spec.holder_identity) if lease.spec.holder_identity else None
+
+
+def test_taints_selectors_and_cordons_are_honoured(admin: client.ApiClient, api: client.ApiClient, namespace: str,
+                                                   nodes: list[str]) -> None:
+    """As kube-scheduler: a tainted node takes only pods that tolerate the taint, a nodeSelector narrows
+    the nodes, a cordoned node takes nothing; the explanation counts the nodes each rule left out."""
+    core = client.CoreV1Api(admin)
+    for node in core.list_node().items:  # the counts below are of these three nodes
+        core.delete_node(node.metadata.name)
+    nodes.extend(["taint-plain", "taint-gpu", "taint-cordoned"])
+    for name in nodes:
+        _node(admin, name, {NVIDIA: _gpus(f"GPU-{name}", 1)})
+    core.patch_node("taint-gpu", {"metadata": {"labels": {"gpu": "on"}},
+                                  "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}})
+    core.patch_node("taint-cordoned", {"spec": {"unschedulable": True}})
+    big = {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "12000"}
+    _pod(admin, namespace, "fills-plain", big, scheduler="taint-sched")
+    client.CoreV1Api(admin).create_namespaced_pod(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tolerates"},
+        "spec": {"schedulerName": "taint-sched", "nodeSelector": {"gpu": "on"},
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                 "containers": [{"name": "c", "image": "busybox", "resources": {"limits": big}}]}})
+    _pod(admin, namespace, "nowhere", big, scheduler="taint-sched")
+    sched = PodScheduler(api, scheduler_name="taint-sched")
+    assert sched.run_once().bound == 2
+    assert core.read_namespaced_pod("fills-plain", namespace).spec.node_name == "taint-plain"
+    assert core.read_namespaced_pod("tolerates", namespace).spec.node_name == "taint-gpu"
+    assert core.read_namespaced_pod("nowhere", namespace).spec.node_name is None
+    (note,) = [e.note for e in client.EventsV1Api(admin).list_namespaced_event(namespace).items
+               if e.regarding.name == "nowhere" and e.reason == "FailedScheduling"]
+    assert note.startswith("0/3 nodes are available: ") and "1 node(s) had untolerated taint" in note
+    assert "1 node(s) were unschedulable" in note and "1 insufficient" in note, note

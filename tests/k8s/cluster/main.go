@@ -101,6 +101,9 @@ func run(dir string, port int, kwok string) error {
 		"--token-auth-file=" + tokens,
 		"--authorization-mode=RBAC",
 		"--enable-priority-and-fairness=false",
+		// no node lifecycle controller runs here to lift the not-ready taint once kwok reports a node
+		// Ready, so nodes are created without it (what a real cluster's Ready nodes look like)
+		"--disable-admission-plugins=TaintNodesByCondition",
 		"--v=0",
 	})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)

@@ -1,0 +1,356 @@
+"""hami-ray as a kube-scheduler extender (``hami-ray k8s extender``), as HAMi's scheduler is deployed.
+
+The stock kube-scheduler runs the scheduling loop; its ``KubeSchedulerConfiguration`` names this server
+in ``extenders`` (``filterVerb: filter``, ``prioritizeVerb: prioritize``, ``bindVerb: bind``,
+``managedResources`` with ``ignoredByScheduler: true``), so kube-scheduler asks it about every pod that
+requests HAMi's resources and never counts those resources itself. The wire shapes are
+``k8s.io/kube-scheduler/extender/v1`` (structs without json tags: capitalised keys).
+
+- ``POST <prefix>/filter`` (``ExtenderArgs`` -> ``ExtenderFilterResult``): the candidate nodes where the
+  pod's HAMi requests (:func:`hami_ray.core.hami.pod_requests`) fit now, each node tried alone and
+  nothing held; every other node in ``FailedNodes`` with its reason (``insufficient device memory``...:
+  kube-scheduler counts equal reasons into its ``0/N nodes are available`` message), or in
+  ``FailedAndUnresolvableNodes`` when no eviction could help (no device of the vendor or type, a
+  request larger than any device, a node without a valid register annotation). Both ways of
+  ``nodeCacheCapable``: ``NodeNames`` in, ``NodeNames`` out; full ``Nodes`` in, the fitting items of that
+  list out. A pod without HAMi resources passes every node. Bad input (no Pod, garbage resources)
+  answers 200 with ``Error``; a body that is not JSON, 400.
+- ``POST <prefix>/prioritize`` (``ExtenderArgs`` -> ``HostPriorityList``): 0-10 per node from the node
+  policy (binpack: fuller nodes higher; ``hami.io/node-scheduler-policy: spread`` reverses it), weighed
+  by kube-scheduler with its own scores. HAMi's extender has no such verb (its filter answers one node).
+- ``POST <prefix>/bind`` (``ExtenderBindingArgs`` -> ``ExtenderBindingResult``): places the pod on exactly
+  that node and holds the slices in the ledger, then one ``pods/binding`` call that carries HAMi's
+  annotations (:meth:`PodScheduler.reserve` and :meth:`PodScheduler.bind`). No node lock: the Binding
+  writes the annotations and the node at once.
+- ``GET /healthz``; ``GET /readyz`` (200 once nodes and pods are listed).
+
+The caches and the ledger are a :class:`PodScheduler`'s, following nodes and pods by watch (a bound
+pod holds what its allocation annotations say, whoever bound it; a finished one frees it), without its
+scheduling loop. Requests are served from a thread each (``ThreadingHTTPServer``), body limit 1 MiB,
+HTTPS with ``--tls-cert/--tls-key``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from hami_ray.core.errors import HamiRayError, InvalidRequest, Unschedulable
+from hami_ray.core.hami import pod_requests
+from hami_ray.core.model import SliceRequest
+from hami_ray.core.policies.framework import CycleState
+from hami_ray.core.verdict import Reason
+from hami_ray.k8s.inventory import AnnotationInventory
+from hami_ray.k8s.kubeapi import pod_path
+from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20  # 1 MiB, as HAMi's extender
+MAX_PRIORITY = 10  # extenderv1.MaxExtenderPriority
+# reasons that evicting pods cannot fix: FailedAndUnresolvableNodes (kube-scheduler does not preempt there)
+STATIC_REASONS = frozenset({Reason.VENDOR_MISMATCH.value, Reason.TYPE_MISMATCH.value, Reason.UUID_MISMATCH.value})
+NOT_REGISTERED = "no valid HAMi register annotation"
+
+
+class BadInput(ValueError):
+    """The request's JSON is not an ExtenderArgs / ExtenderBindingArgs (answered with ``Error``)."""
+
+
+class Extender:
+    """The three verbs over a following :class:`PodScheduler` (annotation inventory)."""
+
+    def __init__(self, sched: PodScheduler) -> None:
+        if not isinstance(sched.inventory, AnnotationInventory):
+            raise TypeError("the extender needs the annotation inventory (HAMi's node register annotations)")
+        self.sched = sched
+        self.engine = sched.inventory.scheduler
+        self.calls: Counter[str] = Counter()  # requests served, per verb
+
+    def ready(self) -> bool:
+        return self.sched.node_informer.synced.is_set() and self.sched.pod_informer.synced.is_set()
+
+    # --- filter -------------------------------------------------------------------------------------
+    def filter(self, args: Any) -> dict[str, Any]:
+        """``ExtenderArgs`` -> ``ExtenderFilterResult`` (never raises: errors go into ``Error``)."""
+        self.calls["filter"] += 1
+        try:
+            pod, names, items = _extender_args(args)
+            requests = self._requests(pod)
+        except (BadInput, HamiRayError) as exc:
+            return {"Nodes": None, "NodeNames": None, "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
+                    "Error": str(exc)}
+        failed: dict[str, str] = {}
+        unresolvable: dict[str, str] = {}
+        fit: list[str] = []
+        if not requests:
+            fit = list(names)
+        else:
+            for name, (reason, static) in self.verdicts(requests, names).items():
+                if reason is None:
+                    fit.append(name)
+                elif static:
+                    unresolvable[name] = reason
+                else:
+                    failed[name] = reason
+        result: dict[str, Any] = {"Nodes": None, "NodeNames": None, "FailedNodes": failed,
+                                  "FailedAndUnresolvableNodes": unresolvable, "Error": ""}
+        if items is None:
+            result["NodeNames"] = fit
+        else:
+            keep = set(fit)
+            result["Nodes"] = {"metadata": {}, "items": [n for n in items if _name(n) in keep]}
+        return result
+
+    def verdicts(self, requests: Sequence[SliceRequest], names: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
+        """Per node: None if the requests fit there now, else (the reason, whether it is static). Holds nothing."""
+        out: dict[str, tuple[str | None, bool]] = {}
+        with self.sched.lock:
+            try:
+                for request in requests:
+                    self.engine.validate(request)  # larger than any device of the cluster: no node will do
+            except InvalidRequest as exc:
+                return {name: (str(exc), True) for name in names}
+            for name in names:
+                if name not in self.sched.nodes:
+                    out[name] = (NOT_REGISTERED, True)
+                    continue
+                try:
+                    self.engine.place(requests, nodes=[name])
+                    out[name] = (None, False)
+                except Unschedulable as exc:
+                    reason = next(iter(exc.reasons), NOT_REGISTERED)
+                    out[name] = (reason, exc.never or reason in STATIC_REASONS)
+                except InvalidRequest as exc:
+                    out[name] = (str(exc), True)
+        return out
+
+    # --- prioritize ---------------------------------------------------------------------------------
+    def prioritize(self, args: Any) -> list[dict[str, Any]]:
+        """``ExtenderArgs`` -> ``HostPriorityList``: 0-10 per node from the pod's node policy.
+
+        Raises:
+            BadInput, HamiRayError: the arguments or the pod (answered 400: kube-scheduler then goes on
+                without this extender's scores).
+        """
+        self.calls["prioritize"] += 1
+        pod, names, _ = _extender_args(args)
+        requests = self._requests(pod)
+        scores = dict.fromkeys(names, 0)
+        if requests:
+            first = requests[0]
+            with self.sched.lock:
+                rows_of = self.engine.ledger.index.rows
+                known = [n for n in names if n in rows_of and n in self.sched.nodes]
+                if known:
+                    policy = self.engine.node_policy_for(first.node_policy or self.engine.node_policy)
+                    rows = np.asarray([rows_of[n] for n in known], dtype=np.int64)
+                    raw = policy.score(self.engine.view, rows, CycleState(first, self.engine.rng))
+                    for name, value in zip(known, raw.tolist()):
+                        if np.isfinite(value):  # node policies score 0-100
+                            scores[name] = int(min(MAX_PRIORITY, max(0, round(value * MAX_PRIORITY / 100))))
+        return [{"Host": name, "Score": score} for name, score in scores.items()]
+
+    # --- bind ---------------------------------------------------------------------------------------
+    def bind(self, args: Any) -> dict[str, str]:
+        """``ExtenderBindingArgs`` -> ``ExtenderBindingResult``: hold the pod's slices on ``Node`` and bind
+        it there with HAMi's annotations (never raises: errors go into ``Error``)."""
+        self.calls["bind"] += 1
+        try:
+            if not isinstance(args, Mapping):
+                raise BadInput("ExtenderBindingArgs must be a JSON object")
+            name, namespace, node = (args.get(k) for k in ("PodName", "PodNamespace", "Node"))
+            uid = args.get("PodUID") or ""
+            if not all(isinstance(v, str) and v for v in (name, namespace, node)) or not isinstance(uid, str):
+                raise BadInput("ExtenderBindingArgs needs PodName, PodNamespace and Node (strings)")
+            pod = self._pod(str(namespace), str(name), uid)
+            bound_on = (pod.get("spec") or {}).get("nodeName")
+            if bound_on:
+                return {"Error": "" if bound_on == node else f"pod {namespace}/{name} is bound to {bound_on} already"}
+            node, annotations = self.sched.reserve(pod, [str(node)])
+        except (BadInput, HamiRayError, ApiException) as exc:
+            return {"Error": _text(exc)}
+        error = self.sched.bind(pod, node, annotations, explain=False)
+        if error is None:
+            log.info("bound %s/%s to %s", namespace, name, node)
+        return {"Error": error or ""}
+
+    def _pod(self, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        """The pod as the watch has it, else as the API server has it (the watch may lag the scheduler)."""
+        with self.sched.lock:
+            pod = self.sched.pods.get(uid) if uid else None
+        if pod is None or pod["metadata"].get("name") != name or pod["metadata"].get("namespace") != namespace:
+            pod = self.sched.kube.get(pod_path({"metadata": {"namespace": namespace, "name": name}}))
+        if uid and pod["metadata"].get("uid") != uid:
+            raise BadInput(f"pod {namespace}/{name} has uid {pod['metadata'].get('uid')}, not {uid}")
+        return pod
+
+    def _requests(self, pod: Mapping[str, Any]) -> list[SliceRequest]:
+        return [c.request for c in pod_requests(pod, self.sched.config) if c.request is not None]
+
+
+def _extender_args(args: Any) -> tuple[dict[str, Any], list[str], list[dict[str, Any]] | None]:
+    """The pod, the candidate node names and (without nodeCacheCapable) the node objects."""
+    if not isinstance(args, Mapping):
+        raise BadInput("ExtenderArgs must be a JSON object")
+    pod = args.get("Pod")
+    if not isinstance(pod, Mapping) or not isinstance(pod.get("metadata"), Mapping):
+        raise BadInput("ExtenderArgs has no Pod")
+    names = args.get("NodeNames")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadInput("NodeNames must be a list of node names")
+        return dict(pod), names, None
+    nodes = args.get("Nodes")
+    if not isinstance(nodes, Mapping):
+        raise BadInput("ExtenderArgs has neither NodeNames nor Nodes")
+    items = nodes.get("items") or []
+    if not isinstance(items, list) or not all(isinstance(_name(n), str) for n in items):
+        raise BadInput("Nodes.items must be nodes with metadata.name")
+    return dict(pod), [str(_name(n)) for n in items], items
+
+
+def _name(node: Any) -> Any:
+    meta = node.get("metadata") if isinstance(node, Mapping) else None
+    return meta.get("name") if isinstance(meta, Mapping) else None
+
+
+def _text(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return str(exc)
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+class ExtenderServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], extender: Extender) -> None:
+        self.extender = extender
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ExtenderServer
+    protocol_version = "HTTP/1.1"  # kube-scheduler keeps its connections
+    timeout = 60  # a client that stops talking frees its thread
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, in this request's thread, not in the accepting one
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path.endswith("/healthz"):
+            self._send(200, b"ok", "text/plain")
+        elif path.endswith("/readyz"):
+            ready = self.server.extender.ready()
+            self._send(200 if ready else 503, b"ok" if ready else b"listing nodes and pods", "text/plain")
+        else:
+            self._send(404, b"not found", "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802
+        verb = self.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        extender = self.server.extender
+        if verb not in ("filter", "prioritize", "bind"):
+            self._json(404, {"Error": f"no verb {verb!r} (filter, prioritize, bind)"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self.close_connection = True
+            self._json(411, {"Error": "a Content-Length is required"})
+            return
+        if length > MAX_BODY or length < 0:
+            self.close_connection = True
+            self._json(413, {"Error": f"body over {MAX_BODY} bytes"})
+            return
+        try:
+            args = json.loads(self.rfile.read(length))
+        except ValueError as exc:
+            self._json(400, {"Error": f"body is not JSON: {exc}"})
+            return
+        try:
+            if verb == "filter":
+                self._json(200, extender.filter(args))
+            elif verb == "bind":
+                self._json(200, extender.bind(args))
+            else:
+                try:
+                    self._json(200, extender.prioritize(args))
+                except (BadInput, HamiRayError) as exc:
+                    self._json(400, {"Error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
+            log.exception("%s failed", verb)
+            self._json(500, {"Error": f"{type(exc).__name__}: {exc}"})
+
+    def _json(self, status: int, body: Any) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def make_server(extender: Extender, bind: str = "127.0.0.1:8888", *, tls_cert: str | None = None,
+                tls_key: str | None = None) -> ExtenderServer:
+    """An HTTP(S) server for ``extender`` on ``bind`` (``host:port``; port 0: a free one), not started."""
+    host, _, port = bind.rpartition(":")
+    server = ExtenderServer((host.strip("[]") or "0.0.0.0", int(port)), extender)
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            server.server_close()
+            raise ValueError("--tls-cert and --tls-key go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_cert, tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
+
+
+def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.1:8888",
+          tls_cert: str | None = None, tls_key: str | None = None,
+          scheduler_name: str = SCHEDULER_NAME) -> ExtenderServer:
+    """List nodes and pods and follow them by watch (the ledger is rebuilt from the pods' annotations
+    before the first answer), then serve the verbs on ``bind`` from a thread until ``stop``; the server
+    (``server_address`` says the port when ``bind`` asks for port 0)."""
+    sched = PodScheduler(api, scheduler_name=scheduler_name, queue=False)
+    sched.follow(stop)
+    server = make_server(Extender(sched), bind, tls_cert=tls_cert, tls_key=tls_key)
+
+    def serve() -> None:
+        try:
+            server.serve_forever(0.2)
+        finally:
+            server.server_close()
+
+    def stopper() -> None:
+        stop.wait()
+        server.shutdown()
+
+    threading.Thread(target=serve, name="hami-ray-extender", daemon=True).start()
+    threading.Thread(target=stopper, name="hami-ray-extender-stop", daemon=True).start()
+    log.info("extender on %s://%s:%d", "https" if tls_cert else "http", *server.server_address[:2])
+    return server
+
+
+def run(api: client.ApiClient, stop: threading.Event, **kwargs: Any) -> None:
+    """:func:`start`, then wait for ``stop`` (the command's body)."""
+    start(api, stop, **kwargs)
+    stop.wait()

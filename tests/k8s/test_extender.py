@@ -1,0 +1,328 @@
+"""Extender mode against the real kube-scheduler (built from the same Kubernetes module as the API server,
+``.k8s/bin/kube-scheduler``): its KubeSchedulerConfiguration is deploy/k8s/extender.yaml's, with a
+unique profile, this test's extender URL and leader election off. The extender runs with the rights of
+deploy/k8s/rbac.yaml's ServiceAccount: in this process (``nodeCacheCapable: true``, HTTP) or as the
+``hami-ray k8s extender`` command (``nodeCacheCapable: false``, HTTPS with the test's CA).
+
+kube-scheduler, not hami-ray, decides when a pod is scheduled: a pod with HAMi resources is bound
+through the extender with HAMi's annotations to the node that fits, never to the one with too little
+device memory; a pod too big for what is left stays Pending with kube-scheduler's FailedScheduling
+carrying the extender's reasons, and is bound once the others are deleted; a pod without HAMi resources
+is bound by kube-scheduler alone. The verbs' wire shapes and bad input are checked over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
+from hami_ray.k8s.extender import ExtenderServer, start
+from hami_ray.k8s.scheduler import NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from tests.helpers import sa_kubeconfig, stop_process, tls_files, wait_for
+
+pytestmark = pytest.mark.k8s
+REPO = Path(__file__).resolve().parents[2]
+KUBE_SCHEDULER = REPO / ".k8s" / "bin" / "kube-scheduler"
+DEPLOY = REPO / "deploy" / "k8s" / "extender.yaml"
+REGISTER = "hami.io/node-nvidia-register"
+HAMI_POD = {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"}
+
+
+def _deployed_config() -> dict[str, Any]:
+    """The KubeSchedulerConfiguration of deploy/k8s/extender.yaml's ConfigMap."""
+    (configmap,) = [d for d in yaml.safe_load_all(DEPLOY.read_text()) if d and d["kind"] == "ConfigMap"]
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["apiVersion"] == "kubescheduler.config.k8s.io/v1"
+    (ext,) = config["extenders"]
+    assert (ext["filterVerb"], ext["prioritizeVerb"], ext["bindVerb"], ext["weight"]) == ("filter", "prioritize",
+                                                                                          "bind", 1)
+    managed = {m["name"]: m["ignoredByScheduler"] for m in ext["managedResources"]}
+    assert all(managed[r] is True for r in HAMI_POD), managed
+    return config
+
+
+def _gpu(prefix: str, mib: int) -> str:
+    return f"{prefix}-0,10,{mib},100,NVIDIA-Tesla T4,0,true:"
+
+
+@pytest.fixture
+def nodes(admin: client.ApiClient, namespace: str) -> Iterator[dict[str, str]]:
+    """Two kwok nodes with one GPU each: ``big`` (16384 MiB) and ``small`` (2048 MiB), named after the
+    namespace (other tests delete every node at their start: these are made here), Ready and without the
+    API server's ``not-ready`` taint, deleted after."""
+    core = client.CoreV1Api(admin)
+    made = {"big": f"ext-big-{namespace}", "small": f"ext-small-{namespace}"}
+    for size, name in made.items():
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, annotations={
+            "kwok.x-k8s.io/node": "fake", REGISTER: _gpu(f"GPU-{name}", 16384 if size == "big" else 2048)})))
+
+    def ready(name: str) -> bool:
+        status = core.read_node(name).status
+        return bool(status.allocatable and "pods" in status.allocatable and any(
+            c.type == "Ready" and c.status == "True" for c in status.conditions or []))
+
+    assert wait_for(lambda: all(ready(n) for n in made.values()), timeout=30), "kwok did not make the nodes Ready"
+    for name in made.values():  # what the node lifecycle controller (not run here) does once a node is Ready
+        taints = [t for t in core.read_node(name).spec.taints or [] if t.key != "node.kubernetes.io/not-ready"]
+        core.patch_node(name, {"spec": {"taints": taints or None}})
+    yield made
+    for name in made.values():
+        try:
+            core.delete_node(name)
+        except client.ApiException:
+            pass
+
+
+@contextmanager
+def _extender_in_process(api: client.ApiClient) -> Iterator[ExtenderServer]:
+    stop = threading.Event()
+    server = start(api, stop, bind="127.0.0.1:0")
+    try:
+        yield server
+    finally:
+        stop.set()
+
+
+@contextmanager
+def _extender_command(api: client.ApiClient, tmp_path: Path, cert: Path, key: Path, ca: bytes) -> Iterator[str]:
+    """``hami-ray k8s extender`` over HTTPS as the ServiceAccount; its URL once it answers /readyz."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = sa_kubeconfig(api, tmp_path / "extender.kubeconfig")
+    log = (tmp_path / "extender.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "hami_ray.cli", "k8s", "extender", "--kubeconfig", str(config),
+                             "--bind", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cadata=ca.decode())
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "extender.log").read_text()[-3000:]
+            try:
+                return urllib.request.urlopen(f"{url}/readyz", timeout=2, context=context).status == 200
+            except OSError:
+                return False
+
+        assert wait_for(ready, timeout=30, step=0.2), (tmp_path / "extender.log").read_text()[-3000:]
+        yield url
+    finally:
+        stop_process(proc, timeout=10)
+        log.close()
+
+
+@contextmanager
+def _kube_scheduler(tmp_path: Path, kubeconfig: Path, name: str, url: str, cache_capable: bool,
+                    ca: bytes | None = None) -> Iterator[None]:
+    """The real kube-scheduler with deploy/k8s/extender.yaml's configuration (profile ``name``, the
+    extender at ``url``, no leader election, no serving port), stopped by its pid."""
+    if not KUBE_SCHEDULER.exists():
+        pytest.fail(f"{KUBE_SCHEDULER} is missing: `make k8s-bin` builds it")
+    config = _deployed_config()
+    config["clientConnection"] = {"kubeconfig": str(kubeconfig)}
+    config["leaderElection"] = {"leaderElect": False}
+    config["profiles"] = [{"schedulerName": name}]
+    ext = config["extenders"][0]
+    ext.update(urlPrefix=url, nodeCacheCapable=cache_capable, httpTimeout="10s")
+    if ca is not None:
+        ext.update(enableHTTPS=True, tlsConfig={"caData": base64.b64encode(ca).decode()})
+    path = tmp_path / "kube-scheduler.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "kube-scheduler.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen([str(KUBE_SCHEDULER), "--config", str(path), "--secure-port", "0", "-v", "2"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def _pod(admin: client.ApiClient, namespace: str, name: str, scheduler: str, limits: dict[str, str] | None,
+         annotations: dict[str, str] | None = None) -> str:
+    resources = client.V1ResourceRequirements(limits=limits) if limits else None
+    pod = client.CoreV1Api(admin).create_namespaced_pod(namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, annotations=annotations),
+        spec=client.V1PodSpec(scheduler_name=scheduler, containers=[
+            client.V1Container(name="main", image="busybox", resources=resources)])))
+    return str(pod.metadata.uid)
+
+
+def _failed_scheduling(admin: client.ApiClient, namespace: str, pod: str) -> list[str]:
+    return [e.note or "" for e in client.EventsV1Api(admin).list_namespaced_event(namespace).items
+            if e.regarding.name == pod and e.reason == "FailedScheduling"]
+
+
+@pytest.mark.parametrize("cache_capable", [True, False], ids=["NodeNames-http-in-process", "Nodes-https-command"])
+def test_kube_scheduler_schedules_through_the_extender(cache_capable: bool, kubeconfig: Path, admin: client.ApiClient,
+                                                       api: client.ApiClient, namespace: str, nodes: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    core = client.CoreV1Api(admin)
+    name = f"hami-ext-{namespace}"
+    ca: bytes | None = None
+    if cache_capable:
+        extender = _extender_in_process(api)
+    else:
+        ca, cert, key = tls_files(tmp_path)
+        extender = _extender_command(api, tmp_path, cert, key, ca)
+    with extender as served:
+        if isinstance(served, ExtenderServer):
+            url = "http://127.0.0.1:%d" % served.server_address[1]
+            sched = served.extender.sched
+        else:
+            url, sched = served, None
+        with _kube_scheduler(tmp_path, kubeconfig, name, url, cache_capable, ca):
+            fits = [f"fits-{i}" for i in range(3)]
+            for pod in fits:
+                _pod(admin, namespace, pod, name, HAMI_POD)
+            _pod(admin, namespace, "plain", name, None)
+            bound = lambda pod: core.read_namespaced_pod(pod, namespace).spec.node_name  # noqa: E731
+            assert wait_for(lambda: all(bound(p) for p in fits + ["plain"]), timeout=30), (
+                [(p, _failed_scheduling(admin, namespace, p)) for p in fits + ["plain"]],
+                (tmp_path / "kube-scheduler.log").read_text()[-3000:])
+            uuids = []
+            for pod in fits:  # 2048 MiB is too little: the small node is never chosen
+                got = core.read_namespaced_pod(pod, namespace)
+                annotations = got.metadata.annotations
+                assert got.spec.node_name == nodes["big"] == annotations[NODE_ANNOTATION]
+                assert annotations[TO_ALLOCATE_ANNOTATION] == annotations[ALLOCATED_ANNOTATION]
+                [[device]] = decode_pod_devices(annotations[ALLOCATED_ANNOTATION])
+                assert (device.uuid, device.type, device.memory_mib, device.cores) == (
+                    f"GPU-{nodes['big']}-0", "NVIDIA", 3000, 30)
+                uuids.append(device.uuid)
+            plain = core.read_namespaced_pod("plain", namespace)  # kube-scheduler's own binding: no HAMi keys
+            assert plain.spec.node_name in nodes.values()
+            assert NODE_ANNOTATION not in (plain.metadata.annotations or {})
+            if sched is not None:  # bound through the extender: held in its ledger
+                usage = sched.ledger.usage(uuids[0])
+                assert (usage.memory_mib, usage.cores, usage.slices) == (9000, 90, 3)
+
+            # 16384 - 9000 MiB left on the big GPU, 2048 on the small one: nowhere for 12000
+            _pod(admin, namespace, "too-big", name, {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "12000"})
+            assert wait_for(lambda: _failed_scheduling(admin, namespace, "too-big"), timeout=20)
+            note = _failed_scheduling(admin, namespace, "too-big")[0]
+            assert "nodes are available" in note and "2 insufficient device memory" in note, note
+            assert bound("too-big") is None
+            for pod in fits:  # room again: kube-scheduler tries it again, the extender binds it
+                core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+            assert wait_for(lambda: bound("too-big"), timeout=30), (tmp_path / "kube-scheduler.log").read_text()[-3000:]
+            assert bound("too-big") == nodes["big"]
+            [[device]] = decode_pod_devices(
+                core.read_namespaced_pod("too-big", namespace).metadata.annotations[ALLOCATED_ANNOTATION])
+            assert device.memory_mib == 12000
+            # both nodes fit 1000 MiB: prioritize (binpack) makes kube-scheduler prefer the busier one
+            _pod(admin, namespace, "packed", name, {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"})
+            assert wait_for(lambda: bound("packed"), timeout=30)
+            assert bound("packed") == nodes["big"]
+            log = tmp_path / "kube-scheduler.log"
+            for pod in fits + ["plain", "too-big", "packed"]:  # kube-scheduler's own word that it bound them
+                assert wait_for(lambda: f'"Successfully bound pod to node" pod="{namespace}/{pod}"' in log.read_text(),
+                                timeout=10), pod
+            if sched is not None:
+                assert wait_for(lambda: sched.ledger.usage(uuids[0]).memory_mib == 13000, timeout=10)
+                sched.ledger.check_invariants()
+                calls = served.extender.calls  # type: ignore[union-attr]
+                assert calls["bind"] == 5 and calls["prioritize"] >= 1 and calls["filter"] >= 6, calls
+
+
+def _call(url: str, verb: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/{verb}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_the_verbs_on_the_wire(admin: client.ApiClient, api: client.ApiClient, namespace: str,
+                               nodes: dict[str, str]) -> None:
+    """ExtenderArgs with NodeNames or Nodes, HostPriorityList, ExtenderBindingArgs, capitalised as
+    k8s.io/kube-scheduler/extender/v1 has them, and bad input answered, never crashing the server."""
+    core = client.CoreV1Api(admin)
+    big, small = nodes["big"], nodes["small"]
+    with _extender_in_process(api) as server:
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        assert urllib.request.urlopen(f"{url}/healthz", timeout=5).read() == b"ok"
+        assert urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200
+        pod = {"metadata": {"name": "p", "namespace": namespace, "uid": "u-1"},
+               "spec": {"containers": [{"name": "c", "resources": {"limits": HAMI_POD}}]}}
+
+        status, answer = _call(url, "filter", {"Pod": pod, "NodeNames": [big, small, "ghost"], "Nodes": None})
+        assert status == 200 and answer == {
+            "Nodes": None, "NodeNames": [big], "FailedNodes": {small: "insufficient device memory"},
+            "FailedAndUnresolvableNodes": {"ghost": "no valid HAMi register annotation"}, "Error": ""}
+        items = [admin.sanitize_for_serialization(core.read_node(n)) for n in (big, small)]
+        status, answer = _call(url, "filter", {"Pod": pod, "Nodes": {"metadata": {}, "items": items}, "NodeNames": None})
+        assert status == 200 and answer["NodeNames"] is None and answer["Nodes"]["items"] == items[:1]
+        assert answer["FailedNodes"] == {small: "insufficient device memory"} and answer["Error"] == ""
+        no_devices = {"metadata": {"name": "q", "namespace": namespace}, "spec": {"containers": [{"name": "c"}]}}
+        assert _call(url, "filter", {"Pod": no_devices, "NodeNames": [big, small]})[1]["NodeNames"] == [big, small]
+
+        # bind: a pod no scheduler serves, through the verb; the ledger holds it, a later filter sees it
+        uid = _pod(admin, namespace, "by-verb", "nobody", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "8000"})
+        assert wait_for(lambda: uid in server.extender.sched.pods, timeout=10)
+        args = {"PodName": "by-verb", "PodNamespace": namespace, "PodUID": uid, "Node": big}
+        assert _call(url, "bind", args) == (200, {"Error": ""})
+        got = core.read_namespaced_pod("by-verb", namespace)
+        assert got.spec.node_name == big
+        [[device]] = decode_pod_devices(got.metadata.annotations[ALLOCATED_ANNOTATION])
+        assert (device.uuid, device.memory_mib) == (f"GPU-{big}-0", 8000)
+        big_pod = {**pod, "spec": {"containers": [{"name": "c", "resources": {"limits": {
+            "nvidia.com/gpu": "1", "nvidia.com/gpumem": "10000"}}}]}}
+        assert _call(url, "filter", {"Pod": big_pod, "NodeNames": [big]})[1]["FailedNodes"] == {
+            big: "insufficient device memory"}
+        # prioritize: binpack puts the busier node first; spread (the pod's annotation) the emptier one
+        status, scores = _call(url, "prioritize", {"Pod": pod, "NodeNames": [big, small]})
+        assert status == 200 and [set(s) for s in scores] == [{"Host", "Score"}] * 2
+        by_host = {s["Host"]: s["Score"] for s in scores}
+        assert 10 >= by_host[big] > by_host[small] >= 0, by_host
+        spread = {**pod, "metadata": {**pod["metadata"], "annotations": {"hami.io/node-scheduler-policy": "spread"}}}
+        by_host = {s["Host"]: s["Score"] for s in _call(url, "prioritize", {"Pod": spread, "NodeNames": [big, small]})[1]}
+        assert by_host[small] > by_host[big], by_host
+
+        # refused binds hold nothing: too little room on the node, a pod that is not there
+        uid2 = _pod(admin, namespace, "no-room", "nobody", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000"})
+        status, answer = _call(url, "bind", {"PodName": "no-room", "PodNamespace": namespace, "PodUID": uid2,
+                                             "Node": small})
+        assert status == 200 and "0/1 nodes are available: 1 insufficient device memory" in answer["Error"]
+        assert core.read_namespaced_pod("no-room", namespace).spec.node_name is None
+        assert not server.extender.sched.inventory.holds(uid2)
+        missing = _call(url, "bind", {"PodName": "nope", "PodNamespace": namespace, "PodUID": "x", "Node": big})
+        assert missing[0] == 200 and "404" in missing[1]["Error"]
+
+        # bad input: answered, and the server goes on
+        assert _call(url, "filter", None, raw=b"{not json")[0] == 400
+        for body in ({}, [], {"Pod": pod}, {"Pod": "x", "NodeNames": [big]}, {"Pod": pod, "NodeNames": "big"}):
+            status, answer = _call(url, "filter", body)
+            assert status == 200 and answer["Error"], (body, answer)
+        garbage = {**pod, "spec": {"containers": [{"name": "c", "resources": {"limits": {
+            "nvidia.com/gpu": "1", "nvidia.com/gpumem": "lots"}}}]}}
+        status, answer = _call(url, "filter", {"Pod": garbage, "NodeNames": [big]})
+        assert status == 200 and "nvidia.com/gpumem" in answer["Error"] and answer["NodeNames"] is None
+        policy = {**pod, "metadata": {**pod["metadata"], "annotations": {"hami.io/gpu-scheduler-policy": "mutex"}}}
+        assert "hami.io/gpu-scheduler-policy" in _call(url, "filter", {"Pod": policy, "NodeNames": [big]})[1]["Error"]
+        assert _call(url, "prioritize", {"Pod": garbage, "NodeNames": [big]})[0] == 400
+        assert _call(url, "bind", {"PodName": 1})[1]["Error"]
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as raw:  # 1 MiB + 1
+            raw.sendall(b"POST /filter HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n")
+            assert raw.recv(64).startswith(b"HTTP/1.1 413")
+        assert _call(url, "preempt", {})[0] == 404
+        assert _call(url, "filter", {"Pod": pod, "NodeNames": [big, small]})[1]["NodeNames"] == [big]
