@@ -224,7 +224,7 @@ def status(
     """Nodes, devices and slices: allocated vs used memory, cores, owners, fragmentation, the queue."""
     fetch: Callable[[], ClusterStatus]
     if kubeconfig is not None:
-        from hami_ray.k8s.scheduler import cluster_status  # noqa: PLC0415
+        from hami_ray.k8s.operate import cluster_status  # noqa: PLC0415
 
         k8s = _kube_client(kubeconfig)
         fetch = lambda: cluster_status(k8s)  # noqa: E731
@@ -335,7 +335,8 @@ def k8s_scheduler(
     import threading  # noqa: PLC0415
 
     from hami_ray.k8s.inventory import Inventory  # noqa: PLC0415
-    from hami_ray.k8s.scheduler import PodScheduler, lead  # noqa: PLC0415
+    from hami_ray.k8s.operate import lead  # noqa: PLC0415
+    from hami_ray.k8s.scheduler import PodScheduler  # noqa: PLC0415
 
     if inventory not in ("annotations", "ray") or (inventory == "ray" and ray_address is None):
         console.print("[red]--inventory is 'annotations' or 'ray' (which needs --ray-address)[/]")

@@ -46,7 +46,7 @@ from hami_ray.core.errors import HamiRayError
 from hami_ray.core.model import DEFAULT_SPLIT_COUNT, FULL_CORES, Device
 from hami_ray.core.vendors import NVIDIA_VENDOR, VENDORS
 from hami_ray.k8s.kubeapi import KubeApi, pod_path
-from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, BIND_TIME_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.annotations import BIND_PHASE_ANNOTATION, BIND_TIME_ANNOTATION, TO_ALLOCATE_ANNOTATION
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ import datetime
 import heapq
 import json
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -45,29 +44,20 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from hami_ray.core.codec import decode_pod_devices, encode_pod_devices
 from hami_ray.core.errors import HamiRayError, TemporaryError, Unschedulable
-from hami_ray.core.hami import ContainerRequest, HamiConfig, pod_requests
-from hami_ray.core.model import Allocation, DeviceGrant
-from hami_ray.core.vendors import VENDORS, vendor_by_type
+from hami_ray.core.hami import HamiConfig, pod_requests
+from hami_ray.k8s.annotations import NODE_ANNOTATION, allocated, binding_annotations
 from hami_ray.k8s.inventory import AnnotationInventory, Inventory
-from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path, since
+from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path
 from hami_ray.k8s.nodefit import NodeInfo, allowed
-from hami_ray.observe.model import ClusterStatus, build_status
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "hami-scheduler"
-NODE_ANNOTATION = "hami.io/vgpu-node"
-TIME_ANNOTATION = "hami.io/vgpu-time"
-TO_ALLOCATE_ANNOTATION = "hami.io/vgpu-devices-to-allocate"
-BIND_PHASE_ANNOTATION = "hami.io/bind-phase"
-BIND_TIME_ANNOTATION = "hami.io/bind-time"
 COMPONENT = "hami-ray-scheduler"
 BACKOFF_S = (1.0, 10.0)  # kube-scheduler's pod back-off: initial, most
 RESYNC_WAITING_S = 60.0  # a waiting pod is tried again at least this often, cluster change or not
 CHANGES_POLL_S = 1.0  # how often the inventory is asked whether somebody else freed slices (Ray tasks)
-ALLOCATED_KEYS = tuple((v.allocated, v.type_word) for v in VENDORS if v.allocated)
 
 
 @dataclass
@@ -216,23 +206,12 @@ class PodScheduler:
 
     def _adopt(self, pod: dict[str, Any], node: str) -> None:
         """Hold what the pod's allocation annotations say it was given on ``node``."""
-        annotations = pod["metadata"].get("annotations") or {}
-        per_container: list[list[DeviceGrant]] = []
         try:
-            for key, _ in ALLOCATED_KEYS:
-                value = annotations.get(key)
-                if value is None:
-                    continue
-                for i, devices in enumerate(decode_pod_devices(value, field=key)):
-                    while len(per_container) <= i:
-                        per_container.append([])
-                    per_container[i].extend(DeviceGrant(uuid=d.uuid, memory_mib=d.memory_mib, cores=d.cores)
-                                            for d in devices)
-            slices = [c for c in per_container if c]
-            if slices and not self.inventory.adopt(pod["metadata"]["uid"], _owner(pod), node, slices):
-                log.warning("pod %s: node %s is not in the inventory; its slices are not counted", _owner(pod), node)
+            slices = [c for c in allocated(pod["metadata"].get("annotations") or {}) if c]
+            if slices and not self.inventory.adopt(pod["metadata"]["uid"], owner_of(pod), node, slices):
+                log.warning("pod %s: node %s is not in the inventory; its slices are not counted", owner_of(pod), node)
         except HamiRayError as exc:
-            log.warning("pod %s: allocation annotation not restored: %s", _owner(pod), exc)
+            log.warning("pod %s: allocation annotation not restored: %s", owner_of(pod), exc)
 
     def _forget(self, uid: str) -> None:
         self._queued.discard(uid)
@@ -241,7 +220,7 @@ class PodScheduler:
 
     def _push(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
-        heapq.heappush(self._active, (meta.get("creationTimestamp") or "", _owner(pod), meta["uid"]))
+        heapq.heappush(self._active, (meta.get("creationTimestamp") or "", owner_of(pod), meta["uid"]))
         self._queued.add(meta["uid"])
         self._cond.notify()
 
@@ -336,7 +315,7 @@ class PodScheduler:
         uid = pod["metadata"]["uid"]
         with self._lock:
             if uid in self._in_flight:
-                raise TemporaryError(f"pod {_owner(pod)} is being bound already")
+                raise TemporaryError(f"pod {owner_of(pod)} is being bound already")
             if self.inventory.holds(uid):  # placed before (its annotations) and never bound: place it again
                 self.inventory.release(uid)
             containers = pod_requests(pod, self.config)
@@ -345,11 +324,11 @@ class PodScheduler:
                 if not nodes:
                     raise Unschedulable(0, {})
                 node = min(nodes, key=lambda n: (self._per_node[n], n))
-                annotations = _annotations(node, containers, None)
+                annotations = binding_annotations(node, containers, None)
             else:
-                allocation = self.inventory.place(uid, _owner(pod), requests, nodes)
+                allocation = self.inventory.place(uid, owner_of(pod), requests, nodes)
                 node = allocation.node
-                annotations = _annotations(node, containers, allocation)
+                annotations = binding_annotations(node, containers, allocation)
             self._in_flight.add(uid)
         return node, annotations
 
@@ -453,7 +432,7 @@ class PodScheduler:
             self.kube.patch(pod_path(pod, "/status"), {"status": {"conditions": [condition]}},
                             content_type="application/strategic-merge-patch+json")
         except ApiException as exc:
-            log.info("pod %s: condition not written: %s", _owner(pod), exc.reason)
+            log.info("pod %s: condition not written: %s", owner_of(pod), exc.reason)
 
     def _event(self, obj: dict[str, Any], type_: str, reason: str, message: str, kind: str = "Pod") -> None:
         meta = obj["metadata"]
@@ -539,26 +518,6 @@ class PodScheduler:
             self._pool = self._notes = None
 
 
-def _annotations(node: str, containers: Sequence[ContainerRequest], allocation: Allocation | None) -> dict[str, str]:
-    """HAMi's pod annotations for a placement: the node and times, and per vendor asked for, the devices of
-    every container (a container without that vendor's devices is an empty entry, as HAMi writes it)."""
-    now = str(int(time.time()))
-    out = {NODE_ANNOTATION: node, TIME_ANNOTATION: now, BIND_PHASE_ANNOTATION: "allocating", BIND_TIME_ANNOTATION: now}
-    if allocation is None:
-        return out
-    grants = iter(allocation.slices)
-    per_container = [(c.request.vendor, list(next(grants))) if c.request is not None else (None, [])
-                     for c in containers]
-    for word in dict.fromkeys(v for v, _ in per_container if v is not None):
-        vendor = vendor_by_type(word)
-        if vendor is None or vendor.to_allocate is None or vendor.allocated is None:
-            continue
-        encoded = encode_pod_devices([g if v == word else [] for v, g in per_container], type_word=word)
-        out[vendor.to_allocate] = encoded
-        out[vendor.allocated] = encoded
-    return out
-
-
 def _signature(pod: dict[str, Any]) -> str:
     """What placement reads of a pod: its annotations and containers' resources."""
     spec = pod.get("spec") or {}
@@ -572,65 +531,7 @@ def _now(micro: bool = False) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
-def cluster_status(api: client.ApiClient, scheduler_name: str = SCHEDULER_NAME) -> ClusterStatus:
-    """What ``hami-ray status --kubeconfig`` shows: nodes and devices from the register annotations,
-    every placed pod's slices (owner ``namespace/pod``) from its allocation annotations, and the pending
-    pods of ``scheduler_name`` with their last ``PodScheduled`` message. Read-only."""
-    view = PodScheduler(api, scheduler_name=scheduler_name, quiet=True)
-    view.sync()
-    pending = sorted((p for p in view.pods.values() if (p.get("spec") or {}).get("schedulerName") == scheduler_name
-                      and not (p.get("spec") or {}).get("nodeName")
-                      and (p.get("status") or {}).get("phase") == "Pending"),
-                     key=lambda p: p["metadata"].get("creationTimestamp") or "")
-    now = time.time()
-    waiting = [{"owner": _owner(p), "request": "pod", "priority": 0,
-                "waited_s": round(now - since(p["metadata"].get("creationTimestamp")), 1)
-                if p["metadata"].get("creationTimestamp") else 0.0,
-                "reason": _pod_scheduled_message(p)} for p in pending[:10]]
-    return build_status(view.inventory.snapshot(), queue_depth=len(pending), waiting=waiting)
-
-
-def _pod_scheduled_message(pod: dict[str, Any]) -> str:
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return str(cond.get("message") or cond.get("reason") or "")
-    return "not tried yet"
-
-
-def _owner(pod: dict[str, Any]) -> str:
+def owner_of(pod: dict[str, Any]) -> str:
     meta = pod["metadata"]
     return f"{meta.get('namespace')}/{meta.get('name')}"
 
-
-def lead(api: client.ApiClient, sched: PodScheduler, stop: threading.Event, *, namespace: str, name: str,
-         identity: str | None = None, lease_s: float = 15.0) -> None:
-    """Schedule only while holding the ``coordination.k8s.io`` Lease ``namespace/name`` (kube-scheduler's
-    ``--leader-elect``): a second replica waits, and takes over within ``lease_s`` when the first stops
-    renewing. Losing the lease stops scheduling and returns (the process should exit, as kube-scheduler does)."""
-    import os  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-
-    from kubernetes.leaderelection import electionconfig, leaderelection  # noqa: PLC0415
-    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock  # noqa: PLC0415
-
-    lock = LeaseLock(name, namespace, identity or f"{socket.gethostname()}_{os.getpid()}")  # type: ignore[no-untyped-call]
-    lock.api_instance = client.CoordinationV1Api(api)
-    done = threading.Event()
-
-    def started() -> None:
-        log.info("leading as %s", lock.identity)
-        try:
-            sched.run(stop)
-        finally:
-            done.set()
-
-    def stopped() -> None:
-        log.warning("%s lost the lease %s/%s: scheduling stops", lock.identity, namespace, name)
-        stop.set()
-
-    retry_s = max(lease_s / 7.5, 1.1)  # kube-scheduler: 15 / 10 / 2 s; the client wants retries over 1 s
-    renew_s = max(lease_s * 2 / 3, retry_s * 1.3)
-    config = electionconfig.Config(  # type: ignore[no-untyped-call]
-        lock, math.ceil(max(lease_s, renew_s * 1.2)), renew_s, retry_s, started, stopped)
-    leaderelection.LeaderElection(config).run()  # type: ignore[no-untyped-call]
-    done.wait(30)

@@ -19,7 +19,8 @@ from kubernetes import client
 
 from hami_ray.core.codec import decode_pod_devices, encode_pod_devices
 from hami_ray.core.model import DeviceGrant
-from hami_ray.k8s.scheduler import NODE_ANNOTATION, PodScheduler
+from hami_ray.k8s.annotations import NODE_ANNOTATION
+from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig, wait_for
 
 pytestmark = pytest.mark.k8s

@@ -8,210 +8,27 @@ with exactly the rights of deploy/k8s/device-plugin.yaml's ServiceAccount; pods 
 
 from __future__ import annotations
 
-import itertools
 import os
-import queue
-import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import yaml
-from kubernetes import client, utils
+from kubernetes import client
 
 from hami_ray.core.codec import decode_node_register, decode_pod_devices
-from hami_ray.k8s.deviceplugin import DevicePlugin, discover_devices
+from hami_ray.k8s.deviceplugin import discover_devices
 from hami_ray.k8s.scheduler import PodScheduler
-from node_actors.backends import SimulatedBackend
-from tests.helpers import sa_kubeconfig, service_account_client, wait_for
+from tests.helpers import sa_kubeconfig, wait_for
+from tests.k8s.kubelet import Kubelet, _bytes_field, _fields, start_plugin
 
 pytestmark = pytest.mark.k8s
-REPO = Path(__file__).resolve().parents[2]
-MANIFEST = REPO / "deploy" / "k8s" / "device-plugin.yaml"
 SOCKET = "hami-ray-nvidia.sock"
 TO_ALLOCATE = "hami.io/vgpu-devices-to-allocate"
 PHASE = "hami.io/bind-phase"
-_seq = itertools.count()
-
-
-# --- the protobuf wire format, by hand ------------------------------------------------------------------
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: bytes) -> dict[int, list[Any]]:
-    """Field number -> values (varints as int, length-delimited as bytes)."""
-    out: dict[int, list[Any]] = {}
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        if key & 7 == 0:
-            value, i = _varint(buf, i)
-        elif key & 7 == 2:
-            size, i = _varint(buf, i)
-            value, i = buf[i:i + size], i + size
-        else:
-            raise AssertionError(f"wire type {key & 7} not expected")
-        out.setdefault(key >> 3, []).append(value)
-    return out
-
-
-def _text(fields: dict[int, list[Any]], number: int) -> str:
-    return bytes(fields.get(number, [b""])[-1]).decode()
-
-
-def _bytes_field(number: int, data: bytes | str) -> bytes:
-    data = data.encode() if isinstance(data, str) else data
-    out, n = bytearray([number << 3 | 2]), len(data)
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + data
-
-
-class Kubelet:
-    """The kubelet's side of the device plugin API, on ``<plugin_dir>/kubelet.sock``."""
-
-    def __init__(self, plugin_dir: Path) -> None:
-        self.dir = plugin_dir
-        self.registrations: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
-        self.lists: queue.Queue[list[tuple[str, str, int]]] = queue.Queue()
-        self.server: grpc.Server | None = None
-        self.channel: grpc.Channel | None = None
-
-    def start(self) -> None:
-        server = grpc.server(ThreadPoolExecutor(max_workers=2))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "v1beta1.Registration", {"Register": grpc.unary_unary_rpc_method_handler(self._register)}),))
-        server.add_insecure_port(f"unix://{self.dir / 'kubelet.sock'}")
-        server.start()
-        self.server = server
-
-    def _register(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        fields = _fields(raw)
-        options = _fields(fields.get(4, [b""])[-1])
-        self.registrations.put((time.monotonic(), {
-            "version": _text(fields, 1), "endpoint": _text(fields, 2), "resource_name": _text(fields, 3),
-            "pre_start_required": bool(options.get(1, [0])[-1]), "preferred": bool(options.get(2, [0])[-1])}))
-        return b""  # Empty
-
-    def connect(self, endpoint: str) -> dict[int, list[Any]]:
-        """Dial the plugin, ask its options, follow ListAndWatch (each list lands in ``lists``)."""
-        self.channel = grpc.insecure_channel(f"unix://{self.dir / endpoint}")
-        options = _fields(self.channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=5))
-        stream = self.channel.unary_stream("/v1beta1.DevicePlugin/ListAndWatch")(b"")
-
-        def follow() -> None:
-            try:
-                for raw in stream:
-                    devices = []
-                    for device in map(_fields, _fields(raw).get(1, [])):
-                        numa = [_fields(n).get(1, [0])[-1] for n in _fields(device.get(3, [b""])[-1]).get(1, [])]
-                        devices.append((_text(device, 1), _text(device, 2), numa[0] if numa else -1))
-                    self.lists.put(devices)
-            except grpc.RpcError:
-                pass
-
-        threading.Thread(target=follow, daemon=True).start()
-        return options
-
-    def allocate(self, *containers: list[str]) -> list[dict[str, Any]]:
-        """One Allocate with a container request per argument; per container its envs and mounts."""
-        assert self.channel is not None
-        request = b"".join(_bytes_field(1, b"".join(_bytes_field(1, i) for i in ids)) for ids in containers)
-        raw = self.channel.unary_unary("/v1beta1.DevicePlugin/Allocate")(request, timeout=10)
-        out = []
-        for container in map(_fields, _fields(raw).get(1, [])):
-            envs = {_text(e, 1): _text(e, 2) for e in map(_fields, container.get(1, []))}
-            mounts = [(_text(m, 1), _text(m, 2), bool(m.get(3, [0])[-1])) for m in map(_fields, container.get(2, []))]
-            out.append({"envs": envs, "mounts": mounts})
-        return out
-
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if self.server is not None:
-            self.server.stop(0).wait(5)
-            self.server = None
-
-    def restart(self) -> float:
-        """Stop, delete every socket in the directory (as a new kubelet does), serve again; when it began."""
-        self.stop()
-        began = time.monotonic()
-        for entry in self.dir.iterdir():
-            if stat.S_ISSOCK(entry.lstat().st_mode):
-                entry.unlink()
-        self.start()
-        return began
-
-
-# --- fixtures --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def plugin_api(admin: client.ApiClient, api: client.ApiClient) -> client.ApiClient:
-    """The device plugin's identity: deploy/k8s/device-plugin.yaml applied (``api`` applied rbac.yaml and its
-    namespace), a token of its ServiceAccount."""
-    try:
-        utils.create_from_yaml(admin, yaml_objects=list(yaml.safe_load_all(MANIFEST.read_text())))
-    except utils.FailToCreateError as failure:
-        assert all(exc.status == 409 for exc in failure.api_exceptions), failure
-    return service_account_client(admin, "hami-device-plugin", "hami-ray")
-
-
-@pytest.fixture
-def node(admin: client.ApiClient) -> Iterator[str]:
-    """A kwok node of this test (other tests delete every node when they start), Ready and without the API
-    server's ``not-ready`` taint (what the node lifecycle controller, not run here, does), deleted at the end."""
-    name = f"dp-{next(_seq)}-{os.getpid() % 1000}-{int(time.time() * 1000) % 100000}"
-    core = client.CoreV1Api(admin)
-    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(
-        name=name, labels={"gpu": "on"}, annotations={"kwok.x-k8s.io/node": "fake"})))
-    assert wait_for(lambda: any(c.type == "Ready" and c.status == "True"
-                                for c in core.read_node(name).status.conditions or []), timeout=30)
-    taints = [t for t in core.read_node(name).spec.taints or [] if t.key != "node.kubernetes.io/not-ready"]
-    core.patch_node(name, {"spec": {"taints": taints or None}})
-    yield name
-    try:
-        core.delete_node(name)
-    except client.ApiException:
-        pass
-
-
-@pytest.fixture
-def kubelet() -> Iterator[Kubelet]:
-    plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))  # short: a unix socket path is <= 107 bytes
-    stand_in = Kubelet(plugin_dir)
-    stand_in.start()
-    yield stand_in
-    stand_in.stop()
-    shutil.rmtree(plugin_dir, ignore_errors=True)
-
-
-def _plugin(plugin_api: client.ApiClient, node: str, kubelet: Kubelet, spec: str = "2xT4-16GB",
-            **options: Any) -> tuple[DevicePlugin, SimulatedBackend]:
-    backend = SimulatedBackend(spec, node, kubelet.dir / "state")
-    plugin = DevicePlugin(plugin_api, node, backend.discover(), health=backend.health, plugin_dir=kubelet.dir,
-                          **options)
-    plugin.start()
-    return plugin, backend
 
 
 def _pod(admin: client.ApiClient, namespace: str, name: str, node: str, *containers: dict[str, str]) -> None:
@@ -241,7 +58,7 @@ def test_registers_lists_devices_and_writes_the_node_annotations(admin: client.A
                                                                  node: str, kubelet: Kubelet) -> None:
     """Register (v1beta1, the socket's name, nvidia.com/gpu); ListAndWatch: 2 GPUs x 10, Healthy, and an
     update when a GPU fails; HAMi's register annotation decodes with the codec."""
-    plugin, backend = _plugin(plugin_api, node, kubelet, health_s=0.2)
+    plugin, backend = start_plugin(plugin_api, node, kubelet, health_s=0.2)
     try:
         _, request = _registered(kubelet)
         assert request == {"version": "v1beta1", "endpoint": SOCKET, "resource_name": "nvidia.com/gpu",
@@ -285,7 +102,7 @@ def test_allocate_serves_the_pod_the_bridge_bound(admin: client.ApiClient, api: 
     libvgpu = kubelet.dir / "vgpu" / "libvgpu.so"
     libvgpu.parent.mkdir()
     libvgpu.write_bytes(b"")
-    plugin, _ = _plugin(plugin_api, node, kubelet, libvgpu=libvgpu)
+    plugin, _ = start_plugin(plugin_api, node, kubelet, libvgpu=libvgpu)
     try:
         _, request = _registered(kubelet)
         kubelet.connect(request["endpoint"])
@@ -374,7 +191,7 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(admin: client.ApiC
             TO_ALLOCATE: other, PHASE: "allocating", "hami.io/bind-time": "1"}),
         target=client.V1ObjectReference(api_version="v1", kind="Node", name=f"{node}-absent")), _preload_content=False)
     untouched = _annotations(admin, namespace, "elsewhere")
-    plugin, _ = _plugin(plugin_api, node, kubelet)
+    plugin, _ = start_plugin(plugin_api, node, kubelet)
     try:
         _, request = _registered(kubelet)
         kubelet.connect(request["endpoint"])

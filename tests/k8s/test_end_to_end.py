@@ -15,9 +15,8 @@ from hami_ray.core.codec import decode_pod_devices
 from hami_ray.k8s.scheduler import PodScheduler
 from hami_ray.k8s.webhook import WebhookServer
 from tests.helpers import wait_for
-from tests.k8s.test_device_plugin import Kubelet, _plugin, kubelet, node, plugin_api  # noqa: F401 - fixtures
+from tests.k8s.kubelet import Kubelet, start_plugin
 from tests.k8s.test_extender import _extender_in_process, _kube_scheduler
-from tests.k8s.test_webhook import webhook  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.k8s
 
@@ -50,12 +49,12 @@ def _allocated_through_the_plugin(admin: client.ApiClient, namespace: str, name:
     assert (annotations["hami.io/bind-phase"], annotations["hami.io/vgpu-devices-to-allocate"]) == ("success", ";")
 
 
-def test_webhook_bridge_or_extender_then_device_plugin(webhook: tuple[WebhookServer, bytes],  # noqa: F811
+def test_webhook_bridge_or_extender_then_device_plugin(webhook: tuple[WebhookServer, bytes],
                                                        admin: client.ApiClient, api: client.ApiClient,
-                                                       plugin_api: client.ApiClient, namespace: str,  # noqa: F811
-                                                       node: str, kubelet: Kubelet, kubeconfig: Path,  # noqa: F811
+                                                       plugin_api: client.ApiClient, namespace: str,
+                                                       node: str, kubelet: Kubelet, kubeconfig: Path,
                                                        tmp_path: Path) -> None:
-    plugin, _ = _plugin(plugin_api, node, kubelet)
+    plugin, _ = start_plugin(plugin_api, node, kubelet)
     try:
         registration = kubelet.registrations.get(timeout=10)[1]
         kubelet.connect(registration["endpoint"])

@@ -32,7 +32,7 @@ from kubernetes import client
 
 from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
 from hami_ray.k8s.extender import ExtenderServer, start
-from hami_ray.k8s.scheduler import NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.annotations import NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
 from tests.helpers import sa_kubeconfig, stop_process, tls_files, wait_for
 
 pytestmark = pytest.mark.k8s

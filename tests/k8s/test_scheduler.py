@@ -13,7 +13,8 @@ import pytest
 from kubernetes import client
 
 from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
-from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION, PodScheduler
+from hami_ray.k8s.annotations import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig
 
 pytestmark = pytest.mark.k8s

@@ -10,8 +10,6 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -19,39 +17,9 @@ from kubernetes import client
 from hami_ray.core.codec import decode_pod_devices
 from hami_ray.k8s.scheduler import PodScheduler
 from hami_ray.k8s.webhook import WebhookServer
-from tests.helpers import tls_files
 
 pytestmark = pytest.mark.k8s
 LABEL = "hami-ray-webhook-test"
-
-
-@pytest.fixture
-def webhook(admin: client.ApiClient, namespace: str, tmp_path: Path) -> Iterator[tuple[WebhookServer, bytes]]:
-    """The webhook on 127.0.0.1 over HTTPS, registered for pod CREATE in ``namespace`` only (by a label)
-    with failurePolicy Fail, so that a pod there is created only if the webhook answered."""
-    ca, cert, key = tls_files(tmp_path)
-    server = WebhookServer("127.0.0.1", 0, str(cert), str(key))
-    server.start()
-    core = client.CoreV1Api(admin)
-    core.patch_namespace(namespace, {"metadata": {"labels": {LABEL: "on"}}})
-    registrations = client.AdmissionregistrationV1Api(admin)
-    name = f"hami-ray-{namespace}"
-    registrations.create_mutating_webhook_configuration(client.V1MutatingWebhookConfiguration(
-        metadata=client.V1ObjectMeta(name=name),
-        webhooks=[client.V1MutatingWebhook(
-            name="vgpu.hami-ray.io", admission_review_versions=["v1"], side_effects="None", failure_policy="Fail",
-            timeout_seconds=10, reinvocation_policy="Never",
-            client_config=client.AdmissionregistrationV1WebhookClientConfig(
-                url=f"https://127.0.0.1:{server.address[1]}/mutate", ca_bundle=base64.b64encode(ca).decode()),
-            rules=[client.V1RuleWithOperations(operations=["CREATE"], api_groups=[""], api_versions=["v1"],
-                                               resources=["pods"])],
-            namespace_selector=client.V1LabelSelector(match_labels={LABEL: "on"}))]))
-    try:
-        yield server, ca
-    finally:
-        registrations.delete_mutating_webhook_configuration(name)
-        server.shutdown()
-        server.server_close()
 
 
 def _create(admin: client.ApiClient, namespace: str, name: str, limits: dict[str, str], **spec: object) -> client.V1Pod:

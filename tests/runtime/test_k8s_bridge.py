@@ -16,7 +16,8 @@ from kubernetes import client
 import hami_ray
 from hami_ray.core.codec import decode_pod_devices
 from hami_ray.k8s.inventory import RayInventory
-from hami_ray.k8s.scheduler import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION, PodScheduler
+from hami_ray.k8s.annotations import BIND_PHASE_ANNOTATION, NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.scheduler import PodScheduler
 from hami_ray.runtime import api
 from hami_ray.runtime.placement import PLACEMENT_NAME
 from node_actors.actor import K8S_NODE_ENV, NAMESPACE
