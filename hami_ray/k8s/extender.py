@@ -45,7 +45,7 @@ import numpy as np
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from hami_ray.core.errors import HamiRayError, InvalidRequest, Unschedulable
+from hami_ray.core.errors import HamiRayError, InvalidRequest
 from hami_ray.core.hami import pod_requests
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.policies.framework import CycleState
@@ -116,23 +116,17 @@ class Extender:
         """Per node: None if the requests fit there now, else (the reason, whether it is static). Holds nothing."""
         out: dict[str, tuple[str | None, bool]] = {}
         with self.sched.lock:
+            known = [n for n in names if n in self.sched.nodes]
             try:
-                for request in requests:
-                    self.engine.validate(request)  # larger than any device of the cluster: no node will do
-            except InvalidRequest as exc:
+                verdicts = self.engine.verdicts(requests, known)  # one pass over the cluster, nothing held
+            except InvalidRequest as exc:  # larger than any device of the cluster: no node will do
                 return {name: (str(exc), True) for name in names}
             for name in names:
-                if name not in self.sched.nodes:
+                if name not in verdicts:
                     out[name] = (NOT_REGISTERED, True)
-                    continue
-                try:
-                    self.engine.place(requests, nodes=[name])
-                    out[name] = (None, False)
-                except Unschedulable as exc:
-                    reason = next(iter(exc.reasons), NOT_REGISTERED)
-                    out[name] = (reason, exc.never or reason in STATIC_REASONS)
-                except InvalidRequest as exc:
-                    out[name] = (str(exc), True)
+                else:
+                    reason = verdicts[name]
+                    out[name] = (reason, reason in STATIC_REASONS)
         return out
 
     # --- prioritize ---------------------------------------------------------------------------------

@@ -22,13 +22,14 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, ReservationRefused, SliceQuotaExceeded, Unschedulable
-from hami_ray.core.model import K8S_NODE_LABEL, Allocation, DeviceGrant, Lease, Node, SliceRequest
+from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.observe.metrics import StatusCollector
 from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
 from hami_ray.wire import AsyncClient, AsyncServer, WireError
+from hami_ray.runtime.pods import PodLeases
 from hami_ray.runtime.service import PlacementService, Plan, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
 
@@ -40,8 +41,9 @@ INFO_TIMEOUT_S = 10.0  # a node actor that does not answer is skipped this round
 ORPHAN_S = 15.0  # a reservation of an earlier incarnation of this actor that no process claimed
 
 
-class PlacementShell:
-    """The actor's body; ``PlacementActor`` below is this class made remote."""
+class PlacementShell(PodLeases):
+    """The actor's body; ``PlacementActor`` below is this class made remote (its pods' part:
+    :class:`~hami_ray.runtime.pods.PodLeases`)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -388,77 +390,6 @@ class PlacementShell:
         except RayError:
             return None
         return record
-
-    # --- Kubernetes pods (the bridge: hami_ray.k8s.inventory.RayInventory) -------------------
-    async def place_pod(self, requests: list[dict[str, Any]], owner: str, lease_id: str, token: str,
-                        k8s_nodes: list[str] | None = None) -> dict[str, Any]:
-        """Hold a pod's containers' slices on one node that runs in Kubernetes, now, never ahead of a
-        Ray request that waits; returns the lease and the Kubernetes node to bind the pod to.
-
-        Raises:
-            Unschedulable: nothing fits now (kube-scheduler's ``0/N nodes`` wording), or requests wait.
-            InvalidRequest: a request this cluster can never hold.
-        """
-        await self._ensure_started()
-        reqs = [self._request(r) for r in requests]
-        for req in reqs:
-            self.svc.scheduler.validate(req)
-        if self.svc.head() is not None:
-            nodes = len(self.svc.pod_nodes(k8s_nodes))
-            raise Unschedulable(nodes, {f"kept for {self.svc.queue_depth} waiting Ray requests": nodes})
-        placed = await self._reserve_planned(lambda: self.svc.plan_pod(reqs, owner, lease_id, token, k8s_nodes))
-        if placed is None:
-            self.svc.scheduler.place(reqs, nodes=self.svc.pod_nodes(k8s_nodes))  # raises why it did not fit
-            raise ReservationRefused(f"the node actor refused {owner}'s slices {RESERVE_TRIES} times; tried again later")
-        lease = placed[0]
-        return {"lease": lease.model_dump(mode="json"), "k8s_node": self._k8s_name(lease.allocation.node)}
-
-    async def adopt_pod(self, lease_id: str, token: str, owner: str, k8s_node: str,
-                        slices: list[list[dict[str, Any]]]) -> bool:
-        """Hold the slices a pod was given before (its allocation annotation: a restarted bridge, or a pod
-        placed by HAMi's scheduler); False if that Kubernetes node has no node actor here.
-
-        Raises:
-            HamiRayError: the slices do not fit there (unknown devices, over capacity).
-        """
-        await self._ensure_started()
-        if lease_id in self.svc.ledger.leases:
-            return True
-        node_id = self.svc.k8s_nodes().get(k8s_node)
-        if node_id is None:
-            return False
-        allocation = Allocation(node=node_id, slices=tuple(tuple(DeviceGrant.model_validate(g) for g in c)
-                                                           for c in slices))
-        lease = Lease(lease_id=lease_id, owner=owner, allocation=allocation, token=token, holder="pod",
-                      created_at=time.time())
-
-        def planner() -> Plan:
-            self.svc.ledger.allocate(lease)
-            return Plan(lease, node_id)
-
-        if await self._reserve_planned(planner) is None:
-            raise ReservationRefused(f"node {k8s_node} refused the slices of {owner}")
-        return True
-
-    async def release_pod(self, lease_id: str) -> bool:
-        """Free a pod's lease (deleted, Succeeded or Failed); False if it was not held."""
-        await self._ensure_started()
-        lease = self.svc.ledger.leases.get(lease_id)
-        if lease is None or lease.holder != "pod":
-            return False
-        await self._release(lease)
-        return True
-
-    async def pod_leases(self) -> dict[str, Any]:
-        """The pods' leases held (lease id -> Kubernetes node), the Kubernetes nodes with a node actor,
-        and :attr:`changes` (it moves whenever a slice is freed)."""
-        await self._ensure_started()
-        return {"leases": {x.lease_id: self._k8s_name(x.allocation.node) for x in self.svc.ledger.leases.values()
-                           if x.holder == "pod"},
-                "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes}
-
-    def _k8s_name(self, node_id: str) -> str:
-        return self.svc.ledger.node(node_id).labels.get(K8S_NODE_LABEL, node_id)
 
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()
