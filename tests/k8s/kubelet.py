@@ -32,7 +32,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> dict[int, list[Any]]:
+def decode_fields(buf: bytes) -> dict[int, list[Any]]:
     """Field number -> values (varints as int, length-delimited as bytes)."""
     out: dict[int, list[Any]] = {}
     i = 0
@@ -53,7 +53,7 @@ def _text(fields: dict[int, list[Any]], number: int) -> str:
     return bytes(fields.get(number, [b""])[-1]).decode()
 
 
-def _bytes_field(number: int, data: bytes | str) -> bytes:
+def encode_field(number: int, data: bytes | str) -> bytes:
     data = data.encode() if isinstance(data, str) else data
     out, n = bytearray([number << 3 | 2]), len(data)
     while n >= 0x80:
@@ -82,8 +82,8 @@ class Kubelet:
         self.server = server
 
     def _register(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        fields = _fields(raw)
-        options = _fields(fields.get(4, [b""])[-1])
+        fields = decode_fields(raw)
+        options = decode_fields(fields.get(4, [b""])[-1])
         self.registrations.put((time.monotonic(), {
             "version": _text(fields, 1), "endpoint": _text(fields, 2), "resource_name": _text(fields, 3),
             "pre_start_required": bool(options.get(1, [0])[-1]), "preferred": bool(options.get(2, [0])[-1])}))
@@ -92,15 +92,15 @@ class Kubelet:
     def connect(self, endpoint: str) -> dict[int, list[Any]]:
         """Dial the plugin, ask its options, follow ListAndWatch (each list lands in ``lists``)."""
         self.channel = grpc.insecure_channel(f"unix://{self.dir / endpoint}")
-        options = _fields(self.channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=5))
+        options = decode_fields(self.channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=5))
         stream = self.channel.unary_stream("/v1beta1.DevicePlugin/ListAndWatch")(b"")
 
         def follow() -> None:
             try:
                 for raw in stream:
                     devices = []
-                    for device in map(_fields, _fields(raw).get(1, [])):
-                        numa = [_fields(n).get(1, [0])[-1] for n in _fields(device.get(3, [b""])[-1]).get(1, [])]
+                    for device in map(decode_fields, decode_fields(raw).get(1, [])):
+                        numa = [decode_fields(n).get(1, [0])[-1] for n in decode_fields(device.get(3, [b""])[-1]).get(1, [])]
                         devices.append((_text(device, 1), _text(device, 2), numa[0] if numa else -1))
                     self.lists.put(devices)
             except grpc.RpcError:
@@ -112,12 +112,12 @@ class Kubelet:
     def allocate(self, *containers: list[str]) -> list[dict[str, Any]]:
         """One Allocate with a container request per argument; per container its envs and mounts."""
         assert self.channel is not None
-        request = b"".join(_bytes_field(1, b"".join(_bytes_field(1, i) for i in ids)) for ids in containers)
+        request = b"".join(encode_field(1, b"".join(encode_field(1, i) for i in ids)) for ids in containers)
         raw = self.channel.unary_unary("/v1beta1.DevicePlugin/Allocate")(request, timeout=10)
         out = []
-        for container in map(_fields, _fields(raw).get(1, [])):
-            envs = {_text(e, 1): _text(e, 2) for e in map(_fields, container.get(1, []))}
-            mounts = [(_text(m, 1), _text(m, 2), bool(m.get(3, [0])[-1])) for m in map(_fields, container.get(2, []))]
+        for container in map(decode_fields, decode_fields(raw).get(1, [])):
+            envs = {_text(e, 1): _text(e, 2) for e in map(decode_fields, container.get(1, []))}
+            mounts = [(_text(m, 1), _text(m, 2), bool(m.get(3, [0])[-1])) for m in map(decode_fields, container.get(2, []))]
             out.append({"envs": envs, "mounts": mounts})
         return out
 

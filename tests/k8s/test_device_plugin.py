@@ -23,7 +23,7 @@ from hami_ray.core.codec import decode_node_register, decode_pod_devices
 from hami_ray.k8s.deviceplugin import discover_devices
 from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig, wait_for
-from tests.k8s.kubelet import Kubelet, _bytes_field, _fields, start_plugin
+from tests.k8s.kubelet import Kubelet, encode_field, decode_fields, start_plugin
 
 pytestmark = pytest.mark.k8s
 SOCKET = "hami-ray-nvidia.sock"
@@ -71,12 +71,12 @@ def test_registers_lists_devices_and_writes_the_node_annotations(admin: client.A
         assert {d[1] for d in devices} == {"Healthy"}
         assert {d[0]: d[2] for d in devices}[f"{uuids[1]}-3"] == 1  # NUMA node of the second GPU
         assert kubelet.channel is not None
-        want = _bytes_field(1, b"".join([*(_bytes_field(1, f"{uuids[0]}-{i}") for i in range(3)),
-                                         _bytes_field(2, f"{uuids[0]}-2"), bytes([3 << 3, 2])]))  # allocation_size 2
-        preferred = _fields(kubelet.channel.unary_unary("/v1beta1.DevicePlugin/GetPreferredAllocation")(want, timeout=5))
+        want = encode_field(1, b"".join([*(encode_field(1, f"{uuids[0]}-{i}") for i in range(3)),
+                                         encode_field(2, f"{uuids[0]}-2"), bytes([3 << 3, 2])]))  # allocation_size 2
+        preferred = decode_fields(kubelet.channel.unary_unary("/v1beta1.DevicePlugin/GetPreferredAllocation")(want, timeout=5))
         assert len(preferred[1]) == 1  # one container
-        assert [bytes(i).decode() for i in _fields(preferred[1][0])[1]] == [f"{uuids[0]}-2", f"{uuids[0]}-0"]
-        prestart = kubelet.channel.unary_unary("/v1beta1.DevicePlugin/PreStartContainer")(_bytes_field(1, "x"), timeout=5)
+        assert [bytes(i).decode() for i in decode_fields(preferred[1][0])[1]] == [f"{uuids[0]}-2", f"{uuids[0]}-0"]
+        prestart = kubelet.channel.unary_unary("/v1beta1.DevicePlugin/PreStartContainer")(encode_field(1, "x"), timeout=5)
         assert prestart == b""
         annotations = client.CoreV1Api(admin).read_node(node).metadata.annotations
         registered = decode_node_register(annotations["hami.io/node-nvidia-register"])

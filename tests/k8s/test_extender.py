@@ -63,8 +63,9 @@ def _gpu(prefix: str, mib: int) -> str:
 @pytest.fixture
 def nodes(admin: client.ApiClient, namespace: str) -> Iterator[dict[str, str]]:
     """Two kwok nodes with one GPU each: ``big`` (16384 MiB) and ``small`` (2048 MiB), named after the
-    namespace (other tests delete every node at their start: these are made here), Ready and without the
-    API server's ``not-ready`` taint, deleted after."""
+    namespace (other tests delete every node at their start: these are made here), Ready (kube-scheduler
+    needs their allocatable pods), deleted after. The test cluster creates nodes without the not-ready
+    taint (no node lifecycle controller runs to lift it)."""
     core = client.CoreV1Api(admin)
     made = {"big": f"ext-big-{namespace}", "small": f"ext-small-{namespace}"}
     for size, name in made.items():
@@ -77,9 +78,6 @@ def nodes(admin: client.ApiClient, namespace: str) -> Iterator[dict[str, str]]:
             c.type == "Ready" and c.status == "True" for c in status.conditions or []))
 
     assert wait_for(lambda: all(ready(n) for n in made.values()), timeout=30), "kwok did not make the nodes Ready"
-    for name in made.values():  # what the node lifecycle controller (not run here) does once a node is Ready
-        taints = [t for t in core.read_node(name).spec.taints or [] if t.key != "node.kubernetes.io/not-ready"]
-        core.patch_node(name, {"spec": {"taints": taints or None}})
     yield made
     for name in made.values():
         try:
