@@ -20,7 +20,6 @@ The Python code for the API comes from :mod:`hami_ray.k8s.grpc_api` (generated f
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import tempfile
@@ -41,7 +40,7 @@ from hami_ray.core.errors import HamiRayError
 from hami_ray.core.model import DEFAULT_SPLIT_COUNT, FULL_CORES, Device
 from hami_ray.core.vendors import NVIDIA_VENDOR, VENDORS
 from hami_ray.k8s.grpc_api import pb2, pb2_grpc
-from hami_ray.k8s.kubeapi import KubeApi, pod_path
+from hami_ray.k8s.kubeapi import KubeApi, pod_path, timestamp
 from hami_ray.k8s.annotations import BIND_PHASE_ANNOTATION, BIND_TIME_ANNOTATION, TO_ALLOCATE_ANNOTATION
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,6 @@ class AllocateError(HamiRayError):
 
 class _Conflict(Exception):
     """The pod changed between reading and patching it (409): read it again."""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _left(value: str | None) -> bool:
@@ -284,7 +279,7 @@ class DevicePlugin:
     def report(self) -> None:
         """Write ``hami.io/node-nvidia-register`` and ``hami.io/node-handshake`` on the node."""
         annotations = {REGISTER_ANNOTATION: encode_node_register(self.registered()),
-                       HANDSHAKE_ANNOTATION: f"Reported {_now()}"}
+                       HANDSHAKE_ANNOTATION: f"Reported {timestamp()}"}
         self.kube.patch(f"/api/v1/nodes/{self.node}", {"metadata": {"annotations": annotations}})
         self._reported_at = time.monotonic()
 

@@ -32,13 +32,11 @@ HTTPS with ``--tls-cert/--tls-key``.
 
 from __future__ import annotations
 
-import json
 import logging
-import ssl
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -50,13 +48,14 @@ from hami_ray.core.hami import pod_requests
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.policies.framework import CycleState
 from hami_ray.core.verdict import Reason
+from hami_ray.k8s import jsonhttp
 from hami_ray.k8s.inventory import AnnotationInventory
+from hami_ray.k8s.jsonhttp import NO_BODY, JsonHandler
 from hami_ray.k8s.kubeapi import pod_path
 from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20  # 1 MiB, as HAMi's extender
 MAX_PRIORITY = 10  # extenderv1.MaxExtenderPriority
 # reasons that evicting pods cannot fix: FailedAndUnresolvableNodes (kube-scheduler does not preempt there)
 STATIC_REASONS = frozenset({Reason.VENDOR_MISMATCH.value, Reason.TYPE_MISMATCH.value, Reason.UUID_MISMATCH.value})
@@ -227,94 +226,52 @@ def _text(exc: Exception) -> str:
 
 # --- HTTP ------------------------------------------------------------------------------------------
 class ExtenderServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], extender: Extender) -> None:
-        self.extender = extender
-        super().__init__(address, _Handler)
+    extender: Extender
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: ExtenderServer
     protocol_version = "HTTP/1.1"  # kube-scheduler keeps its connections
-    timeout = 60  # a client that stops talking frees its thread
-
-    def setup(self) -> None:
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, in this request's thread, not in the accepting one
+    error_key = "Error"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0].rstrip("/")
         if path.endswith("/healthz"):
-            self._send(200, b"ok", "text/plain")
+            self.send_bytes(200, b"ok", "text/plain")
         elif path.endswith("/readyz"):
             ready = self.server.extender.ready()
-            self._send(200 if ready else 503, b"ok" if ready else b"listing nodes and pods", "text/plain")
+            self.send_bytes(200 if ready else 503, b"ok" if ready else b"listing nodes and pods", "text/plain")
         else:
-            self._send(404, b"not found", "text/plain")
+            self.send_bytes(404, b"not found", "text/plain")
 
     def do_POST(self) -> None:  # noqa: N802
         verb = self.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         extender = self.server.extender
         if verb not in ("filter", "prioritize", "bind"):
-            self._json(404, {"Error": f"no verb {verb!r} (filter, prioritize, bind)"})
+            self.send_json(404, {"Error": f"no verb {verb!r} (filter, prioritize, bind)"})
             return
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self.close_connection = True
-            self._json(411, {"Error": "a Content-Length is required"})
-            return
-        if length > MAX_BODY or length < 0:
-            self.close_connection = True
-            self._json(413, {"Error": f"body over {MAX_BODY} bytes"})
-            return
-        try:
-            args = json.loads(self.rfile.read(length))
-        except ValueError as exc:
-            self._json(400, {"Error": f"body is not JSON: {exc}"})
+        args = self.read_json()
+        if args is NO_BODY:
             return
         try:
             if verb == "filter":
-                self._json(200, extender.filter(args))
+                self.send_json(200, extender.filter(args))
             elif verb == "bind":
-                self._json(200, extender.bind(args))
+                self.send_json(200, extender.bind(args))
             else:
                 try:
-                    self._json(200, extender.prioritize(args))
+                    self.send_json(200, extender.prioritize(args))
                 except (BadInput, HamiRayError) as exc:
-                    self._json(400, {"Error": str(exc)})
+                    self.send_json(400, {"Error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
             log.exception("%s failed", verb)
-            self._json(500, {"Error": f"{type(exc).__name__}: {exc}"})
-
-    def _json(self, status: int, body: Any) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        log.debug("%s " + format, self.address_string(), *args)
+            self.send_json(500, {"Error": f"{type(exc).__name__}: {exc}"})
 
 
 def make_server(extender: Extender, bind: str = "127.0.0.1:8888", *, tls_cert: str | None = None,
                 tls_key: str | None = None) -> ExtenderServer:
     """An HTTP(S) server for ``extender`` on ``bind`` (``host:port``; port 0: a free one), not started."""
-    host, _, port = bind.rpartition(":")
-    server = ExtenderServer((host.strip("[]") or "0.0.0.0", int(port)), extender)
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            server.server_close()
-            raise ValueError("--tls-cert and --tls-key go together")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls_cert, tls_key)
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    server: ExtenderServer = jsonhttp.make_server(ExtenderServer, bind, _Handler, tls_cert, tls_key, extender=extender)
     return server
 
 

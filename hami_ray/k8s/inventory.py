@@ -140,7 +140,6 @@ class RayInventory:
         self._task_error = ray.exceptions.RayTaskError
         self.placement = placement
         self._held: dict[str, str] = {}  # uid -> Kubernetes node
-        self._changes = 0
         self.sync()
 
     def _get(self, ref: Any) -> Any:
@@ -157,7 +156,6 @@ class RayInventory:
         """What the placement actor holds for pods (after a restart of either side)."""
         state: dict[str, Any] = self._ray.get(self.placement.pod_leases.remote())
         self._held = {lid.removeprefix("pod-"): node for lid, node in state["leases"].items()}
-        self._changes = int(state["changes"])
         return state
 
     def set_node(self, name: str, annotations: dict[str, str]) -> bool:
@@ -193,9 +191,7 @@ class RayInventory:
         return set(self._held)
 
     def changes(self) -> int:
-        state: dict[str, Any] = self._ray.get(self.placement.pod_leases.remote())
-        self._changes = int(state["changes"])
-        return self._changes
+        return int(self._ray.get(self.placement.pod_changes.remote()))
 
     def snapshot(self) -> ClusterSnapshot:
         snap = ClusterSnapshot.model_validate(self._ray.get(self.placement.status.remote())["snapshot"])

@@ -12,6 +12,7 @@ Called by :mod:`hami_ray.k8s.scheduler`.
 from __future__ import annotations
 
 import calendar
+import datetime
 import json
 import logging
 import threading
@@ -182,3 +183,10 @@ def since(stamp: str | None) -> float:
     if not stamp:
         return 0.0
     return float(calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")))
+
+
+def timestamp(micro: bool = False) -> str:
+    """Now as a Kubernetes timestamp (``2026-11-29T02:00:00Z``; ``micro``: with microseconds, as events'
+    ``eventTime``)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")

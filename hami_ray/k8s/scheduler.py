@@ -29,7 +29,6 @@ actor's ledger (pods and Ray tasks in one).
 
 from __future__ import annotations
 
-import datetime
 import heapq
 import json
 import logging
@@ -48,7 +47,7 @@ from hami_ray.core.errors import HamiRayError, TemporaryError, Unschedulable
 from hami_ray.core.hami import HamiConfig, pod_requests
 from hami_ray.k8s.annotations import NODE_ANNOTATION, allocated, binding_annotations
 from hami_ray.k8s.inventory import AnnotationInventory, Inventory
-from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path
+from hami_ray.k8s.kubeapi import Informer, KubeApi, pod_path, timestamp
 from hami_ray.k8s.nodefit import NodeInfo, allowed
 
 log = logging.getLogger(__name__)
@@ -427,7 +426,7 @@ class PodScheduler:
 
     def _condition(self, pod: dict[str, Any], reason: str, message: str) -> None:
         condition = {"type": "PodScheduled", "status": "False", "reason": reason, "message": message,
-                     "lastTransitionTime": _now()}
+                     "lastTransitionTime": timestamp()}
         try:
             self.kube.patch(pod_path(pod, "/status"), {"status": {"conditions": [condition]}},
                             content_type="application/strategic-merge-patch+json")
@@ -439,7 +438,7 @@ class PodScheduler:
         namespace = meta.get("namespace") or "default"
         body = {"apiVersion": "events.k8s.io/v1", "kind": "Event",
                 "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": namespace},
-                "eventTime": _now(micro=True), "reportingController": COMPONENT, "reportingInstance": COMPONENT,
+                "eventTime": timestamp(micro=True), "reportingController": COMPONENT, "reportingInstance": COMPONENT,
                 "action": "Scheduling", "type": type_, "reason": reason, "note": message[:1024],
                 "regarding": {"kind": kind, "name": meta["name"], "namespace": meta.get("namespace"),
                               "uid": meta.get("uid"), "apiVersion": "v1"}}
@@ -524,11 +523,6 @@ def _signature(pod: dict[str, Any]) -> str:
     return json.dumps([pod["metadata"].get("annotations"),
                        [c.get("resources") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])]],
                       sort_keys=True)
-
-
-def _now(micro: bool = False) -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def owner_of(pod: dict[str, Any]) -> str:

@@ -24,15 +24,15 @@ import ssl
 import threading
 from collections.abc import Mapping
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from hami_ray.core.errors import HamiRayError
 from hami_ray.core.hami import parse_quantity
 from hami_ray.core.vendors import NVIDIA_VENDOR, RESOURCE_INDEX
+from hami_ray.k8s.jsonhttp import NO_BODY, JsonHandler, serve_tls
 
 log = logging.getLogger(__name__)
-MAX_BODY = 1 << 20  # 1 MiB, as HAMi's routes
 PATHS = ("/mutate", "/webhook")
 
 
@@ -176,45 +176,34 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: WebhookServer
+    timeout = 10  # the API server's own limit for a webhook is 10 s by default
+    require_length = False
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         if self.path.split("?")[0] not in PATHS:
-            self._send(404, {"error": f"no such path {self.path}; POST {PATHS[0]}"})
+            self.send_json(404, {"error": f"no such path {self.path}; POST {PATHS[0]}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._send(413, {"error": f"body over {MAX_BODY} bytes"})
+        review = self.read_json()
+        if review is NO_BODY:
             return
         try:
-            review = json.loads(self.rfile.read(length) or b"null")
             answer = mutate(review, self.server.scheduler_name, self.server.force_overwrite_default)
-        except (ValueError, TypeError) as exc:  # not JSON, not an AdmissionReview
-            self._send(400, {"error": str(exc)})
+        except (ValueError, TypeError) as exc:  # not an AdmissionReview
+            self.send_json(400, {"error": str(exc)})
             return
         except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
             log.exception("admission review failed")
-            self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+            self.send_json(500, {"error": f"{type(exc).__name__}: {exc}"})
             return
-        self._send(200, answer)
+        self.send_json(200, answer)
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path in ("/healthz", "/readyz"):
-            self._send(200, {"ok": True})
+            self.send_json(200, {"ok": True})
         else:
-            self._send(404, {"error": "not found"})
-
-    def _send(self, code: int, body: Mapping[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug(fmt, *args)
+            self.send_json(404, {"error": "not found"})
 
 
 class WebhookServer(ThreadingHTTPServer):
@@ -227,21 +216,11 @@ class WebhookServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.scheduler_name = scheduler_name
         self.force_overwrite_default = force_overwrite_default
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """The TLS handshake in the request's own thread (a slow client never holds up the others)."""
         try:
-            request.settimeout(10.0)
-            request.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            log.info("TLS handshake with %s failed: %s", client_address, exc)
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
+            serve_tls(self, cert, key)
+        except (OSError, ssl.SSLError):
+            self.server_close()
+            raise
 
     @property
     def address(self) -> tuple[str, int]:

@@ -105,5 +105,9 @@ class PodLeases:
                            if x.holder == "pod"},
                 "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes}
 
+    async def pod_changes(self) -> int:
+        """:attr:`changes` alone (the bridge asks every second whether slices were freed)."""
+        return self.changes
+
     def _k8s_name(self, node_id: str) -> str:
         return self.svc.ledger.node(node_id).labels.get(K8S_NODE_LABEL, node_id)
