@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py hami_ray/k8s --exclude 'hami_ray/k8s/_generated/'
+	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py hami_ray/k8s node_actors hami_ray/runtime/framework_caps.py --exclude 'hami_ray/k8s/_generated/'
 
 # the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
 K8S_BIN := .k8s/bin/hami-k8s-cluster
@@ -87,3 +87,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
+
+# the GPU conformance suite (tests/gpu) under the python3 on PATH, not .venv: a lent GPU machine has PyTorch,
+# pytest and nvidia-ml-py but no Ray or pydantic. Without a GPU it says why and leaves docs/ alone.
+.PHONY: gpu-check
+gpu-check:
+	python3 bench/gpu_check.py $(GPU_CHECK_ARGS)

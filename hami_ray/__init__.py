@@ -6,34 +6,34 @@ on first use, so the placement engine (requests, ledger, scheduler, errors) impo
 
 from typing import Any
 
-from hami_ray.core.errors import (
-    AnnotationFormatError,
-    HamiRayError,
-    InvalidRequest,
-    InvariantViolation,
-    LeaseError,
-    LeaseNotFound,
-    LeaseTokenMismatch,
-    Unschedulable,
-    UnknownPolicy,
-)
-from hami_ray.core.ledger import Ledger
-from hami_ray.core.model import Allocation, ClusterSnapshot, Device, DeviceGrant, Lease, LeaseState, Node, SliceRequest
-from hami_ray.core.names import DevicePolicyName, NodePolicyName
-from hami_ray.core.request import slice_request
-from hami_ray.core.scheduler import Scheduler
+# Every export loads on first use (PEP 562), so ``node_actors``' plain classes (the GPU conformance suite
+# runs them on machines without pydantic or Ray) can import ``hami_ray.core.errors`` alone.
+_CORE = {
+    "AnnotationFormatError": "hami_ray.core.errors", "HamiRayError": "hami_ray.core.errors",
+    "InvalidRequest": "hami_ray.core.errors", "InvariantViolation": "hami_ray.core.errors",
+    "LeaseError": "hami_ray.core.errors", "LeaseNotFound": "hami_ray.core.errors",
+    "LeaseTokenMismatch": "hami_ray.core.errors", "Unschedulable": "hami_ray.core.errors",
+    "UnknownPolicy": "hami_ray.core.errors", "SliceQuotaExceeded": "hami_ray.core.errors",
+    "Isolation": "hami_ray.core.grades",
+    "Ledger": "hami_ray.core.ledger",
+    "Allocation": "hami_ray.core.model", "ClusterSnapshot": "hami_ray.core.model", "Device": "hami_ray.core.model",
+    "DeviceGrant": "hami_ray.core.model", "Lease": "hami_ray.core.model", "LeaseState": "hami_ray.core.model",
+    "Node": "hami_ray.core.model", "SliceRequest": "hami_ray.core.model",
+    "DevicePolicyName": "hami_ray.core.names", "NodePolicyName": "hami_ray.core.names",
+    "slice_request": "hami_ray.core.request", "Scheduler": "hami_ray.core.scheduler",
+}
 
 __version__ = "0.1.0"
 
 _RUNTIME = ("attach", "check", "current_slice", "init", "lease", "lost_leases", "metrics_address", "queue_depth",
-            "remote", "shutdown", "status", "NotInitialized", "NotRunning", "SliceQuotaExceeded")
+            "remote", "shutdown", "status", "NotInitialized", "NotRunning")
 
 
 def __getattr__(name: str) -> Any:
-    if name == "SliceQuotaExceeded":
-        from hami_ray.core.errors import SliceQuotaExceeded
+    if name in _CORE:
+        import importlib
 
-        return SliceQuotaExceeded
+        return getattr(importlib.import_module(_CORE[name]), name)
     if name in _RUNTIME:
         from hami_ray.runtime import api
 
@@ -51,6 +51,7 @@ __all__ = [
     "HamiRayError",
     "InvalidRequest",
     "InvariantViolation",
+    "Isolation",
     "Lease",
     "LeaseError",
     "LeaseNotFound",

@@ -406,7 +406,9 @@ def k8s_device_plugin(
     resource: str = typer.Option("nvidia.com/gpu", help="the extended resource advertised"),
     split_count: int = typer.Option(10, min=1, help="virtual devices per GPU (HAMi's deviceSplitCount)"),
     simulate: str | None = typer.Option(None, help="simulated devices instead of NVML, e.g. '2xT4-16GB'"),
-    libvgpu: Path | None = typer.Option(None, help="HAMi-core's libvgpu.so on the host: mounted, preloaded"),
+    libvgpu: Path | None = typer.Option(None, envvar="HAMI_RAY_LIBVGPU",
+                                        help="HAMi-core's libvgpu.so on the host: mounted, preloaded (the node "
+                                             "actors' setting, $HAMI_RAY_LIBVGPU)"),
 ) -> None:
     """The kubelet device plugin: HAMi's node annotations, Allocate from the pods the bridge bound
     (RBAC: deploy/k8s/device-plugin.yaml)."""

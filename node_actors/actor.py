@@ -8,6 +8,7 @@ Each method unpacks, calls the agent, returns plain data.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from hami_ray.core.model import K8S_NODE_LABEL, Lease
 from hami_ray.wire import ThreadServer
 from node_actors.agent import NodeAgent
 from node_actors.backends import detect_backend
-from node_actors.settings import AgentSettings, BackendSettings
+from node_actors.settings import AgentSettings, BackendSettings, NodeSettings
 
 log = logging.getLogger(__name__)
 NAMESPACE = "hami-ray"
@@ -43,16 +44,25 @@ class NodeActorShell:
     """The actor's body; ``NodeActor`` below is this class made remote."""
 
     def __init__(self, node_id: str, state_root: str, simulate: str | None, settings: dict[str, Any],
-                 simulate_default: str | None = None) -> None:
+                 simulate_default: str | None = None, node_settings: dict[str, Any] | None = None) -> None:
         """``simulate``: this node's spec from ``hami_ray.init(simulate_per_node=...)``; else the node's own
-        ``$HAMI_RAY_NODE_SIMULATE``; else ``simulate_default`` (``init(simulate=...)`` for every node)."""
+        ``$HAMI_RAY_NODE_SIMULATE``; else ``simulate_default`` (``init(simulate=...)`` for every node).
+        ``node_settings``: isolation settings from ``init(node={...})`` over the node's environment
+        (``HAMI_RAY_ISOLATION``, ``HAMI_RAY_LIBVGPU``, ``HAMI_RAY_MPS_CONTROL``)."""
         simulate = simulate or os.environ.get(NODE_SIMULATE_ENV) or simulate_default
         state_dir = Path(node_state_dir(state_root, node_id))
-        backend_settings = BackendSettings(node_name=node_id, state_dir=state_dir, simulate=simulate)
+        node = NodeSettings.load(os.environ, node_settings)
+        backend_settings = BackendSettings(node_name=node_id, state_dir=state_dir, simulate=simulate,
+                                           libvgpu_path=node.libvgpu_path, isolation=node.isolation,
+                                           mps_control=node.mps_control)
         self.backend = detect_backend(backend_settings)
+        atexit.register(self.backend.close)  # stops the MPS daemon when the actor's process exits cleanly
         lib = backend_settings.libvgpu_path
-        # what a slice worker on this node must be started with (read by the loader, never later)
-        self.start_env = {"LD_PRELOAD": str(lib)} if lib is not None and Path(lib).is_file() else {}
+        # what a slice worker on this node must be started with (read by the loader, never later): only
+        # where slices are graded hami-core
+        report = self.backend.isolation_report()
+        hami = any(grade.value == "hami-core" for _, grade, _ in report.devices)
+        self.start_env = {"LD_PRELOAD": str(lib)} if hami and lib is not None and Path(lib).is_file() else {}
         self.agent = NodeAgent(node_id, self.backend, state_dir, settings=AgentSettings(**settings),
                                cpu_milli=0, memory_mib=0)
         self.state_dir = str(state_dir)
@@ -76,13 +86,20 @@ class NodeActorShell:
         while not self._stop.wait(TICK_S):
             try:
                 with self._lock:
-                    for exc in self.agent.tick():
+                    for exc in self.agent.tick():  # never raises: a failing step marks enforcement degraded
                         self._actions[exc.action] = self._actions.get(exc.action, 0) + 1
                         self._exceeded.append({"lease_id": exc.lease_id, "uuid": exc.uuid, "used_mib": exc.used_mib,
                                                "limit_mib": exc.limit_mib, "pid": exc.pid, "action": exc.action})
                     del self._exceeded[:-1000]
             except Exception:  # noqa: BLE001 - a long-running loop never dies on one bad object
+                log.exception("node actor tick failed")
                 time.sleep(TICK_S)
+
+    def __ray_shutdown__(self) -> None:
+        """Ray's hook on a graceful actor exit: stop the tick and the MPS daemon."""
+        self._stop.set()
+        with self._lock:
+            self.backend.close()
 
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -92,7 +109,8 @@ class NodeActorShell:
             return {"node": node.model_dump(mode="json"), "state_dir": self.state_dir,
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
-                    "usage": self._usage(), "enforcement": dict(self._actions)}
+                    "usage": self._usage(), "enforcement": dict(self._actions),
+                    "isolation": self.agent.isolation_status()}
 
     def _usage(self) -> dict[str, Any] | None:
         """The last sample: per device used MiB and utilisation, per lease and device used MiB."""
@@ -139,11 +157,12 @@ class NodeActorShell:
         with self._lock:
             return self.agent.isolation_env(lease_id)
 
-    def activate(self, lease_id: str, pid: int) -> bool:
-        """``pid`` holds the lease now; False when the lease is not live here (a fast task ended it)."""
+    def activate(self, lease_id: str, pid: int, pidns: int | None = None) -> bool:
+        """``pid`` (numbered in PID namespace ``pidns``) holds the lease now; False when the lease is not live
+        here (a fast task ended it)."""
         with self._lock:
             try:
-                self.agent.activate(lease_id, pid)
+                self.agent.activate(lease_id, pid, pidns)
             except Exception:  # noqa: BLE001 - the lease may already be gone (a fast task)
                 return False
             return True

@@ -6,6 +6,12 @@ isolation environment, frees leases whose holder processes died, and stops proce
 their slice (DESIGN, Isolation 5). A restarted agent rebuilds from its journal; leases whose processes
 died meanwhile are freed at the first reap.
 
+A slice's processes are the pids registered with it (mapped into this node actor's PID namespace when a
+worker registers from a namespace of its own) and all their descendants, found in one procfs scan per
+tick (:mod:`node_actors.pids`). A process is named by its pid *and* start time, so a recycled pid is never
+reaped as alive or killed. A tick that fails marks enforcement ``degraded`` (with the reason, in status and
+metrics) until a tick succeeds again; so does a node actor that cannot match NVML's host pids.
+
 Called by the Ray node actor shell (one method call at a time, as a sync Ray actor runs them) and by
 tests, with a fake clock and the simulated backend. Not thread-safe.
 """
@@ -28,13 +34,18 @@ from hami_ray.core.errors import (
 )
 from hami_ray.core.ledger import Ledger
 from hami_ray.core.model import Lease, LeaseState, Node
+from hami_ray.core.grades import Isolation
 from node_actors.backends.base import DeviceBackend
 from node_actors.enforcement import NodeSample, QuotaWatch, SliceUsage, slice_usage
 from node_actors.interrupt import interrupt, interruptible
-from node_actors.isolation import region_key
+from node_actors.isolation import region_key, slice_grade
 from node_actors.journal import Event, EventKind, Journal
-from node_actors.processes import kill_all, pid_alive
+from node_actors.pids import ProcessTable, in_host_pidns, kill_checked, own_pidns, same_process
+from node_actors.processes import start_ticks
 from node_actors.settings import AgentSettings
+
+OK = "ok"
+DEGRADED = "degraded"
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,14 @@ class NodeAgent:
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
         self.peak: dict[str, tuple[int, int, int]] = {}  # uuid -> most (MiB, cores, slices) ever held at once
+        self._marks: dict[str, str] = {}  # lease id -> what changed under its isolation (MPS restarted)
+        self._pidns = own_pidns()
+        self._failure: str | None = None  # why the last tick failed; None: it succeeded
+        self._blind: str | None = None  # why enforcement cannot see the backend's processes at all
+        if backend.isolation_report().host_pids and in_host_pidns() is False:
+            self._blind = ("the node actor is not in the host PID namespace, so NVML's process ids cannot be "
+                           "matched to slices (run it with hostPID: true; see deploy/)")
+            log.error("node %s: %s", node_name, self._blind)
         self._restore()
 
     # --- restart -----------------------------------------------------------------------------
@@ -162,32 +181,59 @@ class NodeAgent:
         self._journal.append_event(now, EventKind.RESERVED, lease.lease_id, {"owner": lease.owner})
         return lease
 
-    def activate(self, lease_id: str, pid: int) -> Lease:
+    def activate(self, lease_id: str, pid: int, pidns: int | None = None) -> Lease:
         """The holder process ``pid`` started: the lease becomes active.
 
+        Args:
+            lease_id: the lease.
+            pid: the process as it numbers itself (``os.getpid()``).
+            pidns: the inode of its PID namespace (``/proc/self/ns/pid``); a namespace other than this node
+                actor's is mapped through ``NSpid`` (a worker in a container of its own).
+
         Raises:
             LeaseNotFound: the lease is not live here.
             InvalidRequest: ``pid`` is not positive.
         """
-        return self._add_pid(lease_id, pid, EventKind.ACTIVATED)
+        return self._add_pid(lease_id, pid, EventKind.ACTIVATED, pidns)
 
-    def attach_pid(self, lease_id: str, pid: int) -> Lease:
+    def attach_pid(self, lease_id: str, pid: int, pidns: int | None = None) -> Lease:
         """Another process (a subprocess, a data loader) uses the lease; it is reaped and enforced too.
+        (Descendants of a lease's processes are counted without this.)
 
         Raises:
             LeaseNotFound: the lease is not live here.
             InvalidRequest: ``pid`` is not positive.
         """
-        return self._add_pid(lease_id, pid, EventKind.ATTACHED)
+        return self._add_pid(lease_id, pid, EventKind.ATTACHED, pidns)
 
-    def _add_pid(self, lease_id: str, pid: int, kind: EventKind) -> Lease:
+    def _local_pid(self, pid: int, pidns: int | None) -> int:
+        """``pid`` in this node actor's namespace (unchanged when it is already, or cannot be mapped)."""
+        if pidns is None or pidns == self._pidns:
+            return pid
+        mapped = ProcessTable.scan().resolve(pid, pidns)
+        if mapped is None:
+            log.warning("node %s: process %d of PID namespace %d is not visible here; kept as is",
+                        self.node_name, pid, pidns)
+            return pid
+        return mapped
+
+    def _add_pid(self, lease_id: str, pid: int, kind: EventKind, pidns: int | None = None) -> Lease:
         if pid <= 0:
             raise InvalidRequest("pid", f"must be a positive process id, got {pid}")
         lease = self._live(lease_id)
-        pids = lease.pids if pid in lease.pids else (*lease.pids, pid)
-        lease = self._ledger.update(lease_id, pids=pids, state=LeaseState.ACTIVE)
+        local = self._local_pid(pid, pidns)
+        pids = lease.pids if local in lease.pids else (*lease.pids, local)
+        starts = dict(lease.pid_starts)
+        if local not in starts:
+            start = start_ticks(local)
+            if start is not None:
+                starts[local] = start
+        lease = self._ledger.update(lease_id, pids=pids, pid_starts=starts, state=LeaseState.ACTIVE)
         self._journal.upsert_lease(lease, self._regions[lease_id][1])
-        self._journal.append_event(self._clock(), kind, lease_id, {"pid": pid})
+        detail: dict[str, Any] = {"pid": local}
+        if local != pid:
+            detail["registered_pid"] = pid
+        self._journal.append_event(self._clock(), kind, lease_id, detail)
         return lease
 
     def finish(self, lease_id: str, pid: int) -> Lease | None:
@@ -201,7 +247,7 @@ class NodeAgent:
             return None
         rest = tuple(p for p in lease.pids if p != pid)
         if rest:
-            kept = self._ledger.update(lease_id, pids=rest)
+            kept = self._ledger.update(lease_id, pids=rest, pid_starts=_starts_of(lease, rest))
             self._journal.upsert_lease(kept, self._regions[lease_id][1])
             return None
         return self._end(lease_id, EventKind.FINISHED, {"pid": pid})
@@ -231,6 +277,7 @@ class NodeAgent:
         self._waiting_since.pop(lease_id, None)
         self._watch.forget(lease_id)
         self._interrupted.pop(lease_id, None)
+        self._marks.pop(lease_id, None)
         return freed
 
     # --- isolation ---------------------------------------------------------------------------
@@ -262,11 +309,12 @@ class NodeAgent:
             if lease.holder == "pod":
                 continue
             if lease.pids:
-                alive = tuple(p for p in lease.pids if pid_alive(p))
+                # a pid now naming another process (recycled) counts as dead
+                alive = tuple(p for p in lease.pids if same_process(p, lease.pid_starts.get(p)))
                 if not alive:
                     freed.append(self._end(lease.lease_id, EventKind.REAPED, {"pids": list(lease.pids)}))
                 elif alive != lease.pids:
-                    kept = self._ledger.update(lease.lease_id, pids=alive)
+                    kept = self._ledger.update(lease.lease_id, pids=alive, pid_starts=_starts_of(lease, alive))
                     self._journal.upsert_lease(kept, self._regions[lease.lease_id][1])
             elif now - self._waiting_since.get(lease.lease_id, now) > self.settings.reserve_grace_s:
                 freed.append(self._end(lease.lease_id, EventKind.EXPIRED, {"waited_s": self.settings.reserve_grace_s}))
@@ -289,7 +337,15 @@ class NodeAgent:
             DeviceError: the backend failed while sampling.
         """
         usage = self._backend.usage()
-        return NodeSample(devices=usage.devices, slices=tuple(slice_usage(self.leases(), usage)))
+        table = ProcessTable.scan()
+        self._members = {lease.lease_id: self._processes(lease, table) for lease in self.leases()}
+        self._table = table
+        return NodeSample(devices=usage.devices, slices=tuple(slice_usage(self.leases(), usage, self._members)))
+
+    def _processes(self, lease: Lease, table: ProcessTable) -> set[int]:
+        """The lease's registered processes still alive as themselves, and all their descendants."""
+        roots = [p for p in lease.pids if lease.pid_starts.get(p) is None or table.same(p, lease.pid_starts[p])]
+        return table.descendants(roots)
 
     def enforce(self) -> list[SliceQuotaExceeded]:
         """Stop the processes of slices that stayed over limit + tolerance for longer than the grace.
@@ -319,7 +375,7 @@ class NodeAgent:
                                               action="interrupted"))
                 continue
             self._interrupted.pop(lease.lease_id, None)
-            refused = kill_all(lease.pids)
+            refused = self._stop(lease)
             if refused:
                 log.warning("cannot stop processes %s of slice %s: not permitted", refused, lease.lease_id)
                 self._journal.append_event(now, EventKind.KILL_FAILED, lease.lease_id, {"pids": refused})
@@ -332,10 +388,25 @@ class NodeAgent:
             out.append(error)
         return out
 
+    def _stop(self, lease: Lease) -> list[int]:
+        """SIGKILL every process of the slice (its workers and their descendants), each only if its pid still
+        names the process seen (start time); returns those it was not permitted to signal."""
+        members = getattr(self, "_members", {}).get(lease.lease_id, set(lease.pids))
+        table: ProcessTable | None = getattr(self, "_table", None)
+        refused = []
+        for pid in sorted(members):
+            start = lease.pid_starts.get(pid)
+            if start is None and table is not None:
+                proc = table.get(pid)
+                start = proc.start if proc is not None else None
+            if kill_checked(pid, start) is False:
+                refused.append(pid)
+        return refused
+
     def _interrupt(self, lease: Lease, usage: SliceUsage, pid: int, now: float) -> bool:
         """First overrun of a lease whose live processes all armed themselves: hand them the verdict
         (their running task fails, they live on) and give the slice another grace period."""
-        live = [p for p in lease.pids if pid_alive(p)]
+        live = [p for p in lease.pids if same_process(p, lease.pid_starts.get(p))]
         if lease.lease_id in self._interrupted or not live or not all(interruptible(self.state_dir, p) for p in live):
             return False
         verdict = {"lease_id": lease.lease_id, "uuid": usage.uuid, "used_mib": usage.used_mib,
@@ -350,12 +421,73 @@ class NodeAgent:
         return True
 
     def tick(self) -> list[SliceQuotaExceeded]:
-        """One housekeeping pass for the actor shell's timer: reap when due, refresh health, enforce."""
+        """One housekeeping pass for the actor shell's timer: reap when due, refresh health, keep isolation
+        running (the MPS daemon), enforce. A step that fails is logged and marks enforcement ``degraded``
+        until a whole pass succeeds again; the other steps still run. Never raises."""
+        failures: list[str] = []
+        out: list[SliceQuotaExceeded] = []
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("reap", self._reap_if_due), ("health", self.refresh_health), ("isolation", self._maintain),
+            ("enforce", lambda: out.extend(self.enforce()))]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - a long-running loop never dies on one bad object
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                if self._failure is None:
+                    log.exception("node %s: %s failed; enforcement is degraded", self.node_name, name)
+        if failures:
+            self._failure = "; ".join(failures)
+        elif self._failure is not None:
+            log.warning("node %s: enforcement recovered (was: %s)", self.node_name, self._failure)
+            self._failure = None
+        return out
+
+    def _reap_if_due(self) -> None:
         if self._clock() - self._last_reap >= self.settings.reap_interval_s:
             self.reap()
-        self.refresh_health()
-        return self.enforce()
+
+    def _maintain(self) -> None:
+        done = self._backend.maintain()
+        if done.restarted:
+            note = f"{done.note or 'the MPS daemon was restarted'} at {time.strftime('%H:%M:%S')}: processes " \
+                   "started before then must restart to be limited by MPS again"
+            now = self._clock()
+            for lease in self.leases():
+                if self.grade_of(lease) is Isolation.MPS:
+                    self._marks[lease.lease_id] = note
+                    self._journal.append_event(now, EventKind.MARKED, lease.lease_id, {"note": note})
+        if done.changed:
+            graded = {uuid: (grade, whole) for uuid, grade, whole in done.grades}
+            node = self.node()
+            devices = tuple(d.model_copy(update={"isolation": graded[d.uuid][0], "whole_isolation": graded[d.uuid][1]})
+                            if d.uuid in graded else d for d in node.devices)
+            self.lost.extend(self._ledger.add_node(node.model_copy(update={"devices": devices})))
+
+    # --- isolation status ----------------------------------------------------------------------
+    @property
+    def enforcement(self) -> str:
+        """``ok``, or ``degraded`` while the last tick failed or processes cannot be matched."""
+        return DEGRADED if self._failure is not None or self._blind is not None else OK
+
+    def grade_of(self, lease: Lease) -> Isolation:
+        """The grade the lease's slice holds on this node."""
+        return slice_grade(lease.allocation.devices, {d.uuid: d for d in self.node().devices})
+
+    def isolation_status(self) -> dict[str, Any]:
+        """What status shows of this node's isolation: its best grade, ``enforcement`` and why, each device's
+        grade and note, the MPS daemon, and notes on slices (``marks``)."""
+        report = self._backend.isolation_report()
+        reasons = [r for r in (self._blind, self._failure) if r]
+        return {"isolation": report.best.value, "enforcement": self.enforcement,
+                "reason": "; ".join(reasons) or None,
+                "devices": {uuid: {"isolation": grade.value, "note": note} for uuid, grade, note in report.devices},
+                "mps": report.mps, "mps_reason": report.mps_reason, "marks": dict(self._marks)}
 
     def close(self) -> None:
         """Close the journal (the backend belongs to the caller)."""
         self._journal.close()
+
+
+def _starts_of(lease: Lease, pids: tuple[int, ...]) -> dict[int, int]:
+    return {p: s for p, s in lease.pid_starts.items() if p in pids}

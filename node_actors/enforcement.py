@@ -9,11 +9,14 @@ processes: hami.md §3), and tracks for how long a slice has been over its limit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hami_ray.core.model import Lease
 from node_actors.backends.base import DeviceSample, UsageSample
+
+if TYPE_CHECKING:  # duck-typed at run time: the GPU conformance suite passes plain objects, without pydantic
+    from hami_ray.core.model import Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +46,13 @@ class NodeSample:
         return next((s for s in self.slices if s.lease_id == lease_id and s.uuid == uuid), None)
 
 
-def slice_usage(leases: Iterable[Lease], sample: UsageSample) -> list[SliceUsage]:
+def slice_usage(leases: Iterable[Lease], sample: UsageSample,
+                members: Mapping[str, Iterable[int]] | None = None) -> list[SliceUsage]:
     """Per lease and device: the slice limit and the memory the lease's processes hold there.
 
-    A lease that holds one device in several slices (a pod's containers) gets their sum as its limit.
+    A lease's processes are ``members[lease_id]`` (its workers and all their descendants, in the sample's
+    pid numbering) where given, else its registered pids. A lease that holds one device in several slices
+    (a pod's containers) gets their sum as its limit.
 
     Example: a lease with pid 42 and an 8192 MiB grant on ``GPU-0``, and a sample where pid 42 holds
     9000 MiB there, gives ``SliceUsage("l1", "GPU-0", 8192, 9000, ((42, 9000),))``.
@@ -61,7 +67,8 @@ def slice_usage(leases: Iterable[Lease], sample: UsageSample) -> list[SliceUsage
             limits[grant.uuid] = limits.get(grant.uuid, 0) + grant.memory_mib
         for uuid, limit in limits.items():
             held = per_device.get(uuid, {})
-            mine = sorted(((pid, held[pid]) for pid in set(lease.pids) if pid in held), key=lambda x: (-x[1], x[0]))
+            pids = set(lease.pids) if members is None else set(members.get(lease.lease_id, lease.pids))
+            mine = sorted(((pid, held[pid]) for pid in pids if pid in held), key=lambda x: (-x[1], x[0]))
             out.append(SliceUsage(lease.lease_id, uuid, limit, sum(m for _, m in mine), tuple(mine)))
     return out
 

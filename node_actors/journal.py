@@ -60,6 +60,7 @@ class EventKind(StrEnum):
     RESTORED = "restored"
     LOST = "lost"  # a journaled lease no longer fits this node's devices
     FINISHED = "finished"  # its last holder process said it is done (a task returned; the worker lives on)
+    MARKED = "marked"  # something that enforced the slice changed (the MPS daemon was restarted)
 
     @property
     def ends_lease(self) -> bool:

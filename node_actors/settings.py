@@ -7,10 +7,18 @@ Plain frozen dataclasses with named defaults, filled by the node actor shell fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_actors.isolation import DEFAULT_LIBVGPU_PATH
+from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.grades import AUTO, Isolation
+from node_actors.isolation import DEFAULT_LIBVGPU_PATH, DEFAULT_MPS_CONTROL
+
+ISOLATION_ENV = "HAMI_RAY_ISOLATION"  # auto | mps | hami-core | watchdog
+LIBVGPU_ENV = "HAMI_RAY_LIBVGPU"  # HAMi-core's libvgpu.so (also the device plugin's --libvgpu default)
+MPS_CONTROL_ENV = "HAMI_RAY_MPS_CONTROL"  # the MPS control program
+ISOLATION_SETTINGS = (AUTO, Isolation.MPS.value, Isolation.HAMI_CORE.value, Isolation.WATCHDOG.value)
 
 DEFAULT_TOLERANCE_MIB = 64  # allocator slack: CUDA contexts and fragmentation push a little over
 DEFAULT_GRACE_S = 10.0  # a slice may be over its limit this long before its processes are stopped
@@ -27,14 +35,61 @@ class BackendSettings:
         state_dir: the node's state directory (journal, HAMi-core caches, simulated usage).
         simulate: the value of ``HAMI_RAY_SIMULATE`` (e.g. ``"4xA100-80GB"``), or None.
         libvgpu_path: HAMi-core's library; used only where the file exists.
-        mps: a CUDA MPS daemon serves this node.
+        isolation: the strongest grade the node may use on whole GPUs (:data:`ISOLATION_SETTINGS`).
+        mps_control: the CUDA MPS control program the node runs its daemon with.
     """
 
     node_name: str
     state_dir: Path
     simulate: str | None = None
     libvgpu_path: Path | None = DEFAULT_LIBVGPU_PATH
-    mps: bool = False
+    isolation: str = AUTO
+    mps_control: str = DEFAULT_MPS_CONTROL
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """The isolation settings of one node, from its environment (``ray start`` with these variables, or
+    the manifests in ``deploy/``) overridden by ``hami_ray.init(node={...})``.
+
+    Args:
+        isolation: ``auto`` (the strongest grade the node can provide), ``mps``, ``hami-core`` or
+            ``watchdog`` (a ceiling: a node never claims a grade it cannot provide, and says why).
+        libvgpu_path: HAMi-core's library.
+        mps_control: the MPS control program.
+    """
+
+    isolation: str = AUTO
+    libvgpu_path: Path | None = DEFAULT_LIBVGPU_PATH
+    mps_control: str = DEFAULT_MPS_CONTROL
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str], overrides: Mapping[str, object] | None = None) -> NodeSettings:
+        """Read ``HAMI_RAY_ISOLATION``, ``HAMI_RAY_LIBVGPU`` and ``HAMI_RAY_MPS_CONTROL``, then ``overrides``.
+
+        Raises:
+            InvalidRequest: an unknown setting, or an isolation word outside :data:`ISOLATION_SETTINGS`.
+
+        Example: ``NodeSettings.load({"HAMI_RAY_ISOLATION": "hami-core"}).isolation == "hami-core"``.
+        """
+        values: dict[str, object] = {}
+        if environ.get(ISOLATION_ENV, "").strip():
+            values["isolation"] = environ[ISOLATION_ENV]
+        if environ.get(LIBVGPU_ENV, "").strip():
+            values["libvgpu_path"] = environ[LIBVGPU_ENV]
+        if environ.get(MPS_CONTROL_ENV, "").strip():
+            values["mps_control"] = environ[MPS_CONTROL_ENV]
+        for key, value in (overrides or {}).items():
+            if key not in ("isolation", "libvgpu_path", "mps_control"):
+                raise InvalidRequest(f"node.{key}", "unknown node setting (known: isolation, libvgpu_path, mps_control)")
+            values[key] = value
+        word = str(values.get("isolation", AUTO)).strip().lower().replace("_", "-")
+        if word not in ISOLATION_SETTINGS:
+            raise InvalidRequest("isolation", f"unknown node isolation setting {word!r} "
+                                              f"(known: {', '.join(ISOLATION_SETTINGS)})")
+        lib = values.get("libvgpu_path", DEFAULT_LIBVGPU_PATH)
+        return cls(isolation=word, libvgpu_path=Path(str(lib)) if lib else None,
+                   mps_control=str(values.get("mps_control", DEFAULT_MPS_CONTROL)))
 
 
 @dataclass(frozen=True, slots=True)

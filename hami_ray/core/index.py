@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from hami_ray.core.model import Node
+from hami_ray.core.model import FULL_CORES, DeviceMode, Node
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -53,6 +53,9 @@ class CapacityIndex:
         self.slot_cap: IntArray = np.zeros((n, d), dtype=np.int64)
         self.slot_used: IntArray = np.zeros((n, d), dtype=np.int64)
         self.excl: BoolArray = np.zeros((n, d), dtype=bool)  # held by a 100-core slice
+        self.grade: IntArray = np.zeros((n, d), dtype=np.int64)  # isolation rank of a shared slice
+        self.grade_whole: IntArray = np.zeros((n, d), dtype=np.int64)  # ... of a whole-device slice
+        self.whole: BoolArray = np.zeros((n, d), dtype=bool)  # a MIG instance: every slice takes all of it
         # per-node sums of the device columns above (HAMi's node score reads only these)
         self.node_mem_cap: IntArray = np.zeros(n, dtype=np.int64)
         self.node_mem_used: IntArray = np.zeros(n, dtype=np.int64)
@@ -105,8 +108,9 @@ class CapacityIndex:
         self.hmem_used[row] = 0
         self.tags[row] = {}
         for arr in (self.mem_used, self.core_used, self.slot_used, self.mem_cap, self.core_cap,
-                    self.slot_cap, self.numa):
+                    self.slot_cap, self.numa, self.grade, self.grade_whole):
             arr[row] = 0
+        self.whole[row] = False
         self.exists[row] = False
         self.healthy[row] = False
         self.excl[row] = False
@@ -119,6 +123,9 @@ class CapacityIndex:
             self.mem_cap[row, col] = dev.memory_capacity_mib
             self.core_cap[row, col] = dev.core_capacity
             self.slot_cap[row, col] = dev.slice_capacity
+            self.grade[row, col] = dev.grade_for(0).rank
+            self.grade_whole[row, col] = dev.grade_for(FULL_CORES).rank
+            self.whole[row, col] = dev.mode is DeviceMode.MIG
         self.node_mem_cap[row] = self.mem_cap[row].sum()
         self.node_core_cap[row] = self.core_cap[row].sum()
         self.node_slot_cap[row] = self.slot_cap[row].sum()
@@ -141,7 +148,8 @@ class CapacityIndex:
         """Everything placement on this row depends on, as bytes (for score memos across rows)."""
         parts = (self.model_id[row], self.mem_cap[row], self.mem_used[row], self.core_cap[row],
                  self.core_used[row], self.slot_cap[row], self.slot_used[row], self.excl[row].astype(np.int64),
-                 self.healthy[row].astype(np.int64), self.numa[row],
+                 self.healthy[row].astype(np.int64), self.numa[row], self.grade[row], self.grade_whole[row],
+                 self.whole[row].astype(np.int64),
                  np.array([self.cpu_cap[row] - self.cpu_used[row], self.hmem_cap[row] - self.hmem_used[row],
                            int(self.cpu_cap[row] == 0), int(self.hmem_cap[row] == 0)], dtype=np.int64))
         return np.concatenate(parts).tobytes()

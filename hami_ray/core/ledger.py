@@ -171,7 +171,7 @@ class Ledger:
             LeaseNotFound: no such live lease.
             InvariantViolation: another field, or an ending state (use :meth:`release`).
         """
-        unknown = set(changes) - {"state", "pids", "owner", "priority"}
+        unknown = set(changes) - {"state", "pids", "pid_starts", "owner", "priority"}
         if unknown:
             raise InvariantViolation(f"cannot change {sorted(unknown)} of a live lease; release and allocate again")
         if changes.get("state") in (LeaseState.RELEASED, LeaseState.LOST):

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hami_ray.core.grades import Isolation
 from hami_ray.core.names import DevicePolicyName, NodePolicyName
 
 DEFAULT_SPLIT_COUNT = 10  # HAMi's deviceSplitCount: at most this many slices per device
@@ -26,16 +27,18 @@ class _Frozen(BaseModel):
 
 
 class DeviceMode(StrEnum):
-    SHARED = "shared"  # HAMi-core slicing ("hami-core")
+    SHARED = "shared"  # sliced by memory and cores
     EXCLUSIVE = "exclusive"  # whole device only
-    MIG = "mig"
+    MIG = "mig"  # a MIG instance: handed out whole, never sliced (its parent GPU is not offered at all)
 
 
 class Device(_Frozen):
     """One physical accelerator as discovered by a backend.
 
     ``links`` maps a peer uuid to a pair score (HAMi's ``calculate_score.go`` scale: cross-CPU 10 ..
-    NVLink 100 per link).
+    NVLink 100 per link). ``isolation`` is the grade a shared slice of this device holds;
+    ``whole_isolation`` the grade of a whole-device (100-core) slice, which does not go through MPS
+    (None: the same as ``isolation``). A MIG instance's cores are its share of its parent's SMs.
     """
 
     uuid: str
@@ -51,6 +54,18 @@ class Device(_Frozen):
     split_count: int = Field(default=DEFAULT_SPLIT_COUNT, ge=1)
     memory_scaling: float = Field(default=DEFAULT_MEMORY_SCALING, gt=0)
     core_scaling: float = Field(default=DEFAULT_CORE_SCALING, gt=0)
+    isolation: Isolation = Isolation.NONE
+    whole_isolation: Isolation | None = None
+
+    def grade_for(self, cores: int) -> Isolation:
+        """The grade a slice of ``cores`` percent holds on this device.
+
+        Example: an MPS device with ``whole_isolation="watchdog"`` gives ``mps`` for 30 cores and
+        ``watchdog`` for 100.
+        """
+        if self.mode is DeviceMode.MIG or cores < FULL_CORES or self.whole_isolation is None:
+            return self.isolation
+        return self.whole_isolation
 
     @property
     def memory_capacity_mib(self) -> int:
@@ -63,7 +78,7 @@ class Device(_Frozen):
 
     @property
     def slice_capacity(self) -> int:
-        return 1 if self.mode is DeviceMode.EXCLUSIVE else self.split_count
+        return 1 if self.mode in (DeviceMode.EXCLUSIVE, DeviceMode.MIG) else self.split_count
 
 
 K8S_NODE_LABEL = "hami-ray.io/k8s-node"  # a Ray node's Kubernetes node (pods placed there bind to it)
@@ -93,6 +108,7 @@ class SliceRequest(_Frozen):
     chosen); neither means the whole device, as HAMi's default. ``cores`` is percent of a device;
     100 makes the slice exclusive. ``priority``: larger is served first from the queue.
     ``task_priority`` is HAMi's ``nvidia.com/priority`` (0 high, 1 low), handed to HAMi-core.
+    ``isolation``: the weakest grade the slice may hold (None: any).
     """
 
     vendor: str = DEFAULT_VENDOR
@@ -111,6 +127,7 @@ class SliceRequest(_Frozen):
     task_priority: int | None = None
     node_policy: NodePolicyName | None = None
     device_policy: DevicePolicyName | None = None
+    isolation: Isolation | None = None
 
     @model_validator(mode="after")
     def _one_memory_form(self) -> SliceRequest:
@@ -143,6 +160,8 @@ class SliceRequest(_Frozen):
             parts.append(f"{self.cores} % cores")
         if self.include_types:
             parts.append("/".join(self.include_types))
+        if self.isolation is not None:
+            parts.append(f"isolation >= {self.isolation.value}")
         return ", ".join(parts)
 
     def shape(self) -> tuple[object, ...]:
@@ -150,7 +169,7 @@ class SliceRequest(_Frozen):
         return (
             self.vendor, self.count, self.memory_mib, self.memory_percent, self.cores, self.cpu_milli,
             self.host_memory_mib, self.include_types, self.exclude_types, self.include_uuids,
-            self.exclude_uuids, self.numa_bind,
+            self.exclude_uuids, self.numa_bind, self.isolation,
         )
 
 
@@ -198,6 +217,7 @@ class Lease(_Frozen):
     token: str
     state: LeaseState = LeaseState.RESERVED
     pids: tuple[int, ...] = ()
+    pid_starts: dict[int, int] = Field(default_factory=dict)  # pid -> start time (clock ticks): the same process
     priority: int = 0
     created_at: float = 0.0
     holder: Literal["process", "pod"] = "process"

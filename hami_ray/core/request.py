@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.grades import isolation
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.names import device_policy_name, node_policy_name
 from hami_ray.core.units import parse_cores, parse_count, parse_memory
 
 KEYWORDS = frozenset({
     "gpus", "gpu_memory", "gpu_cores", "gpu_type", "exclude_gpu_type", "gpu_uuid", "exclude_gpu_uuid",
-    "numa_bind", "priority", "node_policy", "device_policy", "vendor",
+    "numa_bind", "priority", "node_policy", "device_policy", "vendor", "isolation",
 })
 
 
@@ -82,4 +83,6 @@ def slice_request(options: Mapping[str, object]) -> SliceRequest:
         if not isinstance(vendor, str) or not vendor.strip():
             raise InvalidRequest("vendor", f"expected a vendor name such as 'NVIDIA', got {vendor!r}")
         fields["vendor"] = vendor.strip()
+    if options.get("isolation") is not None:
+        fields["isolation"] = isolation(options["isolation"])
     return SliceRequest.model_validate(fields)

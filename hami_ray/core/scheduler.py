@@ -338,9 +338,12 @@ class Scheduler:
             grants = []
             for col in choice.cols:
                 mem = request.memory_on(int(idx.mem_cap[row, col]))
-                grants.append(DeviceGrant(uuid=self.ledger.uuid_at(row, col), memory_mib=mem, cores=request.cores))
+                cores = request.cores
+                if idx.whole[row, col]:  # a MIG instance is handed out whole (its cores: its share of SMs)
+                    mem, cores = int(idx.mem_cap[row, col]), int(idx.core_cap[row, col])
+                grants.append(DeviceGrant(uuid=self.ledger.uuid_at(row, col), memory_mib=mem, cores=cores))
                 extra_mem[col] += mem
-                extra_cores[col] += request.cores
+                extra_cores[col] += cores
                 extra_slots[col] += 1
                 extra_excl[col] |= request.exclusive
             slices.append(tuple(grants))
@@ -401,7 +404,15 @@ class Scheduler:
         codes = list(Reason)
         never = not self._could_ever_fit(reqs)
         counts = np.bincount(reasons[alive], minlength=len(codes))
-        return unschedulable(int(alive.sum()), {codes[i]: int(n) for i, n in enumerate(counts) if n}, never=never)
+        named: dict[str, int] = {}
+        floor = next((r.isolation for r in reqs if r.isolation is not None), None)
+        for i, n in enumerate(counts):
+            if n:
+                text = codes[i].value
+                if codes[i] is Reason.ISOLATION_BELOW and floor is not None:
+                    text = f"isolation below {floor.value}"  # the grade the request asked for
+                named[text] = int(n)
+        return unschedulable(int(alive.sum()), named, never=never)
 
     def _row_reasons(self, reqs: list[SliceRequest], rows: BoolArray) -> IntArray:
         """For each row of ``rows``, the index in :class:`Reason` of the first reason its node cannot hold
@@ -423,10 +434,13 @@ class Scheduler:
         typed_of = []
         for request in device_reqs:  # static reasons first: they hold whatever the load
             vendor = view.vendor_ok(request).sum(axis=1)
-            typed = view.type_ok(request)
+            typed = view.model_mask(request)[idx.model_id] & idx.exists
             mark(vendor == 0, Reason.VENDOR_MISMATCH)
             mark(vendor < request.count, Reason.TOO_FEW_DEVICES)
             mark(typed.sum(axis=1) < request.count, Reason.TYPE_MISMATCH)
+            if request.isolation is not None:
+                typed = typed & view.grade_ok(request)
+                mark(typed.sum(axis=1) < request.count, Reason.ISOLATION_BELOW)
             uuid = view.uuid_ok(request)
             if uuid is not None:
                 typed = typed & uuid

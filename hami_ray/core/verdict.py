@@ -20,6 +20,7 @@ class Reason(StrEnum):
     NODE_GONE = "node not ready"
     VENDOR_MISMATCH = "no device of the requested vendor"
     TYPE_MISMATCH = "device type mismatch"
+    ISOLATION_BELOW = "isolation below the requested grade"
     UUID_MISMATCH = "device uuid mismatch"
     UNHEALTHY = "unhealthy devices"
     INSUFFICIENT_CPU = "insufficient cpu"
@@ -32,7 +33,7 @@ class Reason(StrEnum):
     NUMA_MISMATCH = "no NUMA node with enough devices"
 
 
-def unschedulable(total_nodes: int, reasons: Iterable[Reason] | Mapping[Reason, int], *,
+def unschedulable(total_nodes: int, reasons: Iterable[Reason] | Mapping[Reason, int] | Mapping[str, int], *,
                   never: bool = False) -> Unschedulable:
     """Aggregate per-node reasons (one per node, or already counted) into the exception a caller sees."""
     if isinstance(reasons, Mapping):

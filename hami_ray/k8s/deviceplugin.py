@@ -500,5 +500,8 @@ def discover_devices(node: str, *, simulate: str | None = None, libvgpu: Path | 
     if simulate:
         backend: Any = SimulatedBackend(simulate, node, state)
     else:
-        backend = detect_backend(BackendSettings(node_name=node, state_dir=state, libvgpu_path=libvgpu))
+        # pods get HAMi's model (HAMi-core in the container, never the node's MPS daemon): the plugin starts
+        # no MPS daemon of its own
+        backend = detect_backend(BackendSettings(node_name=node, state_dir=state, libvgpu_path=libvgpu,
+                                                 isolation="hami-core"))
     return backend.discover(), backend.health

@@ -148,7 +148,24 @@ class StatusCollector(Collector):
         cluster.add_metric(["capacity", *z], total.memory_mib * MIB)
         cluster.add_metric(["allocated", *z], total.memory_allocated_mib * MIB)
         cluster.add_metric(["used", *z], total.memory_used_mib * MIB)
-        yield from (fragmentation, queue, leases, lost, enforced, cluster)
+        grade = _gauge("hami_ray_node_isolation", "1 for the node's best isolation grade (mig > mps > hami-core > "
+                       "watchdog > none).", ("node", "isolation"))
+        degraded = _gauge("hami_ray_node_enforcement_degraded", "1 while the node actor's enforcement cannot run "
+                          "or cannot see processes (see hami-ray status).", ("node",))
+        by_grade = _gauge("hami_ray_slices", "Slices by the isolation grade they hold.", ("node", "isolation"))
+        for node in status.nodes:
+            grade.add_metric([node.name, node.isolation, *z], 1)
+            degraded.add_metric([node.name, *z], 0 if node.enforcement == "ok" else 1)
+            counts: Counter[str] = Counter()
+            seen: set[str] = set()
+            for dev in node.devices:
+                for held in dev.slices:
+                    if held.lease_id not in seen:
+                        seen.add(held.lease_id)
+                        counts[held.isolation] += 1
+            for word, n in sorted(counts.items()):
+                by_grade.add_metric([node.name, word, *z], n)
+        yield from (fragmentation, queue, leases, lost, enforced, cluster, grade, degraded, by_grade)
 
 
 def _version() -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from hami_ray.core.grades import Isolation, strongest, weakest
 from hami_ray.core.model import ClusterSnapshot, Lease
 
 
@@ -30,6 +31,8 @@ class SliceStatus(_Model):
     cores: int
     memory_used_mib: int | None = None  # None: not sampled (yet)
     pids: tuple[int, ...] = ()
+    isolation: str = Isolation.NONE.value  # the grade the slice holds (its weakest device's)
+    note: str | None = None  # what changed under its isolation (the MPS daemon restarted)
 
 
 class DeviceStatus(_Model):
@@ -47,6 +50,9 @@ class DeviceStatus(_Model):
     slice_count: int
     split_count: int
     slices: tuple[SliceStatus, ...] = ()
+    isolation: str = Isolation.NONE.value  # the grade of a shared slice here
+    mig: bool = False  # a MIG instance (handed out whole)
+    note: str | None = None  # why its grade is not stronger
 
 
 class NodeStatus(_Model):
@@ -54,6 +60,10 @@ class NodeStatus(_Model):
     devices: tuple[DeviceStatus, ...]
     fragment_milli: float = 0.0  # FGD's F_n against the requests seen so far, milli-GPU
     idle_milli: float = 0.0
+    isolation: str = Isolation.NONE.value  # the node's best grade
+    enforcement: str = "ok"  # "degraded" while its node actor's enforcement cannot run or see processes
+    enforcement_reason: str | None = None
+    mps: Mapping[str, Any] | None = None  # the MPS daemon: running, pid, restarts, reason
 
 
 class Waiting(_Model):
@@ -108,7 +118,7 @@ class ClusterStatus(_Model):
 def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None = None, queue_depth: int = 0,
                  waiting: Sequence[Mapping[str, Any]] = (), fragments: Mapping[str, tuple[float, float]] | None = None,
                  lost: Sequence[Lease] = (), enforcement: Mapping[str, int] | None = None,
-                 taken_at: float | None = None) -> ClusterStatus:
+                 isolation: Mapping[str, Any] | None = None, taken_at: float | None = None) -> ClusterStatus:
     """The status of a cluster.
 
     Args:
@@ -120,7 +130,17 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
         fragments: per node, ``(F_n, idle)`` in milli-GPU.
         lost: leases lost with their nodes.
         enforcement: action -> count.
+        isolation: per node, its node actor's isolation status (``isolation``, ``enforcement``, ``reason``,
+            ``devices``: uuid -> ``{"isolation", "note"}``, ``mps``, ``marks``: lease id -> note).
     """
+    isolation = isolation or {}
+    grades = {d.uuid: d for n in snapshot.nodes for d in n.devices}
+    marks: dict[str, str] = {}
+    notes: dict[str, str | None] = {}
+    for node_iso in isolation.values():
+        marks.update((node_iso or {}).get("marks") or {})
+        for uuid, dev in ((node_iso or {}).get("devices") or {}).items():
+            notes[str(uuid)] = (dev or {}).get("note")
     usage = usage or {}
     fragments = fragments or {}
     device_used: dict[str, tuple[int, int]] = {}
@@ -132,10 +152,12 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
             slice_used[(str(s["lease_id"]), str(s["uuid"]))] = int(s["used_mib"])
     by_device: dict[str, list[SliceStatus]] = {}
     for lease in snapshot.leases:
+        grade = weakest(grades[g.uuid].grade_for(g.cores) for g in lease.allocation.devices if g.uuid in grades).value
         for grant in lease.allocation.devices:
             by_device.setdefault(grant.uuid, []).append(SliceStatus(
                 lease_id=lease.lease_id, owner=lease.owner, state=str(lease.state.value), memory_mib=grant.memory_mib,
-                cores=grant.cores, memory_used_mib=slice_used.get((lease.lease_id, grant.uuid)), pids=lease.pids))
+                cores=grant.cores, memory_used_mib=slice_used.get((lease.lease_id, grant.uuid)), pids=lease.pids,
+                isolation=grade, note=marks.get(lease.lease_id)))
     nodes = []
     for node in snapshot.nodes:
         devices = []
@@ -148,9 +170,15 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
                 memory_used_mib=None if used is None else used[0], core_capacity=dev.core_capacity,
                 cores_allocated=sum(s.cores for s in held),
                 utilization=None if used is None else used[1], slice_count=len(held), split_count=dev.split_count,
-                slices=tuple(held)))
+                slices=tuple(held), isolation=dev.isolation.value, mig=dev.mode.value == "mig",
+                note=notes.get(dev.uuid)))
         frag, idle = fragments.get(node.name, (0.0, 0.0))
-        nodes.append(NodeStatus(name=node.name, devices=tuple(devices), fragment_milli=frag, idle_milli=idle))
+        node_iso = isolation.get(node.name) or {}
+        nodes.append(NodeStatus(
+            name=node.name, devices=tuple(devices), fragment_milli=frag, idle_milli=idle,
+            isolation=strongest(d.isolation for d in node.devices).value,
+            enforcement=str(node_iso.get("enforcement") or "ok"), enforcement_reason=node_iso.get("reason"),
+            mps=node_iso.get("mps")))
     all_devices = [d for n in nodes for d in n.devices]
     sampled = [d for d in all_devices if d.memory_used_mib is not None]
     idle_total = sum(n.idle_milli for n in nodes)
@@ -182,4 +210,5 @@ def status_from(data: Mapping[str, Any]) -> ClusterStatus:
         ClusterSnapshot.model_validate(data["snapshot"]), usage=data.get("usage"),
         queue_depth=int(data.get("queue_depth", 0)), waiting=data.get("waiting", ()),
         fragments={k: (float(v[0]), float(v[1])) for k, v in (data.get("fragments") or {}).items()},
-        lost=[Lease.model_validate(x) for x in data.get("lost", ())], enforcement=data.get("enforcement"))
+        lost=[Lease.model_validate(x) for x in data.get("lost", ())], enforcement=data.get("enforcement"),
+        isolation=data.get("isolation"))

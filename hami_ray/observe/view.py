@@ -70,7 +70,14 @@ def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, d
                           "(--page K, --node NAME, --device UUID, or --json for all)", style="dim"))
         return Group(*parts)
     parts.extend(_node(n, bar_w, slices=True) for n in nodes)
+    parts.extend(_why_degraded(nodes))
     return Group(*parts)
+
+
+def _why_degraded(nodes: list[NodeStatus]) -> list[RenderableType]:
+    """One line per node whose enforcement is degraded, saying why (never silent)."""
+    return [Text(f"node {n.name[:16]}: enforcement degraded: {n.enforcement_reason or 'unknown'}", style="red")
+            for n in nodes if n.enforcement != "ok"]
 
 
 def _summary(status: ClusterStatus, bar_w: int) -> RenderableType:
@@ -130,8 +137,11 @@ def _by_model(nodes: list[NodeStatus], bar_w: int) -> RenderableType:
 
 def _node(node: NodeStatus, bar_w: int, *, slices: bool) -> RenderableType:
     frag = f"  frag {node.fragment_milli:.0f}/{node.idle_milli:.0f} milli idle" if node.idle_milli else ""
-    table = Table(title=f"node {node.name[:16]}{'…' if len(node.name) > 16 else ''}{frag}", title_justify="left",
-                  show_edge=False, pad_edge=False)
+    title = Text(f"node {node.name[:16]}{'…' if len(node.name) > 16 else ''}  isolation {node.isolation}")
+    if node.enforcement != "ok":
+        title.append(f"  enforcement {node.enforcement}", style="bold red")
+    title.append(frag)
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=14)
     table.add_column("memory ▓alloc █used", no_wrap=True)
@@ -151,7 +161,9 @@ def _node(node: NodeStatus, bar_w: int, *, slices: bool) -> RenderableType:
             continue
         for s in d.slices[:SHOW_SLICES]:
             over = s.memory_used_mib is not None and s.memory_used_mib > s.memory_mib
-            table.add_row("", Text(f"└ {s.owner}", style="dim"), Text(f"…{s.lease_id[-6:]} {s.state}", style="dim"),
+            marked = "!" if s.note else ""
+            table.add_row("", Text(f"└ {s.owner}", style="dim"),
+                          Text(f"…{s.lease_id[-6:]} {s.state} {s.isolation}{marked}", style="yellow" if marked else "dim"),
                           Text(f"{_gib(s.memory_mib)}/{_gib(s.memory_used_mib)}", style="red" if over else "dim"),
                           Text(f"{s.cores}", style="dim"), "", "")
         if len(d.slices) > SHOW_SLICES:

@@ -38,7 +38,13 @@ from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.fastpath import PlacementCalls
 from hami_ray.runtime.lanes import LaneClient, lanes_enabled
 from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta
-from hami_ray.runtime.worker import NAMESPACE, current_slice, report_simulated_memory, slice_actor_class
+from hami_ray.runtime.worker import (
+    NAMESPACE,
+    current_slice,
+    pid_namespace,
+    report_simulated_memory,
+    slice_actor_class,
+)
 
 RAY_TASK_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_retries", "retry_exceptions",
                               "runtime_env", "max_calls"})
@@ -72,7 +78,8 @@ def _calls_or_raise() -> PlacementCalls:
 
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
          simulate_per_node: dict[str, str] | None = None, agent: dict[str, Any] | None = None,
-         metrics_port: int | None = DEFAULT_METRICS_PORT, **ray_kwargs: Any) -> None:
+         node: dict[str, Any] | None = None, metrics_port: int | None = DEFAULT_METRICS_PORT,
+         **ray_kwargs: Any) -> None:
     """Connect to Ray (or start a local one) and make sure the hami-ray actors run.
 
     Args:
@@ -83,6 +90,9 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         simulate_per_node: per Ray node id, its own simulation spec; a node started with
             ``$HAMI_RAY_NODE_SIMULATE`` in its environment uses that instead of ``simulate``.
         agent: node agent settings (``tolerance_mib``, ``grace_s``, ``reap_interval_s``).
+        node: node isolation settings over each node's environment: ``isolation`` (``auto``, ``mps``,
+            ``hami-core``, ``watchdog``; ``$HAMI_RAY_ISOLATION``), ``libvgpu_path`` (``$HAMI_RAY_LIBVGPU``),
+            ``mps_control`` (``$HAMI_RAY_MPS_CONTROL``).
         metrics_port: where the placement actor serves Prometheus metrics on its node (HAMi's 9395;
             0: any free port, see ``status()``; None: not served).
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
@@ -95,6 +105,7 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         "simulate_for": simulate_per_node or {},
         "state_root": state_root or os.path.join(tempfile.gettempdir(), f"hami-ray-{getpass.getuser()}"),
         "agent": agent or {},
+        "node": node or {},
         "metrics_port": metrics_port,
     }
     _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
@@ -277,7 +288,7 @@ def lease(**options: Any) -> Iterator[LeaseHandle]:
     held = LeaseHandle(Lease.model_validate(grant["lease"]), grant["env"])
     try:
         actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
-        ray.get(actor.activate.remote(held.lease_id, os.getpid()))
+        ray.get(actor.activate.remote(held.lease_id, os.getpid(), pid_namespace()))
         yield held
     finally:
         calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)

@@ -54,6 +54,7 @@ class PlacementShell(PodLeases):
         self._outbox: dict[str, list[tuple[str, str]]] = {}  # per node: releases not told yet
         self._usage: dict[str, Any] = {}  # per node: its node actor's last usage sample
         self._actions: dict[str, dict[str, int]] = {}  # per node: enforcement action -> count
+        self._isolation: dict[str, Any] = {}  # per node: its isolation status (grade, enforcement, notes)
         self._requests: dict[str, SliceRequest] = {}  # parsed requests by their JSON (they repeat)
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
@@ -106,7 +107,7 @@ class PlacementShell(PodLeases):
                 name=node_actor_name(node_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(node_id, self.config["state_root"], self.config.get("simulate_for", {}).get(node_id),
-                     self.config.get("agent", {}), self.config.get("simulate"))
+                     self.config.get("agent", {}), self.config.get("simulate"), self.config.get("node") or None)
             self._actors[node_id] = handle
         return handle
 
@@ -125,6 +126,10 @@ class PlacementShell(PodLeases):
                 self._start_env[node_id] = dict(info.get("start_env", {}))
                 self._usage[node_id] = info.get("usage")
                 self._actions[node_id] = dict(info.get("enforcement", {}))
+                self._isolation[node_id] = info.get("isolation")
+                if node_id in self.svc.node_actor and self._regraded(node_id, info["node"]):
+                    self.svc.ledger.add_node(Node.model_validate(info["node"]))  # its grades changed (MPS fell back)
+                    self.changes += 1
                 if node_id not in self.svc.node_actor:
                     leases = [Lease.model_validate(x) for x in info["leases"]]
                     self.svc.register_node(Node.model_validate(info["node"]), node_actor_name(node_id), leases)
@@ -142,6 +147,12 @@ class PlacementShell(PodLeases):
             except (RayError, asyncio.TimeoutError):
                 continue  # the node actor is (re)starting; next round
         self._kick()
+
+    def _regraded(self, node_id: str, info_node: dict[str, Any]) -> bool:
+        """Whether the node actor's devices now hold other isolation grades than the ledger knows."""
+        known = {d.uuid: (d.isolation.value, d.whole_isolation) for d in self.svc.ledger.node(node_id).devices}
+        now = {d["uuid"]: (d.get("isolation", "none"), d.get("whole_isolation")) for d in info_node.get("devices", ())}
+        return {u: (g, None if w is None else str(w)) for u, (g, w) in known.items()} != now
 
     def _follow_wire(self, node_id: str, wire: dict[str, Any] | None) -> None:
         """Use the node actor's fast path where it has one (a restarted node actor has a new one)."""
@@ -416,6 +427,7 @@ class PlacementShell(PodLeases):
                 "lost": [x.model_dump(mode="json") for x in self.svc.lost[-100:]],
                 "bound_retries": self.bound_retries, "pid": os.getpid(), "host": self._host,
                 "usage": {n: u for n, u in self._usage.items() if n in alive},
+                "isolation": {n: x for n, x in self._isolation.items() if n in alive and x},
                 "fragments": self.svc.fragments(), "waiting": self.svc.waiting(), "enforcement": actions,
                 "metrics_port": self.metrics_port}
 

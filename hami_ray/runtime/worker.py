@@ -29,6 +29,7 @@ import ray
 
 from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded
 from hami_ray.core.model import DeviceGrant
+from hami_ray.runtime import framework_caps
 from node_actors import interrupt
 
 NAMESPACE = "hami-ray"
@@ -38,7 +39,8 @@ CANCEL_AFTER_S = 1.0
 CANCEL_SIGNAL = signal.SIGUSR2
 WORKER_MARK = "HAMI_RAY_WORKER"  # in every slice worker's runtime_env: a pool of their own, not Ray's
 _SLICE_KEYS = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_SM_LIMIT", "HAMI_RAY_SLICE",
-               "XLA_PYTHON_CLIENT_MEM_FRACTION")
+               "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY",
+               "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
 
 
 class WorkerBound(HamiRayError):
@@ -70,6 +72,15 @@ class SliceInfo:
     @property
     def cores(self) -> int:
         return max((d.cores for d in self.devices), default=0)
+
+    @property
+    def isolation(self) -> str:
+        """How strongly the slice holds: ``mig``, ``mps``, ``hami-core``, ``watchdog`` or ``none``
+        (``status --json``'s word for it)."""
+        try:
+            return str(json.loads(self.env.get("HAMI_RAY_SLICE", "{}")).get("isolation", "none"))
+        except ValueError:
+            return "none"
 
 
 _current: SliceInfo | None = None
@@ -155,15 +166,30 @@ def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None, *, lane
     if actor is None:  # one GCS lookup per worker process, not per task
         actor = _actors[meta["node_actor"]] = ray.get_actor(meta["node_actor"], namespace=NAMESPACE)
     if not lane:
-        actor.activate.remote(lease_id, os.getpid())  # fire and forget: no round trip per task
+        actor.activate.remote(lease_id, os.getpid(), pid_namespace())  # fire and forget: no round trip per task
     elif _held != lease_id:
-        if not ray.get(actor.activate.remote(lease_id, os.getpid())):
+        if not ray.get(actor.activate.remote(lease_id, os.getpid(), pid_namespace())):
             raise LeaseGone(lease_id)
         _held = lease_id
     _current = SliceInfo(lease_id, meta["node"], _devices[1], seen, meta.get("state_dir", ""))
     if interruptible:
         _arm(_current.state_dir)
+    framework_caps.install(os.environ.get("HAMI_RAY_SLICE") if env is None else env.get("HAMI_RAY_SLICE"))
     return _current
+
+
+_pidns: list[int | None] = []
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (inode of ``/proc/self/ns/pid``), read once: the node actor maps a
+    worker in a namespace of its own to the pid NVML reports."""
+    if not _pidns:
+        try:
+            _pidns.append(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            _pidns.append(None)
+    return _pidns[0]
 
 
 def _check_cancelled(signum: int, frame: FrameType | None) -> None:

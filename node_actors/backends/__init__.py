@@ -7,14 +7,28 @@ spec is passed in as a value (the settings loader read the environment), never r
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from node_actors.backends.base import DeviceBackend, DeviceSample, ProcessSample, UsageSample
-from node_actors.backends.empty import EmptyBackend
-from node_actors.backends.nvidia import NvidiaBackend
-from node_actors.backends.simulated import SimulatedBackend
 from node_actors.isolation import IsolationConfig
-from node_actors.settings import BackendSettings
+
+if TYPE_CHECKING:
+    from node_actors.backends.empty import EmptyBackend
+    from node_actors.backends.nvidia import NvidiaBackend
+    from node_actors.backends.simulated import SimulatedBackend
+    from node_actors.settings import BackendSettings
+
+# The backends load on first use (PEP 562): `node_actors.backends.nvidia` alone must import without pydantic,
+# for the GPU conformance suite on machines that have none (the simulated backend builds pydantic models).
+_LAZY = {"EmptyBackend": "node_actors.backends.empty", "NvidiaBackend": "node_actors.backends.nvidia",
+         "SimulatedBackend": "node_actors.backends.simulated"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'node_actors.backends' has no attribute {name!r}")
 
 __all__ = [
     "DeviceBackend",
@@ -45,7 +59,12 @@ def detect_backend(settings: BackendSettings, nvml: Any | None = None) -> Device
 
     Example: ``detect_backend(BackendSettings("n1", Path("/tmp/s"), simulate="2xT4-16GB"))``.
     """
-    isolation = IsolationConfig(state_dir=settings.state_dir, libvgpu_path=settings.libvgpu_path, mps=settings.mps)
+    from node_actors.backends.empty import EmptyBackend  # noqa: PLC0415
+    from node_actors.backends.nvidia import NvidiaBackend  # noqa: PLC0415
+    from node_actors.backends.simulated import SimulatedBackend  # noqa: PLC0415
+
+    isolation = IsolationConfig(state_dir=settings.state_dir, libvgpu_path=settings.libvgpu_path,
+                                setting=settings.isolation, mps_control=settings.mps_control)
     nvidia = NvidiaBackend(isolation, nvml=nvml)
     try:
         found = nvidia.discover()

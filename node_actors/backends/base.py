@@ -1,10 +1,12 @@
 """The device backend protocol: what a node actor needs from a vendor's devices, and no more.
 
 A backend is an instance configured through its constructor (the NVML library, a simulation spec, the
-isolation settings) that answers five questions: which devices are here (:meth:`DeviceBackend.discover`),
+isolation settings) that answers these questions: which devices are here (:meth:`DeviceBackend.discover`),
 are they healthy (:meth:`~DeviceBackend.health`), how much memory and compute are used, per device and per
 process (:meth:`~DeviceBackend.usage`), which environment variables isolate a slice
-(:meth:`~DeviceBackend.isolation_env`), and release what you hold (:meth:`~DeviceBackend.close`). It is
+(:meth:`~DeviceBackend.isolation_env`), how strongly do slices hold and is that still so
+(:meth:`~DeviceBackend.isolation_report`, :meth:`~DeviceBackend.maintain`), and release what you hold
+(:meth:`~DeviceBackend.close`). It is
 modelled on httpx's one-method transport, not on HAMi's 13-method ``Devices`` interface (STYLE, Device
 backends). Backends return environment variables as data and never write ``os.environ``.
 
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from hami_ray.core.model import Device, DeviceGrant
+from hami_ray.core.grades import Isolation
+
+if TYPE_CHECKING:
+    from hami_ray.core.model import Device, DeviceGrant
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +67,36 @@ class UsageSample:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class IsolationReport:
+    """How a node's devices are isolated: what status shows per node and per device.
+
+    ``devices``: (uuid, grade of a shared slice, why not stronger or None). ``host_pids``: the backend's
+    per-process samples name host (initial PID namespace) pids, as NVML's do; the simulated backend's
+    name pids as the reporting process saw them.
+    """
+
+    best: Isolation = Isolation.NONE
+    devices: tuple[tuple[str, Isolation, str | None], ...] = ()
+    mps: dict[str, Any] | None = None
+    mps_reason: str | None = None
+    host_pids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    """What one :meth:`DeviceBackend.maintain` pass did: ``restarted`` the MPS daemon (its slices are
+    marked), ``changed`` device grades (the node's inventory must be updated), with a ``note``."""
+
+    restarted: bool = False
+    changed: bool = False
+    note: str | None = None
+    grades: tuple[tuple[str, Isolation, Isolation | None], ...] = ()  # when changed: (uuid, shared, whole)
+
+
 @runtime_checkable
 class DeviceBackend(Protocol):
-    """The five things a node actor asks of a device backend."""
+    """What a node actor asks of a device backend."""
 
     def discover(self) -> list[Device]:
         """The devices of this node, in index order; empty when the vendor library is missing.
@@ -98,6 +130,16 @@ class DeviceBackend(Protocol):
         """
         ...
 
+    def isolation_report(self) -> IsolationReport:
+        """The node's grades and the state of what enforces them (for status and metrics)."""
+        ...
+
+    def maintain(self) -> Maintenance:
+        """Keep isolation running (health-check the MPS daemon); called on every tick. Never raises for
+        a failure it can report."""
+        ...
+
     def close(self) -> None:
-        """Release the vendor library; the backend is unusable afterwards. Idempotent."""
+        """Release the vendor library and stop what isolation started; the backend is unusable afterwards.
+        Idempotent."""
         ...

@@ -7,10 +7,13 @@ devices, so a CPU-only node still runs a node actor (it serves host CPU and memo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hami_ray.core.errors import InvalidRequest
-from hami_ray.core.model import Device, DeviceGrant
-from node_actors.backends.base import UsageSample
+from node_actors.backends.base import IsolationReport, Maintenance, UsageSample
+
+if TYPE_CHECKING:
+    from hami_ray.core.model import Device, DeviceGrant
 
 
 class EmptyBackend:
@@ -34,6 +37,14 @@ class EmptyBackend:
         if devices:
             raise InvalidRequest("devices", f"device {devices[0].uuid} is not on this node (it has none)")
         return {"CUDA_VISIBLE_DEVICES": ""}
+
+    def isolation_report(self) -> IsolationReport:
+        """Grade ``none``: nothing real to isolate."""
+        return IsolationReport()
+
+    def maintain(self) -> Maintenance:
+        """Nothing to keep running."""
+        return Maintenance()
 
     def close(self) -> None:
         """Nothing to release."""

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.grades import Isolation
 from hami_ray.core.model import Device, DeviceGrant
 from node_actors import simulated_usage
-from node_actors.backends.base import DeviceSample, ProcessSample, UsageSample
+from node_actors.backends.base import DeviceSample, IsolationReport, Maintenance, ProcessSample, UsageSample
 from node_actors.isolation import IsolationConfig, build_env
 
 SIMULATE_ENV = "HAMI_RAY_SIMULATE"
@@ -83,14 +84,16 @@ class SimulatedBackend:
     """Devices that exist only on paper, with usage reported by processes through files."""
 
     def __init__(self, spec: str, node_name: str, state_dir: str | os.PathLike[str], *,
-                 isolation: IsolationConfig | None = None) -> None:
-        """Parse ``spec`` now, so a bad ``HAMI_RAY_SIMULATE`` fails at start-up.
+                 isolation: IsolationConfig | None = None, grade: Isolation = Isolation.NONE) -> None:
+        """Parse ``spec`` now, so a bad ``HAMI_RAY_SIMULATE`` fails at start-up. ``grade``: the isolation
+        grade the devices claim (``none``: nothing real is isolated; tests pretend others).
 
         Raises:
             InvalidRequest: the spec is malformed.
         """
         self.state_dir = Path(state_dir)
-        self._devices = simulated_devices(spec, node_name)
+        self._grade = grade
+        self._devices = [d.model_copy(update={"isolation": grade}) for d in simulated_devices(spec, node_name)]
         self._by_uuid = {d.uuid: d for d in self._devices}
         self._healthy = {d.uuid: True for d in self._devices}
         self._isolation = isolation or IsolationConfig(state_dir=self.state_dir)
@@ -121,6 +124,14 @@ class SimulatedBackend:
 
     def isolation_env(self, devices: Sequence[DeviceGrant], region: str) -> dict[str, str]:
         return build_env(devices, self._by_uuid, region, self._isolation)
+
+    def isolation_report(self) -> IsolationReport:
+        """Grade ``none`` (nothing real to isolate) unless a test said otherwise."""
+        return IsolationReport(best=self._grade, devices=tuple((d.uuid, self._grade, None) for d in self._devices))
+
+    def maintain(self) -> Maintenance:
+        """Nothing to keep running."""
+        return Maintenance()
 
     def close(self) -> None:
         """Nothing to release."""

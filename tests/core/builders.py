@@ -74,13 +74,15 @@ class NodeBuilder:
         core_scaling: float = 1.0,
         healthy: bool = True,
         mode: DeviceMode = DeviceMode.SHARED,
+        isolation: str = "none",
+        whole_isolation: str | None = None,
     ) -> Self:
         """Append ``count`` identical devices (call again for a mixed node)."""
         for _ in range(count):
             self._devices.append({
                 "vendor": vendor, "model": model, "memory_mib": mib(mem), "cores": cores, "numa": numa,
                 "split_count": split, "memory_scaling": memory_scaling, "core_scaling": core_scaling,
-                "healthy": healthy, "mode": mode,
+                "healthy": healthy, "mode": mode, "isolation": isolation, "whole_isolation": whole_isolation,
             })
         return self
 

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from hami_ray.core.grades import Isolation
 from hami_ray.core.errors import InvalidRequest, UnknownPolicy
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.names import DevicePolicyName, NodePolicyName, device_policy_name, node_policy_name
@@ -144,9 +145,24 @@ def test_policy_name_parsers() -> None:
 def test_every_keyword_is_accepted() -> None:
     good = {"gpus": 1, "gpu_memory": "1GiB", "gpu_cores": 10, "gpu_type": "A100", "exclude_gpu_type": "T4",
             "gpu_uuid": "GPU-a", "exclude_gpu_uuid": "GPU-b", "numa_bind": False, "priority": 1,
-            "node_policy": "binpack", "device_policy": "fgd", "vendor": "NVIDIA"}
+            "node_policy": "binpack", "device_policy": "fgd", "vendor": "NVIDIA", "isolation": "mps"}
     assert set(good) == KEYWORDS
     slice_request(good)
+
+
+@pytest.mark.parametrize(("word", "grade"), [("mps", Isolation.MPS), ("HAMi-core", Isolation.HAMI_CORE),
+                                             ("hami_core", Isolation.HAMI_CORE), (" MIG ", Isolation.MIG),
+                                             ("watchdog", Isolation.WATCHDOG), ("none", Isolation.NONE)])
+def test_isolation_floor_is_parsed(word: str, grade: Isolation) -> None:
+    assert slice_request({"gpu_memory": "8GiB", "isolation": word}).isolation is grade
+
+
+@pytest.mark.parametrize("bad", ["strong", "", 3, ["mps"]])
+def test_unknown_isolation_grade_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        slice_request({"isolation": bad})
+    assert info.value.field == "isolation"
+    assert "mig, mps, hami-core, watchdog, none" in info.value.reason
 
 
 # --- SliceRequest's own validation (pydantic), for callers that build it directly ------------------

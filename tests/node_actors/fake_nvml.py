@@ -31,6 +31,23 @@ class FakeGpu:
     mig: int = 0
     nvlinks: list[str] = field(default_factory=list)  # remote bus id per active link
     processes: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, MiB or None)
+    compute_mode: int = 0  # NVML_COMPUTEMODE_DEFAULT
+    capability: tuple[int, int] = (8, 0)
+    sms: int = 108
+    instances: list[FakeMig | None] = field(default_factory=list)  # MIG slots (None: empty)
+
+
+@dataclass
+class FakeMig:
+    """One MIG instance of a FakeGpu in MIG mode."""
+
+    uuid: str
+    name: str = "NVIDIA A100-SXM4-80GB MIG 1g.10gb"
+    memory_mib: int = 9856
+    used_mib: int = 0
+    sms: int = 14
+    slices: int = 1
+    processes: list[tuple[int, int | None]] = field(default_factory=list)
 
 
 class FakeNvml:
@@ -42,8 +59,9 @@ class FakeNvml:
     NVML_NVLINK_MAX_LINKS = 4
 
     def __init__(self, gpus: list[FakeGpu], topology: dict[tuple[int, int], int] | None = None,
-                 fail: set[str] | None = None) -> None:
+                 fail: set[str] | None = None, cuda_version: int = 12040) -> None:
         self.gpus = gpus
+        self.cuda_version = cuda_version
         self.topology = topology or {}
         self.fail = fail or set()
         self.inits = 0
@@ -70,16 +88,46 @@ class FakeNvml:
             raise NVMLError(2)
         return i
 
-    def nvmlDeviceGetUUID(self, h: int) -> bytes:
-        return self.gpus[h].uuid.encode()  # old pynvml returns bytes
+    def _dev(self, h: Any) -> Any:
+        if isinstance(h, tuple):
+            mig = self.gpus[h[0]].instances[h[1]] if h[1] < len(self.gpus[h[0]].instances) else None
+            if mig is None:
+                raise NVMLError(6)  # NOT_FOUND: the instance is gone
+            return mig
+        return self.gpus[h]
 
-    def nvmlDeviceGetName(self, h: int) -> str:
-        return self.gpus[h].name
+    def nvmlDeviceGetUUID(self, h: Any) -> bytes:
+        return self._dev(h).uuid.encode()  # old pynvml returns bytes
 
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+    def nvmlDeviceGetName(self, h: Any) -> str:
+        return self._dev(h).name
+
+    def nvmlDeviceGetMemoryInfo(self, h: Any) -> Any:
         self._check("nvmlDeviceGetMemoryInfo")
-        g = self.gpus[h]
+        g = self._dev(h)
         return SimpleNamespace(total=g.memory_mib * MIB, used=g.used_mib * MIB, free=(g.memory_mib - g.used_mib) * MIB)
+
+    def nvmlDeviceGetComputeMode(self, h: int) -> int:
+        return self.gpus[h].compute_mode
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        return self.gpus[h].capability
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return self.cuda_version
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: int) -> int:
+        return len(self.gpus[h].instances) if self.gpus[h].mig else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: int, slot: int) -> tuple[int, int]:
+        if slot >= len(self.gpus[h].instances) or self.gpus[h].instances[slot] is None:
+            raise NVMLError(6)  # NOT_FOUND: an empty slot
+        return (h, slot)
+
+    def nvmlDeviceGetAttributes(self, h: Any) -> Any:
+        d = self._dev(h)
+        return SimpleNamespace(multiprocessorCount=d.sms, gpuInstanceSliceCount=getattr(d, "slices", 7),
+                               memorySizeMB=d.memory_mib)
 
     def nvmlDeviceGetNumaNodeId(self, h: int) -> int:
         return self.gpus[h].numa
@@ -101,10 +149,12 @@ class FakeNvml:
     def nvmlDeviceGetTopologyCommonAncestor(self, a: int, b: int) -> int:
         return self.topology.get((min(a, b), max(a, b)), 50)
 
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+    def nvmlDeviceGetUtilizationRates(self, h: Any) -> Any:
+        if isinstance(h, tuple):
+            raise NVMLError(3)  # NOT_SUPPORTED on MIG devices
         return SimpleNamespace(gpu=self.gpus[h].util, memory=0)
 
-    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[Any]:
+    def nvmlDeviceGetComputeRunningProcesses(self, h: Any) -> list[Any]:
         self._check("nvmlDeviceGetComputeRunningProcesses")
         return [SimpleNamespace(pid=pid, usedGpuMemory=None if mib is None else mib * MIB)
-                for pid, mib in self.gpus[h].processes]
+                for pid, mib in self._dev(h).processes]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.grades import Isolation
 from hami_ray.core.model import Device, DeviceGrant
 from node_actors.agent import NodeAgent
 from node_actors.isolation import IsolationConfig, build_env, memory_fraction, visibility_for
@@ -15,13 +16,19 @@ from node_actors.backends.simulated import SimulatedBackend
 from tests.node_actors.conftest import NODE, SPEC, make_lease, uuid
 
 
-def inventory(vendor: str = "NVIDIA") -> dict[str, Device]:
+def inventory(vendor: str = "NVIDIA", grade: str = "watchdog", whole: str | None = None) -> dict[str, Device]:
     devices = [
-        Device(uuid="GPU-a", index=0, vendor=vendor, model="A100", memory_mib=81920),
-        Device(uuid="GPU-b", index=1, vendor=vendor, model="A100", memory_mib=81920),
-        Device(uuid="GPU-c", index=2, vendor=vendor, model="T4", memory_mib=16384),
+        Device(uuid="GPU-a", index=0, vendor=vendor, model="A100", memory_mib=81920, isolation=grade,
+               whole_isolation=whole),
+        Device(uuid="GPU-b", index=1, vendor=vendor, model="A100", memory_mib=81920, isolation=grade,
+               whole_isolation=whole),
+        Device(uuid="GPU-c", index=2, vendor=vendor, model="T4", memory_mib=16384, isolation=grade,
+               whole_isolation=whole),
     ]
     return {d.uuid: d for d in devices}
+
+
+MPS_ENV = {"CUDA_MPS_PIPE_DIRECTORY": "/s/mps/pipe", "CUDA_MPS_LOG_DIRECTORY": "/s/mps/log"}
 
 
 def grants(cores: int = 30) -> list[DeviceGrant]:
@@ -39,37 +46,59 @@ def test_two_device_slice_exact_env(tmp_path: Path) -> None:
         "CUDA_DEVICE_MEMORY_LIMIT_1": "20480m",
         "CUDA_DEVICE_SM_LIMIT": "30",
         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.25",  # min(4096/16384, 20480/81920)
-        "HAMI_RAY_SLICE": '{"devices":[{"cores":30,"memory_mib":4096,"uuid":"GPU-c"},'
-                          '{"cores":30,"memory_mib":20480,"uuid":"GPU-a"}]}',
+        "HAMI_RAY_SLICE": '{"devices":[{"cores":30,"device_mib":16384,"memory_mib":4096,"uuid":"GPU-c"},'
+                          '{"cores":30,"device_mib":81920,"memory_mib":20480,"uuid":"GPU-a"}],"isolation":"watchdog"}',
     }
     assert json.loads(env["HAMI_RAY_SLICE"])["devices"][1]["uuid"] == "GPU-a"
 
 
 @pytest.mark.parametrize("cores", [0, 100])
 def test_no_sm_limit_for_zero_or_whole_cores(tmp_path: Path, cores: int) -> None:
-    env = build_env(grants(cores), inventory(), "r", IsolationConfig(state_dir=tmp_path, mps=True))
+    env = build_env(grants(cores), inventory(grade="mps", whole="watchdog"), "r", IsolationConfig(state_dir=tmp_path),
+                    MPS_ENV)
     assert "CUDA_DEVICE_SM_LIMIT" not in env
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env
+    # whole-device slices do not go through MPS
+    assert ("CUDA_MPS_PIPE_DIRECTORY" in env) is (cores == 0)
+    assert json.loads(env["HAMI_RAY_SLICE"])["isolation"] == ("mps" if cores == 0 else "watchdog")
 
 
 def test_ld_preload_only_when_library_exists(tmp_path: Path) -> None:
     lib = tmp_path / "libvgpu.so"
     missing = IsolationConfig(state_dir=tmp_path, libvgpu_path=lib)
-    assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", missing)
-    assert "CUDA_DEVICE_MEMORY_SHARED_CACHE" not in build_env(grants(), inventory(), "r", missing)
+    hami = inventory(grade="hami-core")
+    assert "LD_PRELOAD" not in build_env(grants(), hami, "r", missing)
+    assert "CUDA_DEVICE_MEMORY_SHARED_CACHE" not in build_env(grants(), hami, "r", missing)
     lib.write_bytes(b"\x7fELF")
-    env = build_env(grants(), inventory(), "r", missing)
+    env = build_env(grants(), hami, "r", missing)
     assert env["LD_PRELOAD"] == str(lib)
     assert env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] == str(tmp_path / "vgpu" / "r.cache")  # HAMi-core's region
-    assert "LD_PRELOAD" not in build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path))
+    assert json.loads(env["HAMI_RAY_SLICE"])["isolation"] == "hami-core"
+    assert "LD_PRELOAD" not in build_env(grants(), hami, "r", IsolationConfig(state_dir=tmp_path))
+    assert "LD_PRELOAD" not in build_env(grants(), inventory(grade="mps"), "r", missing, MPS_ENV)  # MPS instead
 
 
 def test_mps_vars_only_when_configured(tmp_path: Path) -> None:
-    plain = build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path))
+    plain = build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path), MPS_ENV)
     assert not any(k.startswith("CUDA_MPS_") for k in plain)
-    mps = build_env(grants(), inventory(), "r", IsolationConfig(state_dir=tmp_path, mps=True))
+    mps = build_env(grants(), inventory(grade="mps"), "r", IsolationConfig(state_dir=tmp_path), MPS_ENV)
     assert mps["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=4096M,1=20480M"
     assert mps["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    assert mps["CUDA_MPS_PIPE_DIRECTORY"] == "/s/mps/pipe" and mps["CUDA_MPS_LOG_DIRECTORY"] == "/s/mps/log"
+    # the daemon is gone: the slice holds what it holds without MPS, and says so
+    gone = build_env(grants(), inventory(grade="mps", whole="watchdog"), "r", IsolationConfig(state_dir=tmp_path))
+    assert not any(k.startswith("CUDA_MPS_") for k in gone)
+    assert json.loads(gone["HAMI_RAY_SLICE"])["isolation"] == "watchdog"
+
+
+def test_mig_instance_env_is_visibility_only(tmp_path: Path) -> None:
+    mig = Device(uuid="MIG-4f1c", index=0, model="A100 MIG 1g.10gb", memory_mib=9856, cores=14, mode="mig",
+                 isolation="mig")
+    env = build_env([DeviceGrant(uuid="MIG-4f1c", memory_mib=9856, cores=14)], {mig.uuid: mig}, "r",
+                    IsolationConfig(state_dir=tmp_path), MPS_ENV)
+    assert env["CUDA_VISIBLE_DEVICES"] == "MIG-4f1c"
+    assert not any(k.startswith("CUDA_MPS_") or k.startswith("CUDA_DEVICE_") for k in env)
+    assert json.loads(env["HAMI_RAY_SLICE"])["isolation"] == "mig"
 
 
 @pytest.mark.parametrize(("vendor", "names", "ids"), [
@@ -82,7 +111,7 @@ def test_other_vendors_by_index_without_cuda_layers(tmp_path: Path, vendor: str,
                                                     ids: str) -> None:
     lib = tmp_path / "libvgpu.so"
     lib.write_bytes(b"")
-    env = build_env(grants(), inventory(vendor), "r", IsolationConfig(state_dir=tmp_path, libvgpu_path=lib, mps=True))
+    env = build_env(grants(), inventory(vendor), "r", IsolationConfig(state_dir=tmp_path, libvgpu_path=lib), MPS_ENV)
     for name in names:
         assert env[name] == ids
     assert not any(k.startswith("CUDA_") or k == "LD_PRELOAD" for k in env)
@@ -129,7 +158,8 @@ def test_agent_env_has_no_lease_id_or_token(agent: NodeAgent) -> None:
 def test_agent_env_shared_cache_by_shape_and_slot(tmp_path: Path) -> None:
     lib = tmp_path / "libvgpu.so"
     lib.write_bytes(b"\x7fELF")  # HAMi-core installed: each live slice needs its own accounting region
-    backend = SimulatedBackend(SPEC, NODE, tmp_path, isolation=IsolationConfig(state_dir=tmp_path, libvgpu_path=lib))
+    backend = SimulatedBackend(SPEC, NODE, tmp_path, isolation=IsolationConfig(state_dir=tmp_path, libvgpu_path=lib),
+                               grade=Isolation.HAMI_CORE)  # pretend HAMi-core holds these simulated devices
     agent = NodeAgent(NODE, backend, tmp_path)
     try:
         a = agent.reserve(make_lease((0, 8192, 30)))

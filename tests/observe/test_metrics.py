@@ -143,3 +143,18 @@ def test_every_dashboard_query_names_a_served_metric() -> None:
         names = set(re.findall(r"\b(hami_[a-z0-9_]+)", expr))
         assert names, expr
         assert names <= served, (expr, names - served)
+
+
+def test_isolation_metrics_per_node() -> None:
+    svc, usage = _busy()
+    iso = {"node-a": {"enforcement": "degraded", "reason": "sample failed"}, "node-b": {"enforcement": "ok"}}
+    status = build_status(svc.snapshot(), usage=usage, isolation=iso)
+    text = generate_latest(registry(StatusCollector(lambda: status, lambda: []))).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    zone = ("zone", "vGPU")
+    assert samples[("hami_ray_node_enforcement_degraded", (("node", "node-a"), zone))] == 1
+    assert samples[("hami_ray_node_enforcement_degraded", (("node", "node-b"), zone))] == 0
+    assert samples[("hami_ray_node_isolation", (("isolation", "none"), ("node", "node-a"), zone))] == 1
+    held = sum(v for (name, labels), v in samples.items() if name == "hami_ray_slices")
+    assert held == len(svc.snapshot().leases) == 3  # every slice counted once, by its grade

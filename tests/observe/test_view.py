@@ -97,3 +97,27 @@ def test_json_has_what_scripts_need() -> None:
     assert {"lease_id", "owner", "memory_mib", "cores"} <= set(device["slices"][0])
     assert "token" not in str(data)
     assert data["summary"]["devices"] == 3
+
+
+def test_isolation_grades_and_degraded_enforcement_are_shown() -> None:
+    """Each slice's grade, the node's best grade and a degraded node's reason, in the view and the JSON."""
+    svc = PlacementService()
+    svc.register_node(NodeBuilder("node-m").gpus(1, "80GiB", "NVIDIA H100", isolation="mps",
+                                                 whole_isolation="watchdog").build(), "m")
+    plan = svc.plan(SliceRequest(memory_mib=8192, cores=30, isolation="mps"), "task:infer", 1.0)
+    svc.confirm(plan.lease)
+    iso = {"node-m": {"isolation": "mps", "enforcement": "degraded",
+                      "reason": "sample: DeviceError: NVML failed while sampling usage: GPU is lost",
+                      "mps": {"running": True, "pid": 42, "restarts": 1, "reason": None},
+                      "marks": {plan.lease.lease_id: "the MPS daemon died and was restarted at 12:00:00"},
+                      "devices": {}}}
+    status = build_status(svc.snapshot(), isolation=iso)
+    out = _text(render(status, width=100), 100)
+    assert "isolation mps" in out and "enforcement degraded" in out
+    assert "GPU is lost" in " ".join(out.split())  # the reason is never silent (wrapped to the width)
+    assert "active mps!" in out  # the slice's grade, marked: its daemon was restarted
+    data = status_json(status)
+    (node,) = data["nodes"]
+    assert (node["isolation"], node["enforcement"]) == ("mps", "degraded")
+    (slice_,) = node["devices"][0]["slices"]
+    assert slice_["isolation"] == "mps" and "restarted" in slice_["note"]

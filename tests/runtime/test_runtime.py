@@ -13,6 +13,7 @@ import ray
 
 import hami_ray
 from hami_ray.core.errors import InvalidRequest, LeaseTokenMismatch, SliceQuotaExceeded, Unschedulable
+from hami_ray.observe.model import status_json
 from hami_ray.runtime import api
 from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
 
@@ -271,4 +272,32 @@ def test_a_worker_bound_to_another_slice_hands_the_task_on(hami: RayCluster) -> 
     assert all(cvd == t4 and limit == "2048m" for _, cvd, limit in outs)
     assert not bound & {pid for pid, _, _ in outs}  # no bound process ran a task of another slice
     assert ray.get(api._handle().status.remote())["bound_retries"] > before
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_isolation_grade_is_shown_and_a_floor_explains_itself(hami: RayCluster) -> None:
+    """Simulated devices hold grade ``none``: ``current_slice().isolation`` and ``status --json`` say so,
+    a floor of ``none`` lands, and a stronger floor fails with the reason per node (issue 12)."""
+
+    @hami_ray.remote(gpu_memory="1GiB", isolation="none")
+    def grade() -> str:
+        info = hami_ray.current_slice()
+        assert info is not None
+        return info.isolation
+
+    assert ray.get(grade.remote(), timeout=120) == "none"
+    with pytest.raises(Unschedulable) as info:
+        ray.get(grade.options(isolation="mps").remote(), timeout=60)
+    nodes = len(api.status().nodes)
+    assert f"0/{nodes} nodes are available: {nodes} isolation below mps" in str(info.value)
+    assert info.value.never
+    with pytest.raises(InvalidRequest, match="unknown isolation grade 'iron'"):
+        grade.options(isolation="iron")
+    with api.lease(gpu_memory="1GiB") as held:
+        data = status_json(api.status())
+        node = next(n for n in data["nodes"] if any(s["lease_id"] == held.lease_id
+                                                     for d in n["devices"] for s in d["slices"]))
+        assert (node["isolation"], node["enforcement"]) == ("none", "ok")
+        (mine,) = [s for d in node["devices"] for s in d["slices"] if s["lease_id"] == held.lease_id]
+        assert mine["isolation"] == "none"
     assert wait_until(lambda: live_leases() == 0)

@@ -87,8 +87,19 @@ class ClusterView:
         return vend[idx.model_id] & idx.exists
 
     def type_ok(self, request: SliceRequest) -> BoolArray:
+        """Per device: the model passes (:meth:`model_mask`) and the slice would hold the request's
+        isolation floor there (:meth:`grade_ok`)."""
         idx = self.index
-        return self.model_mask(request)[idx.model_id] & idx.exists
+        ok = self.model_mask(request)[idx.model_id] & idx.exists
+        return ok if request.isolation is None else ok & self.grade_ok(request)
+
+    def grade_ok(self, request: SliceRequest) -> BoolArray:
+        """Per device: a slice of this request would hold at least its isolation floor."""
+        idx = self.index
+        floor = 0 if request.isolation is None else request.isolation.rank
+        grade = idx.grade_whole if request.cores >= FULL_CORES else idx.grade
+        ok: BoolArray = grade >= floor
+        return ok
 
     def uuid_ok(self, request: SliceRequest) -> BoolArray | None:
         """Per device: allowed by ``include_uuids``/``exclude_uuids``; None when unconstrained."""
