@@ -8,9 +8,18 @@ behind both doors; callers fall back to Ray calls where a socket cannot be reach
 Frames are a 4-byte big-endian length and a JSON body. The first frame of a connection is
 ``{"secret": ...}``, a secret handed out with the address (through Ray's internal KV store or a node
 actor's ``info()``, so only members of the Ray cluster learn it). Requests are ``{"op": name, "args":
-{...}}``; replies ``{"ok": value}`` or ``{"error": message, "exc": base64 pickle}``, raised by the client
-as the original (typed) exception. Servers parse JSON only; only clients unpickle, and only from the
-server they authenticated to.
+{...}}``; replies ``{"ok": value}`` or ``{"error": message, "type": name, "args": [...]}``: errors are data.
+A client rebuilds a hami-ray error (:mod:`hami_ray.core.errors`, by name, from JSON arguments) and raises
+it typed; any other error comes back as :class:`RemoteError` with the message. Nothing is ever unpickled
+from a socket.
+
+A good network client (DESIGN, Ray runtime): connecting gives up after :data:`CONNECT_TIMEOUT_S`; a request
+the peer's kernel does not acknowledge within :data:`UNACKED_TIMEOUT_MS` (``TCP_USER_TIMEOUT``: the host is
+gone or the packets are dropped) fails the connection; a peer that acknowledged but does not answer gets
+:data:`READ_TIMEOUT_S` (it is alive, only slow). A client whose peer failed stops trying it for
+:data:`COOLDOWN_S` (:class:`Breaker`): a dead or blackholed peer costs one timeout of at most about a
+second, then callers go straight to the Ray call. Servers bind the node's Ray address, not every
+interface.
 
 Used by :mod:`hami_ray.runtime.fastpath` (placement actor, drivers) and :mod:`node_actors.actor`.
 """
@@ -18,23 +27,66 @@ Used by :mod:`hami_ray.runtime.fastpath` (placement actor, drivers) and :mod:`no
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import pickle
 import secrets
 import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hami_ray.core import errors as _errors
+
 MAX_FRAME = 16 * 1024 * 1024
+CONNECT_TIMEOUT_S = 0.5  # a peer on the node's network answers a SYN in well under this
+UNACKED_TIMEOUT_MS = 1000  # TCP_USER_TIMEOUT: sent data not acknowledged this long means the peer is gone
+READ_TIMEOUT_S = 10.0  # a live peer that acknowledged the request but has not answered (it is slow, not gone)
+COOLDOWN_S = 5.0  # after a failure, callers use Ray calls this long before trying the socket again
 _LEN = struct.Struct(">I")
 
 
 class WireError(ConnectionError):
-    """The other side cannot be reached (fall back to a Ray call)."""
+    """The other side cannot be reached, or did not answer in time (fall back to a Ray call)."""
+
+
+class RemoteError(_errors.HamiRayError):
+    """An error on the other side that is not a hami-ray error: its type name and message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class Breaker:
+    """Remembers that a peer failed: :meth:`open` is true for ``cooldown_s`` after :meth:`trip`.
+
+    Example: after ``b.trip("timeout")``, ``b.open()`` is True until ``cooldown_s`` passes.
+    """
+
+    def __init__(self, cooldown_s: float = COOLDOWN_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._until = 0.0
+        self.last: str | None = None
+
+    def open(self) -> bool:
+        return self._clock() < self._until
+
+    def trip(self, why: str) -> None:
+        self._until = self._clock() + self.cooldown_s
+        self.last = why
+
+    def reset(self) -> None:
+        self._until = 0.0
+
+
+def bound(sock: socket.socket) -> None:
+    """Fail a connection whose sent data the peer does not acknowledge within :data:`UNACKED_TIMEOUT_MS`."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
+    if user_timeout is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, user_timeout, UNACKED_TIMEOUT_MS)
 
 
 def encode(body: Any) -> bytes:
@@ -51,26 +103,49 @@ def reply_for(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
+    """An error as data: its message, type name and, for hami-ray's own errors, the JSON arguments that
+    rebuild it (from its ``__reduce__``)."""
+    body: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}
+    if isinstance(exc, _errors.HamiRayError) and type(exc).__module__ == _errors.__name__:
+        try:
+            reduced = exc.__reduce__()
+            if isinstance(reduced, tuple):
+                body["rebuild"] = getattr(reduced[0], "__name__", "")
+                body["args"] = json.loads(json.dumps(list(reduced[1])))
+        except (TypeError, ValueError):
+            pass  # not JSON: the message still gets across
+    return body
+
+
+def _rebuilt(reply: dict[str, Any]) -> BaseException | None:
+    """A hami-ray error named by the reply, made again from its arguments; None for anything else."""
+    name, args = reply.get("rebuild"), reply.get("args")
+    if not isinstance(name, str) or not isinstance(args, list):
+        return None
+    maker = getattr(_errors, name, None)  # only what hami_ray.core.errors defines
+    if maker is None or getattr(maker, "__module__", None) != _errors.__name__:
+        return None
     try:
-        blob = base64.b64encode(pickle.dumps(exc)).decode()
-    except Exception:  # noqa: BLE001 - an error that does not pickle still gets its message across
-        blob = ""
-    return {"error": f"{type(exc).__name__}: {exc}", "exc": blob}
+        exc = maker(*args)
+    except (TypeError, ValueError):
+        return None
+    return exc if isinstance(exc, _errors.HamiRayError) else None
 
 
 def result(reply: Any) -> Any:
-    """The value of a reply, or its error raised."""
+    """The value of a reply, or its error raised (typed where it is hami-ray's own).
+
+    Raises:
+        HamiRayError: the server's hami-ray error, rebuilt; :class:`RemoteError` for any other.
+    """
     if isinstance(reply, dict) and "ok" in reply:
         return reply["ok"]
-    blob = reply.get("exc") if isinstance(reply, dict) else None
-    if blob:
-        try:
-            exc = pickle.loads(base64.b64decode(blob))  # noqa: S301 - from the server we authenticated to
-        except Exception:  # noqa: BLE001 - fall back to the message
-            exc = None
-        if isinstance(exc, BaseException):
+    if isinstance(reply, dict):
+        exc = _rebuilt(reply)
+        if exc is not None:
             raise exc
-    raise RuntimeError(str(reply.get("error", "bad reply") if isinstance(reply, dict) else reply))
+        raise RemoteError(str(reply.get("error", "bad reply")))
+    raise RemoteError(f"bad reply: {reply!r:.200}")
 
 
 def _check(message: Any) -> tuple[str, dict[str, Any]]:
@@ -138,27 +213,40 @@ async def _read(reader: asyncio.StreamReader) -> Any:
 
 
 class AsyncClient:
-    """One connection to a server, calls one at a time (an asyncio lock); reconnects when it breaks."""
+    """One connection to a server, calls one at a time (an asyncio lock); reconnects when it breaks.
+    Bounded: connect and read time out (:data:`CONNECT_TIMEOUT_S`, :data:`READ_TIMEOUT_S`), and after a
+    failure it refuses at once for :data:`COOLDOWN_S` (the caller falls back to a Ray call)."""
 
-    def __init__(self, host: str, port: int, secret: str) -> None:
+    def __init__(self, host: str, port: int, secret: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 read_timeout_s: float = READ_TIMEOUT_S, breaker: Breaker | None = None) -> None:
         self.host, self.port, self.secret = host, port, secret
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.breaker = breaker or Breaker()
         self._lock = asyncio.Lock()
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def call(self, op: str, **args: Any) -> Any:
+        if self.breaker.open():
+            raise WireError(f"{self.host}:{self.port} failed recently ({self.breaker.last}); not tried")
         async with self._lock:
             try:
                 if self._conn is None:
-                    self._conn = await asyncio.open_connection(self.host, self.port)
+                    self._conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                                        self.connect_timeout_s)
+                    raw = self._conn[1].get_extra_info("socket")
+                    if raw is not None:
+                        bound(raw)
                     self._conn[1].write(encode({"secret": self.secret}))
-                    if "ok" not in await _read(self._conn[0]):
+                    if "ok" not in await asyncio.wait_for(_read(self._conn[0]), self.read_timeout_s):
                         raise WireError("secret refused")
                 reader, writer = self._conn
                 writer.write(encode({"op": op, "args": args}))
-                reply = await _read(reader)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                reply = await asyncio.wait_for(_read(reader), self.read_timeout_s)
+            except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.TimeoutError) as exc:
                 self.close()
-                raise WireError(f"{self.host}:{self.port}: {exc}") from exc
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.breaker.trip(why)
+                raise WireError(f"{self.host}:{self.port}: {why}") from exc
         return result(reply)
 
     def close(self) -> None:
@@ -217,22 +305,39 @@ class ThreadServer:
 # --- blocking client (drivers) -----------------------------------------------------------------
 class SyncClient:
     """Connections to a server, a connection per call in flight (kept for the next); thread-safe.
-    ``locate()`` returns ``(host, port, secret)`` and is asked again after a connection breaks."""
+    ``locate()`` returns ``(host, port, secret)`` and is asked again after a connection breaks.
 
-    def __init__(self, locate: Callable[[], tuple[str, int, str]]) -> None:
+    Bounded like :class:`AsyncClient`: connect and read time out, and after a failure (a refused or
+    timed-out connection, a read that timed out) calls raise :class:`WireError` at once for
+    :data:`COOLDOWN_S`. A stale kept connection (the server restarted) is retried once on a fresh one;
+    a timeout is not retried (the peer is slow or gone: the caller's Ray call is the retry).
+    """
+
+    def __init__(self, locate: Callable[[], tuple[str, int, str]], *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 read_timeout_s: float = READ_TIMEOUT_S, breaker: Breaker | None = None) -> None:
         self._locate = locate
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.breaker = breaker or Breaker()
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
 
     def call(self, op: str, **args: Any) -> Any:
+        if self.breaker.open():
+            raise WireError(f"the fast path failed recently ({self.breaker.last}); not tried")
         for attempt in range(2):
             conn = self._take(fresh=attempt > 0)
             try:
+                conn.settimeout(self.read_timeout_s)
                 conn.sendall(encode({"op": op, "args": args}))
                 reply = recv(conn)
+            except TimeoutError as exc:
+                conn.close()
+                self.breaker.trip(f"no reply within {self.read_timeout_s:g} s")
+                raise WireError(f"{op}: no reply within {self.read_timeout_s:g} s") from exc
             except (OSError, ValueError) as exc:
                 conn.close()
                 if attempt:
+                    self.breaker.trip(str(exc))
                     raise WireError(str(exc)) from exc
                 continue
             with self._lock:
@@ -246,18 +351,25 @@ class SyncClient:
                 self.close_idle()
             elif self._idle:
                 return self._idle.pop()
-        host, port, secret = self._locate()
         try:
-            conn = socket.create_connection((host, port))
-        except OSError as exc:
-            raise WireError(str(exc)) from exc
+            host, port, secret = self._locate()
+        except WireError as exc:
+            self.breaker.trip(str(exc))
+            raise
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = socket.create_connection((host, port), timeout=self.connect_timeout_s)
+        except OSError as exc:  # refused, unreachable, or no answer within the timeout (blackholed)
+            self.breaker.trip(f"connect {host}:{port}: {exc or type(exc).__name__}")
+            raise WireError(f"connect {host}:{port}: {exc or type(exc).__name__}") from exc
+        try:
+            conn.settimeout(self.read_timeout_s)
+            bound(conn)
             conn.sendall(encode({"secret": secret}))
             if "ok" not in recv(conn):
                 raise WireError("secret refused")
         except (OSError, ValueError) as exc:
             conn.close()
+            self.breaker.trip(f"hello to {host}:{port}: {exc or type(exc).__name__}")
             raise WireError(str(exc)) from exc
         return conn
 

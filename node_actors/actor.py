@@ -167,6 +167,15 @@ class NodeActorShell:
                 return False
             return True
 
+    def claim(self, lease_id: str, pid: int | None = None, pidns: int | None = None) -> bool:
+        """A driver holds the lease (its pid only when it runs on this node); False when it is not live."""
+        with self._lock:
+            try:
+                self.agent.claim(lease_id, pid, pidns)
+            except Exception:  # noqa: BLE001 - the lease may already be gone
+                return False
+            return True
+
     def finish(self, lease_id: str, pid: int) -> None:
         with self._lock:
             self.agent.finish(lease_id, pid)

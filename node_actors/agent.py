@@ -196,6 +196,22 @@ class NodeAgent:
         """
         return self._add_pid(lease_id, pid, EventKind.ACTIVATED, pidns)
 
+    def claim(self, lease_id: str, pid: int | None = None, pidns: int | None = None) -> Lease:
+        """A driver holds the lease (``holder="driver"``): it becomes active. ``pid`` only when the driver
+        runs on this node (enforcement then counts its processes); a driver elsewhere is never looked for
+        here: its Ray job's liveness decides.
+
+        Raises:
+            LeaseNotFound: the lease is not live here.
+        """
+        if pid is not None:
+            return self._add_pid(lease_id, pid, EventKind.ACTIVATED, pidns)
+        self._live(lease_id)
+        lease = self._ledger.update(lease_id, state=LeaseState.ACTIVE)
+        self._journal.upsert_lease(lease, self._regions[lease_id][1])
+        self._journal.append_event(self._clock(), EventKind.ACTIVATED, lease_id, {"holder": lease.holder})
+        return lease
+
     def attach_pid(self, lease_id: str, pid: int, pidns: int | None = None) -> Lease:
         """Another process (a subprocess, a data loader) uses the lease; it is reaped and enforced too.
         (Descendants of a lease's processes are counted without this.)
@@ -298,7 +314,8 @@ class NodeAgent:
     # --- housekeeping ------------------------------------------------------------------------
     def reap(self) -> list[Lease]:
         """Free leases whose holder processes all died, and reservations no process claimed in time.
-        A pod's lease (``holder="pod"``) has no process here: the Kubernetes bridge frees it.
+        A pod's lease (``holder="pod"``) has no process here: the Kubernetes bridge frees it; a driver's
+        (``holder="driver"``) lives as long as its Ray job: the placement actor frees it.
 
         Dead pids of a lease that still has live ones are dropped from it. Returns the freed leases.
         """
@@ -306,7 +323,7 @@ class NodeAgent:
         self._last_reap = now
         freed: list[Lease | None] = []
         for lease in self.leases():
-            if lease.holder == "pod":
+            if lease.holder in ("pod", "driver"):
                 continue
             if lease.pids:
                 # a pid now naming another process (recycled) counts as dead

@@ -4,6 +4,8 @@ server that outlives bad clients. Loopback only."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import socket
 import struct
 import threading
@@ -11,7 +13,19 @@ import threading
 import pytest
 
 from hami_ray.core.errors import ReservationRefused
-from hami_ray.wire import AsyncClient, AsyncServer, SyncClient, ThreadServer, WireError, encode, recv
+from hami_ray.wire import (
+    AsyncClient,
+    AsyncServer,
+    Breaker,
+    RemoteError,
+    SyncClient,
+    ThreadServer,
+    WireError,
+    encode,
+    error_reply,
+    recv,
+    result,
+)
 
 HOST = "127.0.0.1"
 
@@ -32,7 +46,7 @@ def test_sync_client_calls_and_gets_typed_errors(thread_server: ThreadServer) ->
     assert client.call("add", a=2, b=3) == 5
     with pytest.raises(ReservationRefused, match="l1 conflicts"):
         client.call("refuse", lease_id="l1")
-    with pytest.raises(ValueError, match="unknown operation"):
+    with pytest.raises(RemoteError, match="ValueError: unknown operation"):
         client.call("nope")
     assert client.call("add", a=1, b=1) == 2  # the connection survived the errors
     client.close_idle()
@@ -108,3 +122,88 @@ def test_async_server_and_client() -> None:
         await asyncio.sleep(0.05)  # let the closed connections finish
 
     asyncio.run(main())
+
+
+def test_errors_come_back_as_data_and_typed() -> None:
+    from hami_ray.core.errors import LeaseNotFound, SliceQuotaExceeded, Unschedulable
+
+    sent = Unschedulable(3, {"insufficient device memory": 2, "isolation below mps": 1}, never=False)
+    reply = error_reply(sent)
+    assert "exc" not in reply and json.loads(json.dumps(reply)) == reply  # plain JSON, nothing pickled
+    with pytest.raises(Unschedulable) as info:
+        result(reply)
+    assert info.value.reasons == sent.reasons and str(info.value) == str(sent)
+    with pytest.raises(SliceQuotaExceeded) as over:
+        result(error_reply(SliceQuotaExceeded("l1", "GPU-0", 9000, 8192, 42, action="interrupted")))
+    assert (over.value.used_mib, over.value.action) == (9000, "interrupted")
+    with pytest.raises(LeaseNotFound, match="no lease 'l9'"):
+        result(error_reply(LeaseNotFound("l9")))
+    with pytest.raises(RemoteError, match="KeyError"):
+        result(error_reply(KeyError("x")))  # not ours: the message only
+    # a forged reply cannot make the client call anything but hami-ray's own error classes
+    for forged in ({"error": "x", "rebuild": "system", "args": ["echo pwned"]},
+                   {"error": "x", "rebuild": "Mapping", "args": []},
+                   {"error": "x", "rebuild": "Unschedulable", "args": "not a list"}):
+        with pytest.raises(RemoteError):
+            result(forged)
+
+
+def test_a_silent_peer_costs_one_timeout_then_the_breaker_answers_at_once() -> None:
+    """A server that accepts and reads but never answers: the call gives up after its read timeout, and
+    the next calls fail at once (the caller uses the Ray call) until the cool-down passes."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def accept_and_hold() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.recv(1024)  # read the hello, never answer
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    now = [0.0]
+    breaker = Breaker(cooldown_s=5.0, clock=lambda: now[0])
+    client = SyncClient(lambda: (HOST, listener.getsockname()[1], "s"), read_timeout_s=0.3, breaker=breaker)
+    try:
+        with pytest.raises(WireError):
+            client.call("add", a=1, b=2)
+        assert breaker.open()
+        with pytest.raises(WireError, match="failed recently"):
+            client.call("add", a=1, b=2)  # not tried at all
+        now[0] = 6.0
+        assert not breaker.open()
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+        client.close_idle()
+
+
+def test_a_blackholed_connect_gives_up_quickly() -> None:
+    """SYNs to a listener whose accept queue is full are dropped (Linux), as a firewall would drop them:
+    connecting gives up after the connect timeout instead of the kernel's minutes of retries."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue (nobody accepts)
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((HOST, port))
+        fillers.append(s)
+    client = SyncClient(lambda: (HOST, port, "s"), connect_timeout_s=0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WireError):
+            client.call("add", a=1, b=2)
+        assert time.monotonic() - t0 < 5  # bounded (the default is 0.5 s; the kernel alone would take minutes)
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

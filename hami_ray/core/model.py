@@ -207,8 +207,10 @@ class LeaseState(StrEnum):
 class Lease(_Frozen):
     """An allocation held by an owner, released by presenting ``token``.
 
-    ``holder``: ``"process"`` (a Ray task or actor: freed when its processes die or never come), or
-    ``"pod"`` (a Kubernetes pod: held until the bridge frees it, when the pod is gone or finished).
+    ``holder``: ``"process"`` (a Ray task or actor: freed when its processes die or never come),
+    ``"pod"`` (a Kubernetes pod: held until the bridge frees it, when the pod is gone or finished), or
+    ``"driver"`` (a driver's ``hami_ray.lease()``: held while the Ray ``job`` it belongs to lives; the driver
+    may run on another host, so its pid is never checked by the slice's node).
     """
 
     lease_id: str
@@ -220,7 +222,8 @@ class Lease(_Frozen):
     pid_starts: dict[int, int] = Field(default_factory=dict)  # pid -> start time (clock ticks): the same process
     priority: int = 0
     created_at: float = 0.0
-    holder: Literal["process", "pod"] = "process"
+    holder: Literal["process", "pod", "driver"] = "process"
+    job: str = ""  # the Ray job (hex id) of a "driver" holder
 
 
 class ClusterSnapshot(_Frozen):

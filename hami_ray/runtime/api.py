@@ -30,7 +30,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError
+from hami_ray.core.errors import HamiRayError, InvalidRequest
 from hami_ray.core.model import DeviceGrant, Lease, SliceRequest
 from hami_ray.observe.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from hami_ray.observe.model import ClusterStatus, status_from
@@ -76,9 +76,12 @@ def _calls_or_raise() -> PlacementCalls:
     return _calls
 
 
+_UNSET: Any = object()
+
+
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
          simulate_per_node: dict[str, str] | None = None, agent: dict[str, Any] | None = None,
-         node: dict[str, Any] | None = None, metrics_port: int | None = DEFAULT_METRICS_PORT,
+         node: dict[str, Any] | None = None, metrics_port: int | None = _UNSET,
          **ray_kwargs: Any) -> None:
     """Connect to Ray (or start a local one) and make sure the hami-ray actors run.
 
@@ -96,6 +99,10 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         metrics_port: where the placement actor serves Prometheus metrics on its node (HAMi's 9395;
             0: any free port, see ``status()``; None: not served).
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
+
+    Raises:
+        InvalidRequest: hami-ray already runs on this Ray cluster (another driver, or an earlier
+            ``init()``) with other settings than the ones given here: they would be silently ignored.
     """
     global _placement, _lanes, _calls
     if not ray.is_initialized():
@@ -106,11 +113,20 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         "state_root": state_root or os.path.join(tempfile.gettempdir(), f"hami-ray-{getpass.getuser()}"),
         "agent": agent or {},
         "node": node or {},
-        "metrics_port": metrics_port,
+        "metrics_port": DEFAULT_METRICS_PORT if metrics_port is _UNSET else metrics_port,
     }
+    given = {"simulate": simulate, "simulate_for": simulate_per_node, "state_root": state_root, "agent": agent,
+             "node": node, "metrics_port": metrics_port}
     _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
                                         get_if_exists=True).remote(config)
-    ray.get(_placement.ping.remote())
+    running = ray.get(_placement.settings.remote())
+    differ = sorted(k for k, v in given.items() if v is not None and v is not _UNSET and running.get(k) != v)
+    if differ:
+        _placement = None
+        shown = ", ".join(f"{k}={running.get(k)!r} (asked: {given[k]!r})" for k in differ)
+        raise InvalidRequest("init", f"hami-ray already runs on this Ray cluster with other settings: {shown}; "
+                                     "call init() with the same settings (or none), or stop it first with "
+                                     "hami_ray.shutdown(stop_cluster=True)")
     if _calls is not None:
         _calls.close()
     _calls = PlacementCalls(_placement)
@@ -144,8 +160,14 @@ def attach(address: str | None = "auto", **ray_kwargs: Any) -> None:
     _calls = PlacementCalls(_placement)
 
 
-def shutdown() -> None:
-    """Stop the hami-ray actors (their leases end) and forget the handle; Ray itself keeps running."""
+def shutdown(stop_cluster: bool = False) -> None:
+    """End what this driver started: its lanes (their slices go back) and its connections; the
+    cluster's hami-ray actors keep serving other drivers. Ray itself keeps running.
+
+    Args:
+        stop_cluster: also stop the cluster's hami-ray actors (the placement actor and every node actor;
+            every lease on the cluster ends), as an operator would.
+    """
     global _placement, _lanes, _calls
     if _lanes is not None:
         _lanes.close()
@@ -154,6 +176,9 @@ def shutdown() -> None:
         _calls.close()
         _calls = None
     if _placement is None:
+        return
+    if not stop_cluster:
+        _placement = None
         return
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor.get("namespace") == NAMESPACE:
@@ -284,11 +309,18 @@ def lease(**options: Any) -> Iterator[LeaseHandle]:
     """Hold a slice in the driver: ``with hami_ray.lease(gpu_memory="2GiB") as lease: ...``."""
     request = slice_request(options)
     calls = _calls_or_raise()
-    grant = calls.call("acquire", request=request.model_dump(mode="json"), owner=f"driver:{os.getpid()}")
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
+    grant = calls.call("acquire", request=request.model_dump(mode="json"), owner=f"driver:{os.getpid()}",
+                       holder="driver", job=job)
     held = LeaseHandle(Lease.model_validate(grant["lease"]), grant["env"])
     try:
         actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
-        ray.get(actor.activate.remote(held.lease_id, os.getpid(), pid_namespace()))
+        # The driver's liveness is its Ray job's (the placement actor frees the lease when the job ends),
+        # never a pid checked on another host. On the slice's own node the pid also lets enforcement count
+        # what this process holds on the device.
+        here = context.get_node_id() == held.lease.allocation.node
+        ray.get(actor.claim.remote(held.lease_id, os.getpid() if here else None, pid_namespace() if here else None))
         yield held
     finally:
         calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)

@@ -43,8 +43,14 @@ class PlacementCalls:
         self.fast = SyncClient(_locate)
 
     def call(self, op: str, **args: Any) -> Any:
+        """``op`` on the placement actor. A waiting ``acquire`` may wait in the queue for as long as it takes:
+        the fast path only tries it without waiting, and the queue is joined by a Ray call, so no socket call
+        ever waits on the queue (and every fast-path call can be bounded)."""
+        waits = op == "acquire" and args.get("wait", True)
         try:
-            return self.fast.call(op, **args)
+            got = self.fast.call(op, **({**args, "wait": False} if waits else args))
+            if not (waits and isinstance(got, dict) and "waiting" in got):
+                return got
         except WireError as exc:
             log.debug("placement fast path: %s; using a Ray call", exc)
         return ray.get(getattr(self.handle, op).remote(**args))

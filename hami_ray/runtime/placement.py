@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+import ray._private.state as ray_state
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -146,7 +147,25 @@ class PlacementShell(PodLeases):
                             handle.release.remote(truth.lease_id, truth.token)
             except (RayError, asyncio.TimeoutError):
                 continue  # the node actor is (re)starting; next round
+        await self._release_dead_drivers()
         self._kick()
+
+    async def _release_dead_drivers(self) -> None:
+        """Free the leases of drivers whose Ray job ended (DESIGN: a driver's lease is tracked by its
+        liveness through Ray, never by a pid on another host)."""
+        held = [lease for lease in self.svc.ledger.leases.values() if lease.holder == "driver" and lease.job]
+        if not held:
+            return
+        try:
+            # GCS's job table (ray._private.state: the same source `ray list jobs` reads, without a dashboard)
+            dead = {str(j.get("JobID")) for j in ray_state.jobs() if j.get("IsDead")}  # type: ignore[no-untyped-call]
+        except Exception as exc:  # noqa: BLE001 - a long-running loop never dies on one bad answer
+            log.warning("cannot read Ray's job table: %s", exc)
+            return
+        for lease in held:
+            if lease.job in dead:
+                log.info("driver job %s ended: its lease %s is freed", lease.job, lease.lease_id)
+                await self._release(lease)
 
     def _regraded(self, node_id: str, info_node: dict[str, Any]) -> bool:
         """Whether the node actor's devices now hold other isolation grades than the ledger knows."""
@@ -189,7 +208,8 @@ class PlacementShell(PodLeases):
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-    async def _acquire(self, request: SliceRequest, owner: str, submitted: float) -> tuple[Lease, dict[str, str]]:
+    async def _acquire(self, request: SliceRequest, owner: str, submitted: float,
+                       **who: Any) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
         self.svc.scheduler.validate(request)  # InvalidRequest; "never fits" comes from the first try below
         waiter: Waiter | None = None
@@ -198,7 +218,7 @@ class PlacementShell(PodLeases):
             while True:
                 first = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
                 if first:
-                    placed = await self._try_place(request, owner)
+                    placed = await self._try_place(request, owner, **who)
                     if placed is not None:
                         if waiter is not None:  # by identity: others may have queued ahead meanwhile
                             self.svc.remove(waiter)
@@ -222,8 +242,8 @@ class PlacementShell(PodLeases):
                 self._kick()
             raise
 
-    async def _try_place(self, request: SliceRequest, owner: str) -> tuple[Lease, dict[str, str]] | None:
-        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time()))
+    async def _try_place(self, request: SliceRequest, owner: str, **who: Any) -> tuple[Lease, dict[str, str]] | None:
+        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time(), **who))
 
     async def _reserve_planned(self, planner: Callable[[], Plan]) -> tuple[Lease, dict[str, str]] | None:
         """Plan (``planner``: the ledger holds the slice as reserved), then have the node actor confirm it;
@@ -283,20 +303,22 @@ class PlacementShell(PodLeases):
 
     # --- API ---------------------------------------------------------------------------------
     async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None,
-                      wait: bool = True) -> dict[str, Any] | None:
+                      wait: bool = True, holder: str = "process", job: str = "") -> dict[str, Any] | None:
         """Wait for a slice; returns the lease, the node actor's name and the isolation environment.
         ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now.
         ``wait=False``: a slice now, never ahead of anyone waiting (a driver opening a lane), or
-        ``{"waiting": n}``: how many requests wait (0: it just does not fit now)."""
+        ``{"waiting": n}``: how many requests wait (0: it just does not fit now).
+        ``holder="driver"`` with the driver's Ray ``job``: the lease lives as long as that job."""
         req = self._request(request)
+        who: dict[str, Any] = {"holder": holder, "job": job} if holder != "process" else {}
         if not wait:
             await self._ensure_started()
             self.svc.scheduler.validate(req)
             if self.svc.head() is not None:
                 return {"waiting": self.svc.queue_depth}
-            placed = await self._try_place(req, owner)
+            placed = await self._try_place(req, owner, **who)
             return {"waiting": 0} if placed is None else self._grant(*placed)
-        lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted)
+        lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted, **who)
         return self._grant(lease, env)
 
     async def lane_nodes(self, request: dict[str, Any]) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -439,6 +461,10 @@ class PlacementShell(PodLeases):
     async def ping(self) -> bool:
         await self._ensure_started()
         return True
+
+    async def settings(self) -> dict[str, Any]:
+        """The settings this placement actor was started with (a later ``init()`` compares its own)."""
+        return dict(self.config)
 
 
 def slice_meta(grant: dict[str, Any], state_root: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hami_ray.core.errors import InvalidRequest, Unschedulable
 from hami_ray.core.ledger import Ledger
@@ -79,7 +80,8 @@ class PlacementService:
         return lost
 
     # --- placement ---------------------------------------------------------------------------
-    def plan(self, request: SliceRequest, owner: str, created_at: float) -> Plan:
+    def plan(self, request: SliceRequest, owner: str, created_at: float,
+             holder: Literal["process", "pod", "driver"] = "process", job: str = "") -> Plan:
         """Choose devices and hold them as ``reserved`` in the ledger.
 
         Raises:
@@ -90,7 +92,8 @@ class PlacementService:
         self.workload.observe(request)
         allocation = self.scheduler.place(request)
         lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
-                      token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at)
+                      token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at,
+                      holder=holder, job=job)
         self.ledger.allocate(lease)
         return Plan(lease, allocation.node)
 

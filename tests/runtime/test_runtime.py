@@ -4,6 +4,8 @@ queueing, enforcement, misuse. Marked ``ray``; they share one Ray (conftest)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import signal
 import time
 from pathlib import Path
@@ -301,3 +303,61 @@ def test_isolation_grade_is_shown_and_a_floor_explains_itself(hami: RayCluster) 
         (mine,) = [s for d in node["devices"] for s in d["slices"] if s["lease_id"] == held.lease_id]
         assert mine["isolation"] == "none"
     assert wait_until(lambda: live_leases() == 0)
+
+
+DRIVER = """
+import sys, time, ray, hami_ray
+from hami_ray.runtime.loopback import pin_ray_to_loopback
+pin_ray_to_loopback()
+ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+hami_ray.init()  # joins the running hami-ray: no settings, so none to conflict
+if sys.argv[2] == "hold":
+    with hami_ray.lease(gpu_memory="1GiB", gpu_type="V100") as held:  # on the worker node: not the driver's
+        print(held.lease_id, flush=True)
+        time.sleep(300)
+else:
+    hami_ray.shutdown()  # ends only what this driver started
+    print("done", flush=True)
+"""
+
+
+def _driver(hami: RayCluster, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, hami.cluster.address, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parents[2])
+
+
+def test_a_drivers_lease_lives_with_its_job_not_a_pid_on_the_slices_node(hami: RayCluster) -> None:
+    """Another driver's lease is held while its Ray job lives (its pid is not looked for on the slice's
+    node), and freed when the driver dies; that driver's shutdown() leaves the cluster running (issue 13)."""
+    driver = _driver(hami, "hold")
+    try:
+        assert driver.stdout is not None
+        lease_id = driver.stdout.readline().strip()
+        assert lease_id.startswith("lease-")
+        held = {x.lease_id: x for x in api.status().leases}[lease_id]
+        assert held.holder == "driver" and held.job and held.pids == ()  # no pid from another node
+        assert wait_until(lambda: {x.lease_id: x for x in api.status().leases}[lease_id].state == "active")
+        for _ in range(8):  # several reap rounds of the node actors (every 0.5 s here): still held
+            assert lease_id in {x.lease_id for x in api.status().leases}
+            wait_until(lambda: False, timeout=0.25)
+        driver.kill()
+        driver.wait(timeout=30)
+        assert wait_until(lambda: lease_id not in {x.lease_id for x in api.status().leases}, timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()
+    other = _driver(hami, "shutdown")
+    out, _ = other.communicate(timeout=120)
+    assert out.strip() == "done"
+    assert len(api.status().nodes) >= 2  # still serving this driver
+
+
+def test_a_second_init_with_other_settings_is_refused(hami: RayCluster) -> None:
+    with pytest.raises(InvalidRequest, match=r"other settings: simulate='2xA100-80GB,1xT4-16GB' \(asked: '1xT4-16GB'\)"):
+        api.init(simulate="1xT4-16GB")
+    api.init()  # nothing given: joins
+    api.init(simulate="2xA100-80GB,1xT4-16GB")  # the same: joins
+    assert len(api.status().nodes) >= 2
