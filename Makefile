@@ -19,12 +19,14 @@ demo: $(STAMP)
 test: $(STAMP) lint tools k8s-bin
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# promtool and a Prometheus server for the metrics tests: Debian's prometheus package
+# promtool and a Prometheus server for the metrics tests (Debian's prometheus package); nftables to drop packets
+# inside the multi-host suite's own network namespaces (tests/multihost)
 tools:
-	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); export DEBIAN_FRONTEND=noninteractive; \
-		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
-		echo "could not install Debian's prometheus package (promtool): the metrics tests will fail"; }
+	@command -v promtool >/dev/null && command -v nft >/dev/null || { SUDO=$$(command -v sudo || true); \
+		export DEBIAN_FRONTEND=noninteractive; PKGS="prometheus nftables"; \
+		$$SUDO apt-get install -y -q --no-install-recommends $$PKGS >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends $$PKGS >/dev/null; } || \
+		echo "could not install Debian's prometheus and nftables packages: the metrics and blackhole tests will fail"; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
