@@ -26,7 +26,7 @@ _CORE = {
 __version__ = "0.1.0"
 
 _RUNTIME = ("attach", "check", "current_slice", "init", "lease", "lost_leases", "metrics_address", "queue_depth",
-            "remote", "shutdown", "status", "NotInitialized", "NotRunning")
+            "remote", "shutdown", "slice_group", "SliceGroup", "status", "NotInitialized", "NotRunning")
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +63,7 @@ __all__ = [
     "NotInitialized",
     "NotRunning",
     "Scheduler",
+    "SliceGroup",
     "SliceQuotaExceeded",
     "SliceRequest",
     "UnknownPolicy",
@@ -78,6 +79,7 @@ __all__ = [
     "queue_depth",
     "remote",
     "shutdown",
+    "slice_group",
     "slice_request",
     "status",
 ]

@@ -150,7 +150,7 @@ def _ray_demo(out: Path) -> None:
     repo = str(Path(__file__).resolve().parents[1])  # examples/ sits beside hami_ray/ in a checkout
     if repo not in sys.path:
         sys.path.insert(0, repo)
-    from examples import burst, overrun, shared_inference  # noqa: PLC0415
+    from examples import burst, gang, overrun, self_sizing, shared_inference  # noqa: PLC0415
 
     # two simulated nodes on this machine; with real GPUs one node (a second would see the same GPUs)
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -169,7 +169,7 @@ def _ray_demo(out: Path) -> None:
                       f"{'simulated ' + DEMO_SIMULATE + ' and ' + DEMO_WORKER if simulated else 'NVIDIA (NVML)'}")
         results: dict[str, object] = {}
         for name, run in (("shared_inference", shared_inference.main), ("burst", burst.main),
-                          ("overrun", overrun.main)):
+                          ("overrun", overrun.main), ("gang", gang.main), ("self_sizing", self_sizing.main)):
             results[name] = run()
             console.print(f"[green]examples/{name}.py[/]: {results[name]}")
         console.print("\n[bold]hami-ray status --watch[/] while another burst runs:")

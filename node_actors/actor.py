@@ -66,6 +66,7 @@ class NodeActorShell:
         self.agent = NodeAgent(node_id, self.backend, state_dir, settings=AgentSettings(**settings),
                                cpu_milli=0, memory_mib=0)
         self.state_dir = str(state_dir)
+        self.warnings = self._shared_with_ray(node_id)
         k8s_node = os.environ.get(K8S_NODE_ENV, "").strip()
         self.labels = {K8S_NODE_LABEL: k8s_node} if k8s_node else {}
         self.simulated = simulate is not None and self.backend.__class__.__name__ == "SimulatedBackend"
@@ -81,6 +82,21 @@ class NodeActorShell:
         except OSError as exc:  # Ray calls still work
             log.warning("node actor fast path not started: %s", exc)
         threading.Thread(target=self._loop, name="hami-ray-tick", daemon=True).start()
+
+    def _shared_with_ray(self, node_id: str) -> list[str]:
+        """Plain Ray ``num_gpus`` and hami-ray never share a device: a node whose devices hami-ray manages
+        starts Ray with ``--num-gpus 0`` (deploy/ does). Say so where Ray counts GPUs here all the same."""
+        if not self.agent.node().devices:
+            return []
+        try:
+            ray_gpus = next((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes()  # type: ignore[no-untyped-call]
+                             if n.get("NodeID") == node_id), 0.0)
+        except Exception:  # noqa: BLE001 - a warning is not worth failing the node actor's start
+            return []
+        if not ray_gpus:
+            return []
+        return [f"Ray also counts {ray_gpus:g} GPU(s) on this node: plain Ray num_gpus tasks may land on devices "
+                "hami-ray slices (start Ray here with --num-gpus 0, or use hami_ray.remote(num_gpus=...))"]
 
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -110,7 +126,7 @@ class NodeActorShell:
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
                     "usage": self._usage(), "enforcement": dict(self._actions),
-                    "isolation": self.agent.isolation_status()}
+                    "isolation": {**self.agent.isolation_status(), "warnings": list(self.warnings)}}
 
     def _usage(self) -> dict[str, Any] | None:
         """The last sample: per device used MiB and utilisation, per lease and device used MiB."""

@@ -16,8 +16,28 @@ from hami_ray.core.units import parse_cores, parse_count, parse_memory
 
 KEYWORDS = frozenset({
     "gpus", "gpu_memory", "gpu_cores", "gpu_type", "exclude_gpu_type", "gpu_uuid", "exclude_gpu_uuid",
-    "numa_bind", "priority", "node_policy", "device_policy", "vendor", "isolation",
+    "numa_bind", "priority", "node_policy", "device_policy", "vendor", "isolation", "num_gpus",
 })
+
+
+def _num_gpus(value: object) -> dict[str, object]:
+    """Ray's ``num_gpus`` as a slice, so code moving from Ray's fractions reads the same: a fraction ``f`` of
+    one device is ``f`` of its memory and cores; a whole number ``n`` is ``n`` whole devices.
+
+    Example: ``0.25`` gives one device, 25 % of its memory and 25 % of its cores.
+
+    Raises:
+        InvalidRequest: not a number, not positive, or a fraction above 1 (Ray's own rule).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest("num_gpus", f"expected a number such as 0.25 or 2, got {value!r}")
+    if not 0 < value < 1 and not float(value).is_integer() or value <= 0:
+        raise InvalidRequest("num_gpus", f"a fraction of one device (0 < f < 1) or a whole number, got {value!r}")
+    if value < 1:
+        percent = float(value) * 100
+        return {"count": 1, "memory_percent": percent, "cores": max(1, int(percent))}
+    return {"count": int(value), "cores": 100}
+
 
 
 def _names(value: object, field: str) -> tuple[str, ...]:
@@ -52,6 +72,10 @@ def slice_request(options: Mapping[str, object]) -> SliceRequest:
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown option (known: {', '.join(sorted(KEYWORDS))})")
     fields: dict[str, object] = {}
+    if options.get("num_gpus") is not None:
+        if any(options.get(k) is not None for k in ("gpus", "gpu_memory", "gpu_cores")):
+            raise InvalidRequest("num_gpus", "give num_gpus (Ray's fraction) or gpus/gpu_memory/gpu_cores, not both")
+        fields.update(_num_gpus(options["num_gpus"]))
     if options.get("gpus") is not None:
         fields["count"] = parse_count(options["gpus"], "gpus")
     if options.get("gpu_memory") is not None:

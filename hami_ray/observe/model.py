@@ -64,6 +64,7 @@ class NodeStatus(_Model):
     enforcement: str = "ok"  # "degraded" while its node actor's enforcement cannot run or see processes
     enforcement_reason: str | None = None
     mps: Mapping[str, Any] | None = None  # the MPS daemon: running, pid, restarts, reason
+    warnings: tuple[str, ...] = ()  # e.g. Ray also counts this node's GPUs (plain num_gpus tasks could land there)
 
 
 class Waiting(_Model):
@@ -178,7 +179,7 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
             name=node.name, devices=tuple(devices), fragment_milli=frag, idle_milli=idle,
             isolation=strongest(d.isolation for d in node.devices).value,
             enforcement=str(node_iso.get("enforcement") or "ok"), enforcement_reason=node_iso.get("reason"),
-            mps=node_iso.get("mps")))
+            mps=node_iso.get("mps"), warnings=tuple(str(w) for w in node_iso.get("warnings") or ())))
     all_devices = [d for n in nodes for d in n.devices]
     sampled = [d for d in all_devices if d.memory_used_mib is not None]
     idle_total = sum(n.idle_milli for n in nodes)

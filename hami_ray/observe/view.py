@@ -76,8 +76,11 @@ def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, d
 
 def _why_degraded(nodes: list[NodeStatus]) -> list[RenderableType]:
     """One line per node whose enforcement is degraded, saying why (never silent)."""
-    return [Text(f"node {n.name[:16]}: enforcement degraded: {n.enforcement_reason or 'unknown'}", style="red")
-            for n in nodes if n.enforcement != "ok"]
+    out: list[RenderableType] = [
+        Text(f"node {n.name[:16]}: enforcement degraded: {n.enforcement_reason or 'unknown'}", style="red")
+        for n in nodes if n.enforcement != "ok"]
+    out.extend(Text(f"node {n.name[:16]}: {w}", style="yellow") for n in nodes for w in n.warnings)
+    return out
 
 
 def _summary(status: ClusterStatus, bar_w: int) -> RenderableType:

@@ -37,7 +37,7 @@ from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.fastpath import PlacementCalls
 from hami_ray.runtime.lanes import LaneClient, lanes_enabled
-from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta
+from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta  # noqa: F401 - slice_meta: gangs
 from hami_ray.runtime.worker import (
     NAMESPACE,
     current_slice,
@@ -77,6 +77,7 @@ def _calls_or_raise() -> PlacementCalls:
 
 
 _UNSET: Any = object()
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 
 
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
@@ -117,8 +118,11 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
     }
     given = {"simulate": simulate, "simulate_for": simulate_per_node, "state_root": state_root, "agent": agent,
              "node": node, "metrics_port": metrics_port}
+    # On the head node, as Ray Serve's controller: a placement actor on a worker host would die with that host,
+    # and its successor could not know which of that host's leases were lost (the head's death ends the
+    # cluster anyway)
     _placement = PlacementActor.options(name=PLACEMENT_NAME, namespace=NAMESPACE, lifetime="detached",
-                                        get_if_exists=True).remote(config)
+                                        get_if_exists=True, resources={HEAD_RESOURCE: 0.001}).remote(config)
     running = ray.get(_placement.settings.remote())
     differ = sorted(k for k, v in given.items() if v is not None and v is not _UNSET and running.get(k) != v)
     if differ:
@@ -198,10 +202,31 @@ def _split(options: dict[str, Any], ray_keys: frozenset[str]) -> tuple[dict[str,
     return ours, theirs
 
 
+GROUP_OPTIONS = ("slice_group", "slice_index")
+
+
+def _group_target(options: dict[str, Any]) -> tuple[SliceGroup | None, int]:
+    """``slice_group=``/``slice_index=`` of ``.options()``: which reserved slice of a gang to run in.
+
+    Raises:
+        InvalidRequest: a group that is not a :class:`SliceGroup`, or an index out of its range.
+    """
+    group, index = options.get("slice_group"), options.get("slice_index", 0)
+    if group is None:
+        return None, 0
+    if not isinstance(group, SliceGroup):
+        raise InvalidRequest("slice_group", f"expected what hami_ray.slice_group() returned, got {type(group).__name__}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(group):
+        raise InvalidRequest("slice_index", f"expected 0..{len(group) - 1}, got {index!r}")
+    return group, index
+
+
 class RemoteFunction:
     """What ``@hami_ray.remote`` makes of a function: ``.remote()`` and ``.options()`` as Ray's."""
 
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self._group, self._index = _group_target(options)
+        options = {k: v for k, v in options.items() if k not in GROUP_OPTIONS}
         ours, self._ray_options = _split(options, RAY_TASK_OPTIONS)
         self._fn = fn
         self._options = options
@@ -213,6 +238,8 @@ class RemoteFunction:
 
     def options(self, **options: Any) -> RemoteFunction:
         merged = {**self._options, **options}
+        if self._group is not None and "slice_group" not in options:
+            merged.update(slice_group=self._group, slice_index=options.get("slice_index", self._index))
         clone = RemoteFunction(self._fn, merged)
         clone._fn_ref = self._fn_ref
         return clone
@@ -221,6 +248,8 @@ class RemoteFunction:
         handle = _handle()
         if self._fn_ref is None:
             self._fn_ref = ray.put(self._fn)
+        if self._group is not None:
+            return self._group.submit(self._index, self._fn_ref, self._ray_options, args, kwargs)
         owner = f"task:{self.__name__}"
         if _lanes is not None and not self._ray_options:  # Ray options (CPUs, runtime_env...) need a task of their own
             ref = _lanes.submit(self._lane_key, self._request_json, owner, self._fn_ref.hex(), self._fn_ref, args,
@@ -238,9 +267,11 @@ class ActorClass:
     """What ``@hami_ray.remote`` makes of a class: ``.remote()`` starts the actor in its own slice."""
 
     def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        self._group, self._index = _group_target(options)
+        self._options = options
+        options = {k: v for k, v in options.items() if k not in GROUP_OPTIONS}
         ours, self._ray_options = _split(options, RAY_ACTOR_OPTIONS)
         self._cls = cls
-        self._options = options
         self._request = slice_request(ours)
 
     def options(self, **options: Any) -> ActorClass:
@@ -249,6 +280,8 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         handle = _handle()
         owner = f"actor:{self._cls.__name__}"
+        if self._group is not None:  # a slice the gang holds: the actor uses it, the gang keeps it
+            return self._group.start_actor(self._index, self._cls, self._ray_options, args, kwargs)
         grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner, time.time()))
         lease = Lease.model_validate(grant["lease"])
         env = {**self._ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
@@ -326,6 +359,109 @@ def lease(**options: Any) -> Iterator[LeaseHandle]:
         calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)
 
 
+class SliceGroup:
+    """A gang of slices held all together (``hami_ray.slice_group``), as Ray's placement group holds
+    bundles: run tasks and actors in slice ``i`` with ``.options(slice_group=group, slice_index=i)``; give
+    them all back with :meth:`release` (or a ``with`` block). Held by this driver's Ray job: freed if the
+    driver dies."""
+
+    def __init__(self, grants: list[dict[str, Any]], strategy: str) -> None:
+        self._grants = grants
+        self.strategy = strategy
+        self.slices = [LeaseHandle(Lease.model_validate(g["lease"]), g["env"]) for g in grants]
+        self._released = False
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The node of each slice, in bundle order."""
+        return [h.lease.allocation.node for h in self.slices]
+
+    def _live(self, index: int) -> dict[str, Any]:
+        if self._released:
+            raise InvalidRequest("slice_group", "this gang was released")
+        return self._grants[index]
+
+    def submit(self, index: int, fn_ref: Any, ray_options: dict[str, Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+        """Run a task in slice ``index`` (on its node, in a worker started with the slice's environment)."""
+        from hami_ray.runtime.worker import run_in_slice  # noqa: PLC0415
+
+        grant = self._live(index)
+        lease = self.slices[index].lease
+        user_env = dict(ray_options.get("runtime_env") or {})
+        opts = {k: v for k, v in ray_options.items() if k != "runtime_env"}
+        env_vars = {**user_env.get("env_vars", {}), **grant["env"]}
+        return run_in_slice.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
+            runtime_env={**user_env, "env_vars": env_vars}, **opts,
+        ).remote(fn_ref, slice_meta(grant, grant["state_root"]), grant["env"], *args, **kwargs)
+
+    def start_actor(self, index: int, cls: type, ray_options: dict[str, Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """Start an actor in slice ``index``; the slice stays the gang's when the actor ends."""
+        grant = self._live(index)
+        lease = self.slices[index].lease
+        env = {**ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
+        runtime_env = {**ray_options.get("runtime_env", {}), "env_vars": env}
+        opts = {k: v for k, v in ray_options.items() if k != "runtime_env"}
+        return ray.remote(slice_actor_class(cls)).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
+            runtime_env=runtime_env, **opts,
+        ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
+
+    def release(self) -> None:
+        """Give every slice back (idempotent)."""
+        if self._released:
+            return
+        self._released = True
+        calls = _calls_or_raise()
+        for held in self.slices:
+            calls.call("release", lease_id=held.lease_id, token=held.lease.token, node=held.lease.allocation.node)
+
+    def __enter__(self) -> SliceGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priority: int = 0) -> SliceGroup:
+    """Reserve a gang of slices, all or none, like a Ray placement group: ``bundles`` are
+    ``@hami_ray.remote`` keywords, one dict per slice. Waits in the queue as one request (``priority``, then
+    submission order) and never holds part of the gang while it waits.
+
+    Args:
+        bundles: e.g. ``[{"gpus": 1, "gpu_memory": "40GiB"}] * 4``.
+        strategy: ``PACK`` (one node if possible), ``STRICT_PACK`` (one node), ``SPREAD`` (different nodes
+            if possible), ``STRICT_SPREAD`` (different nodes).
+        priority: larger is served first.
+
+    Returns:
+        The held gang: ``.slices`` (devices and environment of each), ``.nodes``; run work in slice ``i``
+        with ``.options(slice_group=group, slice_index=i)``; ``.release()``.
+
+    Raises:
+        InvalidRequest: a malformed bundle or unknown strategy.
+        Unschedulable: the gang could not fit even an empty cluster (at once, with the reason).
+    """
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidRequest("priority", f"expected an integer, got {priority!r}")
+    requests = [slice_request({**bundle, "priority": priority}).model_dump(mode="json") for bundle in bundles]
+    context = ray.get_runtime_context()
+    grants = ray.get(_handle().acquire_group.remote(requests, str(strategy).upper(), f"gang:{os.getpid()}",
+                                                    "driver", context.get_job_id(), time.time()))
+    group = SliceGroup(grants, str(strategy).upper())
+    here = context.get_node_id()
+    for grant, held in zip(grants, group.slices):
+        actor = ray.get_actor(grant["node_actor"], namespace=NAMESPACE)
+        mine = here == held.lease.allocation.node
+        ray.get(actor.claim.remote(held.lease_id, os.getpid() if mine else None, pid_namespace() if mine else None))
+    return group
+
+
 def status() -> ClusterStatus:
     """The cluster as ``hami-ray status`` shows it: per node and device the allocation, the usage the
     node actors last sampled and every slice with its owner; the summary (allocated and used memory,
@@ -357,4 +493,4 @@ def check(**options: Any) -> None:
 
 
 __all__ = ["init", "attach", "NotRunning", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check", "lost_leases",
-           "NotInitialized", "report_simulated_memory"]
+           "NotInitialized", "report_simulated_memory", "slice_group", "SliceGroup"]

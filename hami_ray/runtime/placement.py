@@ -15,8 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import ray
 import ray._private.state as ray_state
@@ -30,19 +30,21 @@ from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
 from hami_ray.wire import AsyncClient, AsyncServer, WireError
+from hami_ray.runtime.gangs import GangCalls
 from hami_ray.runtime.pods import PodLeases
 from hami_ray.runtime.service import PlacementService, Plan, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
 
 log = logging.getLogger(__name__)
 PLACEMENT_NAME = "hami-ray-placement"
+T = TypeVar("T")
 SYNC_S = 1.0
 RESERVE_TRIES = 3
 INFO_TIMEOUT_S = 10.0  # a node actor that does not answer is skipped this round, never waited on forever
 ORPHAN_S = 15.0  # a reservation of an earlier incarnation of this actor that no process claimed
 
 
-class PlacementShell(PodLeases):
+class PlacementShell(GangCalls, PodLeases):
     """The actor's body; ``PlacementActor`` below is this class made remote (its pods' part:
     :class:`~hami_ray.runtime.pods.PodLeases`)."""
 
@@ -212,13 +214,21 @@ class PlacementShell(PodLeases):
                        **who: Any) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
         self.svc.scheduler.validate(request)  # InvalidRequest; "never fits" comes from the first try below
+        return await self._wait_turn(request, owner, submitted, lambda: self._try_place(request, owner, **who),
+                                     lambda: self.svc.check(request))
+
+    async def _wait_turn(self, request: SliceRequest, owner: str, submitted: float,
+                         place: Callable[[], Awaitable[T | None]], check: Callable[[], None],
+                         group: Sequence[SliceRequest] = (), strategy: str = "") -> T:
+        """Place now if nobody waits ahead, else queue (priority, then submission) and place at our turn.
+        ``place`` answers None while it does not fit; ``check`` raises for what could never fit."""
         waiter: Waiter | None = None
         loop = asyncio.get_running_loop()
         try:
             while True:
                 first = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
                 if first:
-                    placed = await self._try_place(request, owner, **who)
+                    placed = await place()
                     if placed is not None:
                         if waiter is not None:  # by identity: others may have queued ahead meanwhile
                             self.svc.remove(waiter)
@@ -228,8 +238,8 @@ class PlacementShell(PodLeases):
                         return placed
                 if waiter is None:
                     if not first:
-                        self.svc.check(request)  # never fits: fail now, not when its turn comes
-                    waiter = self.svc.enqueue(request, owner, submitted)
+                        check()  # never fits: fail now, not when its turn comes
+                    waiter = self.svc.enqueue(request, owner, submitted, group, strategy)
                     if not first and self.svc.is_first(waiter):
                         continue  # asked before everyone waiting: try now, not at the next kick
                 fut: asyncio.Future[None] = loop.create_future()

@@ -14,13 +14,13 @@ import heapq
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from hami_ray.core.errors import InvalidRequest, Unschedulable
 from hami_ray.core.ledger import Ledger
-from hami_ray.core.model import K8S_NODE_LABEL, ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
+from hami_ray.core.model import K8S_NODE_LABEL, Allocation, ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
 from hami_ray.core.policies.fgd import FgdDevicePolicy
 from hami_ray.core.policies.workload import TargetWorkload
 from hami_ray.core.scheduler import Scheduler
@@ -34,10 +34,15 @@ class Waiter:
     sort_key: tuple[int, float, int]
     request: SliceRequest = field(compare=False)
     owner: str = field(compare=False)
+    group: tuple[SliceRequest, ...] = field(default=(), compare=False)  # a gang: all of these, or none
+    strategy: str = field(default="", compare=False)
 
     @property
     def waiter_id(self) -> int:
         return self.sort_key[2]
+
+
+GANG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # as Ray's placement groups
 
 
 @dataclass(frozen=True)
@@ -136,9 +141,11 @@ class PlacementService:
         return self.ledger.release(lease_id, token)
 
     # --- queue -------------------------------------------------------------------------------
-    def enqueue(self, request: SliceRequest, owner: str, submitted: float = 0.0) -> Waiter:
-        """Queue a request; ``submitted`` (the caller's clock when it asked) orders it before later asks."""
-        waiter = Waiter((-request.priority, submitted, next(self._seq)), request, owner)
+    def enqueue(self, request: SliceRequest, owner: str, submitted: float = 0.0,
+                group: Sequence[SliceRequest] = (), strategy: str = "") -> Waiter:
+        """Queue a request (or a gang: ``group``, one waiter for all of it); ``submitted`` (the caller's clock
+        when it asked) orders it before later asks."""
+        waiter = Waiter((-request.priority, submitted, next(self._seq)), request, owner, tuple(group), strategy)
         heapq.heappush(self._queue, waiter)
         return waiter
 
@@ -208,13 +215,117 @@ class PlacementService:
         now = time.time()
         for waiter in sorted(w for w in self._queue if w.waiter_id not in self._cancelled)[:limit]:
             try:
-                self.scheduler.place(waiter.request)
+                if waiter.group:
+                    self.ledger_probe_group(waiter.group, waiter.strategy)
+                else:
+                    self.scheduler.place(waiter.request)
                 reason = "fits now: its turn is next"
             except (Unschedulable, InvalidRequest) as exc:
                 reason = str(exc)
-            out.append({"owner": waiter.owner, "request": waiter.request.describe(), "priority": waiter.request.priority,
+            what = waiter.request.describe() if not waiter.group else \
+                f"gang of {len(waiter.group)} ({waiter.strategy}): {waiter.group[0].describe()}, ..."
+            out.append({"owner": waiter.owner, "request": what, "priority": waiter.request.priority,
                         "waited_s": round(max(0.0, now - waiter.sort_key[1]), 3), "reason": reason})
         return out
+
+    # --- gangs --------------------------------------------------------------------------------
+    def plan_group(self, requests: Sequence[SliceRequest], strategy: str, owner: str, created_at: float,
+                   holder: Literal["process", "pod", "driver"] = "driver", job: str = "") -> list[Plan]:
+        """Hold every slice of a gang as ``reserved`` in the ledger, or none (all or nothing, in one step:
+        no other request can take a slice between two of its bundles).
+
+        ``PACK``: one node if any holds them all, else wherever each fits; ``STRICT_PACK``: one node;
+        ``SPREAD``: a node not used yet by this gang where one fits, else any; ``STRICT_SPREAD``: a different
+        node for each.
+
+        Raises:
+            Unschedulable: the gang does not fit now (``never`` when it could not fit an empty cluster).
+            InvalidRequest: a bundle is malformed, or the strategy unknown.
+        """
+        for request in requests:
+            self.scheduler.observe(request)
+            self.workload.observe(request)
+
+        def lease_for(index: int, allocation: Allocation) -> Lease:
+            return Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=f"{owner}[{index}]", allocation=allocation,
+                         token=secrets.token_urlsafe(16), priority=requests[index].priority, created_at=created_at,
+                         holder=holder, job=job)
+
+        leases = self._place_group(self.scheduler, self.ledger, requests, strategy, lease_for)
+        return [Plan(lease, lease.allocation.node) for lease in leases]
+
+    def check_group(self, requests: Sequence[SliceRequest], strategy: str) -> None:
+        """Fail at once when the gang could not fit even the empty cluster (instead of waiting forever).
+
+        Raises:
+            Unschedulable: with ``never=True``.
+            InvalidRequest: see :meth:`plan_group`.
+        """
+        for request in requests:
+            self.scheduler.validate(request)
+        try:
+            self.ledger_probe_group(requests, strategy, empty=True)
+        except Unschedulable as exc:
+            raise Unschedulable(exc.total_nodes, exc.reasons, never=True) from None
+
+    def ledger_probe_group(self, requests: Sequence[SliceRequest], strategy: str, empty: bool = False) -> None:
+        """Place the gang on a scratch copy of the cluster (now, or ``empty``); holds nothing.
+
+        Raises:
+            Unschedulable: it does not fit there.
+        """
+        scratch = Ledger(list(self.ledger.nodes.values()))
+        if not empty:
+            for lease in self.ledger.leases.values():
+                scratch.allocate(lease)
+        self._place_group(Scheduler(scratch), scratch, requests, strategy,
+                          lambda i, a: Lease(lease_id=f"probe-{i}", owner="probe", allocation=a, token="-"))
+
+    @staticmethod
+    def _place_group(scheduler: Scheduler, ledger: Ledger, requests: Sequence[SliceRequest], strategy: str,
+                     lease_for: Callable[[int, Allocation], Lease]) -> list[Lease]:
+        if strategy not in GANG_STRATEGIES:
+            raise InvalidRequest("strategy", f"unknown gang strategy {strategy!r} (known: {', '.join(GANG_STRATEGIES)})")
+        if not requests:
+            raise InvalidRequest("bundles", "a gang needs at least one slice")
+        held: list[Lease] = []
+
+        def hold(index: int, allocation: Allocation) -> None:
+            held.append(ledger.allocate(lease_for(index, allocation)))
+
+        try:
+            if strategy in ("PACK", "STRICT_PACK"):
+                try:
+                    together = scheduler.place(list(requests))
+                except Unschedulable:
+                    if strategy == "STRICT_PACK":
+                        raise
+                else:
+                    for i, part in enumerate(together.slices):
+                        hold(i, Allocation(node=together.node, slices=(part,), cpu_milli=requests[i].cpu_milli,
+                                           host_memory_mib=requests[i].host_memory_mib))
+                    return held
+            used: set[str] = set()
+            for i, request in enumerate(requests):
+                if strategy in ("SPREAD", "STRICT_SPREAD"):
+                    unused = [name for name in ledger.nodes if name not in used]
+                    try:
+                        if not unused:
+                            raise Unschedulable(0, {"no node left for this gang's next slice": 1})
+                        allocation = scheduler.place(request, nodes=unused)
+                    except Unschedulable:
+                        if strategy == "STRICT_SPREAD":
+                            raise
+                        allocation = scheduler.place(request)
+                else:
+                    allocation = scheduler.place(request)
+                hold(i, allocation)
+                used.add(allocation.node)
+            return held
+        except BaseException:
+            for lease in held:
+                ledger.release(lease.lease_id)
+            raise
 
     def snapshot(self) -> ClusterSnapshot:
         return self.ledger.snapshot()

@@ -74,6 +74,23 @@ class SliceInfo:
         return max((d.cores for d in self.devices), default=0)
 
     @property
+    def memory_fraction(self) -> tuple[float, ...]:
+        """Per device, the slice's share of the device's memory (rounded down to 3 decimals): what
+        frameworks that size themselves take, e.g. vLLM's ``gpu_memory_utilization`` (a share of the
+        *total* device memory, nvidia-isolation.md §4). Example: 20 GiB of an 80 GiB A100 gives ``(0.25,)``.
+        """
+        try:
+            rows = json.loads(self.env.get("HAMI_RAY_SLICE", "{}")).get("devices", [])
+            totals = {str(r["uuid"]): int(r.get("device_mib") or 0) for r in rows}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            totals = {}
+        out = []
+        for d in self.devices:
+            total = totals.get(d.uuid, 0)
+            out.append(min(1.0, int(1000 * d.memory_mib / total) / 1000) if total > 0 else 1.0)
+        return tuple(out)
+
+    @property
     def isolation(self) -> str:
         """How strongly the slice holds: ``mig``, ``mps``, ``hami-core``, ``watchdog`` or ``none``
         (``status --json``'s word for it)."""

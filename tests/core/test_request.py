@@ -105,7 +105,7 @@ def test_percent_memory_resolves_on_the_chosen_device() -> None:
         ({"vendor": ""}, "vendor"),
         ({"vendor": 3}, "vendor"),
         ({"gpu_mem": "8GiB"}, "gpu_mem"),  # unknown keyword (a typo of gpu_memory)
-        ({"num_gpus": 1}, "num_gpus"),
+        ({"num_gpus": 1.5}, "num_gpus"),  # a fraction above one device (Ray refuses it too)
     ],
 )
 def test_bad_input_names_the_field(options: dict[str, object], field: str) -> None:
@@ -146,8 +146,25 @@ def test_every_keyword_is_accepted() -> None:
     good = {"gpus": 1, "gpu_memory": "1GiB", "gpu_cores": 10, "gpu_type": "A100", "exclude_gpu_type": "T4",
             "gpu_uuid": "GPU-a", "exclude_gpu_uuid": "GPU-b", "numa_bind": False, "priority": 1,
             "node_policy": "binpack", "device_policy": "fgd", "vendor": "NVIDIA", "isolation": "mps"}
-    assert set(good) == KEYWORDS
+    assert set(good) == KEYWORDS - {"num_gpus"}  # num_gpus is the other way to say gpus/memory/cores
     slice_request(good)
+    slice_request({k: v for k, v in good.items() if k not in ("gpus", "gpu_memory", "gpu_cores")} | {"num_gpus": 0.5})
+
+
+@pytest.mark.parametrize(("value", "count", "percent", "cores"), [(0.25, 1, 25.0, 25), (0.5, 1, 50.0, 50),
+                                                                  (1, 1, None, 100), (2, 2, None, 100),
+                                                                  (0.001, 1, 0.1, 1)])
+def test_num_gpus_is_a_slice_of_that_fraction(value: float, count: int, percent: float | None, cores: int) -> None:
+    request = slice_request({"num_gpus": value})
+    assert (request.count, request.memory_percent, request.cores) == (count, percent, cores)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "half", True, {"gpus": 1}])
+def test_num_gpus_refuses_what_ray_refuses(bad: object) -> None:
+    options = bad if isinstance(bad, dict) else {"num_gpus": bad}
+    with pytest.raises(InvalidRequest) as info:
+        slice_request({"num_gpus": 0.5, **options} if isinstance(bad, dict) else options)
+    assert info.value.field == "num_gpus"
 
 
 @pytest.mark.parametrize(("word", "grade"), [("mps", Isolation.MPS), ("HAMi-core", Isolation.HAMI_CORE),

@@ -31,6 +31,9 @@ SUBNET = "10.231.7"  # addresses exist only inside the namespaces made here
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 START_TIMEOUT_S = 180.0
+# Ray >= 2.5x turns token authentication on where a token file exists (~/.ray/auth_token, written by any
+# local ray.init()); the hosts are private namespaces: say the mode for every process alike.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def refusal() -> str | None:
@@ -86,7 +89,7 @@ class Host:
                 str(RAY), "start", *where, "--node-ip-address", self.ip, "--num-cpus", str(num_cpus),
                 "--temp-dir", str(self.workdir / f"ray-{self.name}"), "--disable-usage-stats", "--block"]
         self.ray_start = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env={**os.environ, **(env or {})}, start_new_session=True)
+                                          env={**os.environ, **RAY_ENV, **(env or {})}, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.ray_start.poll() is not None:
@@ -104,7 +107,8 @@ class Host:
         if self.init_pid is None:
             raise RuntimeError(f"host {self.name} runs no Ray node yet")
         full = ["nsenter", "--target", str(self.init_pid), "--net", "--pid", "--mount", f"--wd={REPO}", *argv]
-        return subprocess.Popen(full, text=True, **popen)  # type: ignore[call-overload, no-any-return]
+        env = {**os.environ, **RAY_ENV, **dict(popen.pop("env", None) or {})}  # type: ignore[call-overload]
+        return subprocess.Popen(full, text=True, env=env, **popen)  # type: ignore[call-overload, no-any-return]
 
     def kill(self) -> None:
         """The host dies: its PID namespace's init is killed, so the kernel kills every process in it."""

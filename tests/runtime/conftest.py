@@ -31,8 +31,8 @@ class RayCluster:
     cluster: Cluster
     state: Path
 
-    def add_node(self, spec: str, num_cpus: int = 1, env: dict[str, str] | None = None) -> object:
-        return self.cluster.add_node(node_ip_address=LOOPBACK, num_cpus=num_cpus,
+    def add_node(self, spec: str, num_cpus: int = 1, env: dict[str, str] | None = None, num_gpus: int = 0) -> object:
+        return self.cluster.add_node(node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus,
                                      env_vars={NODE_SIMULATE_ENV: spec, **(env or {})})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from examples import burst, overrun, shared_inference
+from examples import burst, gang, overrun, self_sizing, shared_inference
 from tests.runtime.conftest import RayCluster, live_leases, wait_until
 
 pytestmark = pytest.mark.ray
@@ -27,4 +27,18 @@ def test_burst_queues_then_drains(hami: RayCluster) -> None:
 def test_overrun_is_stopped(hami: RayCluster) -> None:
     out = overrun.main()
     assert out["stopped"] and out["used_mib"] == 3072 and out["limit_mib"] == 2048
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_gang_runs_a_rank_in_each_slice(hami: RayCluster) -> None:
+    out = gang.main(world=4)
+    assert out["ranks"] == [0, 1, 2, 3] and len(out["nodes"]) == 1  # PACK: one node holds all four
+    assert wait_until(lambda: live_leases() == 0)
+
+
+def test_a_server_sizes_itself_from_its_slice(hami: RayCluster) -> None:
+    out = self_sizing.main(servers=2)
+    for server in out["servers"]:
+        assert server["memory_fraction"] == 0.25 and server["jax"] == "0.25"
+        assert server["pool_mib"] <= server["slice_mib"]  # the engine's pool fits in the slice
     assert wait_until(lambda: live_leases() == 0)

@@ -135,3 +135,34 @@ def test_a_full_cluster_queues_without_processes_and_drains_in_order(hami: RayCl
     order = [i for i, _ in sorted(ran, key=lambda x: x[1])]
     assert order == [1000] + list(range(300))
     assert wait_until(lambda: live_leases() == 0)
+
+
+def test_plain_ray_num_gpus_never_lands_on_sliced_devices(hami: RayCluster) -> None:
+    """hami-ray's nodes give Ray no GPUs (``--num-gpus 0``): a plain ``num_gpus=1`` task cannot land on a
+    device hami-ray slices, it waits for a GPU Ray itself counts. A node where Ray also counts GPUs is named
+    in status. ``hami_ray.remote(num_gpus=f)`` is a slice of fraction ``f`` (issue 13)."""
+    @ray.remote(num_gpus=1)
+    def plain() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @hami_ray.remote(num_gpus=0.25, gpu_type="V100")
+    def sliced() -> tuple[int, int]:
+        info = hami_ray.current_slice()
+        assert info is not None
+        return info.devices[0].memory_mib, info.devices[0].cores
+
+    assert ray.get(sliced.remote(), timeout=120) == (8192, 25)  # a quarter of a 32 GiB V100
+    ref = plain.remote()
+    ready, _ = ray.wait([ref], timeout=3)  # hami-ray's nodes offer Ray no GPU: nothing to land on
+    assert not ready
+    extra = hami.add_node("1xA10-24GB", num_gpus=1)  # a misconfigured node: Ray counts its GPU too
+    try:
+        assert wait_until(lambda: any(n.warnings for n in api.status().nodes), timeout=60)
+        (node,) = [n for n in api.status().nodes if n.warnings]
+        assert "--num-gpus 0" in node.warnings[0]
+        assert ray.get(ref, timeout=60) == node.name  # and there the plain task lands
+    finally:
+        ray.cancel(ref, force=True)
+        hami.cluster.remove_node(extra)
+    assert wait_until(lambda: not any(n.warnings for n in api.status().nodes), timeout=60)
+    assert wait_until(lambda: live_leases() == 0)

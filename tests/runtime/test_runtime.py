@@ -337,9 +337,13 @@ def test_a_drivers_lease_lives_with_its_job_not_a_pid_on_the_slices_node(hami: R
         held = {x.lease_id: x for x in api.status().leases}[lease_id]
         assert held.holder == "driver" and held.job and held.pids == ()  # no pid from another node
         assert wait_until(lambda: {x.lease_id: x for x in api.status().leases}[lease_id].state == "active")
-        for _ in range(8):  # several reap rounds of the node actors (every 0.5 s here): still held
-            assert lease_id in {x.lease_id for x in api.status().leases}
-            wait_until(lambda: False, timeout=0.25)
+        @hami_ray.remote(gpu_memory="1GiB", gpu_type="V100")
+        def busy() -> float:
+            time.sleep(0.2)
+            return time.time()
+
+        ray.get([busy.remote() for _ in range(10)], timeout=120)  # work on that node: reap rounds go by (0.5 s)
+        assert lease_id in {x.lease_id for x in api.status().leases}  # still held
         driver.kill()
         driver.wait(timeout=30)
         assert wait_until(lambda: lease_id not in {x.lease_id for x in api.status().leases}, timeout=60)
