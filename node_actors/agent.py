@@ -89,6 +89,8 @@ class NodeAgent:
         self.lost: list[Lease] = []
         self.peak: dict[str, tuple[int, int, int]] = {}  # uuid -> most (MiB, cores, slices) ever held at once
         self._marks: dict[str, str] = {}  # lease id -> what changed under its isolation (MPS restarted)
+        self._members: dict[str, set[int]] = {}  # lease id -> its processes at the last sample
+        self._table: ProcessTable | None = None  # the last sample's procfs scan
         self._pidns = own_pidns()
         self._failure: str | None = None  # why the last tick failed; None: it succeeded
         self._blind: str | None = None  # why enforcement cannot see the backend's processes at all
@@ -354,10 +356,11 @@ class NodeAgent:
             DeviceError: the backend failed while sampling.
         """
         usage = self._backend.usage()
-        table = ProcessTable.scan()
-        self._members = {lease.lease_id: self._processes(lease, table) for lease in self.leases()}
+        leases = self.leases()
+        table = ProcessTable.scan() if leases else ProcessTable({})  # one procfs scan, only with slices to watch
+        self._members = {lease.lease_id: self._processes(lease, table) for lease in leases}
         self._table = table
-        return NodeSample(devices=usage.devices, slices=tuple(slice_usage(self.leases(), usage, self._members)))
+        return NodeSample(devices=usage.devices, slices=tuple(slice_usage(leases, usage, self._members)))
 
     def _processes(self, lease: Lease, table: ProcessTable) -> set[int]:
         """The lease's registered processes still alive as themselves, and all their descendants."""
@@ -408,8 +411,8 @@ class NodeAgent:
     def _stop(self, lease: Lease) -> list[int]:
         """SIGKILL every process of the slice (its workers and their descendants), each only if its pid still
         names the process seen (start time); returns those it was not permitted to signal."""
-        members = getattr(self, "_members", {}).get(lease.lease_id, set(lease.pids))
-        table: ProcessTable | None = getattr(self, "_table", None)
+        members = self._members.get(lease.lease_id, set(lease.pids))
+        table = self._table
         refused = []
         for pid in sorted(members):
             start = lease.pid_starts.get(pid)
