@@ -14,9 +14,10 @@ it typed; any other error comes back as :class:`RemoteError` with the message. N
 from a socket.
 
 A good network client (DESIGN, Ray runtime): connecting gives up after :data:`CONNECT_TIMEOUT_S`; a request
-the peer's kernel does not acknowledge within :data:`UNACKED_TIMEOUT_MS` (``TCP_USER_TIMEOUT``: the host is
-gone or the packets are dropped) fails the connection; a peer that acknowledged but does not answer gets
-:data:`READ_TIMEOUT_S` (it is alive, only slow). A client whose peer failed stops trying it for
+still unanswered after :data:`ACK_CHECK_S` whose bytes the peer's kernel has not acknowledged (``SIOCOUTQ``:
+the host is gone or the packets are dropped) fails at once; a peer that acknowledged but
+does not answer gets :data:`READ_TIMEOUT_S` (it is alive, only slow). ``TCP_USER_TIMEOUT`` backs this up
+in the kernel. A client whose peer failed stops trying it for
 :data:`COOLDOWN_S` (:class:`Breaker`): a dead or blackholed peer costs one timeout of at most about a
 second, then callers go straight to the Ray call. Servers bind the node's Ray address, not every
 interface.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import secrets
 import socket
 import socketserver
@@ -41,7 +43,8 @@ from hami_ray.core import errors as _errors
 
 MAX_FRAME = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 0.5  # a peer on the node's network answers a SYN in well under this
-UNACKED_TIMEOUT_MS = 1000  # TCP_USER_TIMEOUT: sent data not acknowledged this long means the peer is gone
+ACK_CHECK_S = 0.8  # no reply yet: has the peer's kernel acknowledged the request? (delayed ACKs: <= 0.2 s)
+UNACKED_TIMEOUT_MS = 1000  # TCP_USER_TIMEOUT: the kernel's own limit (checked only at retransmissions)
 READ_TIMEOUT_S = 10.0  # a live peer that acknowledged the request but has not answered (it is slow, not gone)
 COOLDOWN_S = 5.0  # after a failure, callers use Ray calls this long before trying the socket again
 _LEN = struct.Struct(">I")
@@ -87,6 +90,38 @@ def bound(sock: socket.socket) -> None:
     user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
     if user_timeout is not None:
         sock.setsockopt(socket.IPPROTO_TCP, user_timeout, UNACKED_TIMEOUT_MS)
+
+
+def unacked(sock: socket.socket) -> int:
+    """Bytes of the request the peer has not acknowledged yet: still queued to send, or sent and not acked
+    (Linux ``SIOCOUTQ``; 0 where unknown). A live peer's kernel acknowledges within a delayed ACK (<= 0.2 s)."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+        import termios  # noqa: PLC0415
+
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))  # SIOCOUTQ == TIOCOUTQ
+    except (ImportError, OSError, AttributeError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
+def answered(sock: socket.socket, read_timeout_s: float) -> None:
+    """Wait until ``sock`` has a reply to read: fail fast when the peer never acknowledged the request.
+
+    Raises:
+        WireError: the peer's kernel did not acknowledge the request within :data:`ACK_CHECK_S`, or no reply
+            came within ``read_timeout_s``.
+    """
+    deadline = time.monotonic() + read_timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        readable, _, _ = select.select([sock], [], [], max(0.0, min(ACK_CHECK_S, left)))
+        if readable:
+            return
+        if unacked(sock):
+            raise WireError(f"the peer did not acknowledge the request within {ACK_CHECK_S:g} s (gone or blackholed)")
+        if time.monotonic() >= deadline:
+            raise WireError(f"no reply within {read_timeout_s:g} s")
 
 
 def encode(body: Any) -> bytes:
@@ -241,13 +276,32 @@ class AsyncClient:
                         raise WireError("secret refused")
                 reader, writer = self._conn
                 writer.write(encode({"op": op, "args": args}))
-                reply = await asyncio.wait_for(_read(reader), self.read_timeout_s)
-            except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.TimeoutError) as exc:
+                reply = await self._reply(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.TimeoutError, WireError) as exc:
                 self.close()
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 self.breaker.trip(why)
                 raise WireError(f"{self.host}:{self.port}: {why}") from exc
         return result(reply)
+
+    async def _reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        """The reply, failing fast when the peer never acknowledged the request (see :func:`answered`)."""
+        raw = writer.get_extra_info("socket")
+        read = asyncio.ensure_future(_read(reader))
+        deadline = time.monotonic() + self.read_timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait({read}, timeout=max(0.0, min(ACK_CHECK_S, left)))
+                if done:
+                    return read.result()
+                if raw is not None and unacked(raw):
+                    raise WireError(f"the peer did not acknowledge the request within {ACK_CHECK_S:g} s")
+                if time.monotonic() >= deadline:
+                    raise asyncio.TimeoutError()
+        finally:
+            if not read.done():
+                read.cancel()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -329,11 +383,12 @@ class SyncClient:
             try:
                 conn.settimeout(self.read_timeout_s)
                 conn.sendall(encode({"op": op, "args": args}))
+                answered(conn, self.read_timeout_s)
                 reply = recv(conn)
-            except TimeoutError as exc:
+            except (TimeoutError, WireError) as exc:  # unacknowledged or unanswered: not retried
                 conn.close()
-                self.breaker.trip(f"no reply within {self.read_timeout_s:g} s")
-                raise WireError(f"{op}: no reply within {self.read_timeout_s:g} s") from exc
+                self.breaker.trip(str(exc) or type(exc).__name__)
+                raise WireError(f"{op}: {exc or type(exc).__name__}") from exc
             except (OSError, ValueError) as exc:
                 conn.close()
                 if attempt:

@@ -91,23 +91,29 @@ def enforce() -> None:
         out({"error": type(cause).__name__, "action": getattr(cause, "action", None), "message": str(exc)[-300:]})
 
 
-def blackhole(go: str) -> None:
-    """Print where the placement actor's fast path listens, wait for the test to drop packets to it, then
-    take leases and time them."""
-    import ray.experimental.internal_kv as kv  # noqa: PLC0415
-
-    where = json.loads(kv._internal_kv_get("placement-fastpath", namespace="hami-ray"))
-    out({"fastpath": [where["host"], where["port"]]})
-    while not Path(go).exists():
-        time.sleep(0.05)
+def _lease_times(count: int) -> list[float]:
     times = []
-    for _ in range(5):
+    for _ in range(count):
         t0 = time.monotonic()
         with hami_ray.lease(gpu_memory="1GiB", gpu_type="T4"):
             pass
         times.append(time.monotonic() - t0)
+    return times
+
+
+def blackhole(go: str, count: int = 5) -> None:
+    """Time ``count`` leases, print where the placement actor's fast path listens, wait for the test to drop
+    packets to it, then time ``count`` leases again."""
+    import ray.experimental.internal_kv as kv  # noqa: PLC0415
+
+    baseline = _lease_times(count)
+    where = json.loads(kv._internal_kv_get("placement-fastpath", namespace="hami-ray"))
+    out({"fastpath": [where["host"], where["port"]]})
+    while not Path(go).exists():
+        time.sleep(0.05)
+    times = _lease_times(count)
     breaker = api._calls.fast.breaker if api._calls is not None else None  # noqa: SLF001
-    out({"lease_s": times, "breaker": getattr(breaker, "last", None)})
+    out({"baseline_s": baseline, "lease_s": times, "breaker": getattr(breaker, "last", None)})
 
 
 def after_kill(expected_lost: str) -> None:
@@ -137,7 +143,7 @@ def main() -> None:
     hami_ray.init()  # joins: the settings are the first driver's
     {"place": place, "hold": hold, "enforce": enforce, "status": status}.get(command, lambda: None)()
     if command == "blackhole":
-        blackhole(rest[0])
+        blackhole(rest[0], int(rest[1]) if len(rest) > 1 else 5)
     elif command == "after_kill":
         after_kill(rest[0])
 

@@ -113,7 +113,9 @@ def test_a_blackholed_fast_path_costs_one_short_timeout(multihost: Cluster, tmp_
                        capture_output=True, check=False)
     times = got["lease_s"]  # type: ignore[assignment]
     print(f"leases with the fast path blackholed: {[round(t, 3) for t in times]} s; breaker: {got['breaker']}")
-    assert "connect" in str(got["breaker"]), got  # the first lease gave up connecting, then the breaker held
+    assert all(t < 10 for t in got["baseline_s"])  # type: ignore[union-attr]
+    # the first lease gave up on the socket (its request unacknowledged, or no connection), then the breaker held
+    assert "acknowledge" in str(got["breaker"]) or "connect" in str(got["breaker"]), got
     assert all(t < 10 for t in times), times  # no kernel-long hang (minutes without timeouts)
 
 
