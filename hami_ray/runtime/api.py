@@ -284,17 +284,23 @@ class ActorClass:
             return self._group.start_actor(self._index, self._cls, self._ray_options, args, kwargs)
         grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner, time.time()))
         lease = Lease.model_validate(grant["lease"])
-        env = {**self._ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
-        runtime_env = {**self._ray_options.get("runtime_env", {}), "env_vars": env}
-        opts = {k: v for k, v in self._ray_options.items() if k != "runtime_env"}
         try:
-            return ray.remote(slice_actor_class(self._cls)).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
-                runtime_env=runtime_env, **opts,
-            ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
+            return start_actor_in(grant, self._cls, self._ray_options, args, kwargs)
         except Exception:
             ray.get(handle.release.remote(lease.lease_id, lease.token))
             raise
+
+
+def start_actor_in(grant: dict[str, Any], cls: type, ray_options: dict[str, Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """Start ``cls`` as an actor in the slice of ``grant``: on its node, with its environment from the start."""
+    node = grant["lease"]["allocation"]["node"]
+    env = {**ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
+    runtime_env = {**ray_options.get("runtime_env", {}), "env_vars": env}
+    opts = {k: v for k, v in ray_options.items() if k != "runtime_env"}
+    return ray.remote(slice_actor_class(cls)).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), runtime_env=runtime_env, **opts,
+    ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -402,15 +408,7 @@ class SliceGroup:
     def start_actor(self, index: int, cls: type, ray_options: dict[str, Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
         """Start an actor in slice ``index``; the slice stays the gang's when the actor ends."""
-        grant = self._live(index)
-        lease = self.slices[index].lease
-        env = {**ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
-        runtime_env = {**ray_options.get("runtime_env", {}), "env_vars": env}
-        opts = {k: v for k, v in ray_options.items() if k != "runtime_env"}
-        return ray.remote(slice_actor_class(cls)).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(lease.allocation.node, soft=False),
-            runtime_env=runtime_env, **opts,
-        ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
+        return start_actor_in(self._live(index), cls, ray_options, args, kwargs)
 
     def release(self) -> None:
         """Give every slice back (idempotent)."""

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _pending: list[int] = []  # per visible device, the slice's MiB (the next cap to apply)
 _applied = False
 _hooked = False
+_last: str | None = None  # the slice this process was last asked about (a lane runs many tasks of one slice)
 
 
 def limits(slice_json: str | None) -> list[int]:
@@ -50,10 +51,13 @@ def limits(slice_json: str | None) -> list[int]:
 
 def install(slice_json: str | None) -> None:
     """Cap PyTorch's allocator for this slice once CUDA starts in this process (see the module doc)."""
-    global _hooked
-    caps = limits(slice_json)
-    if not caps or _applied:
+    global _hooked, _last
+    if _applied or slice_json == _last:
         return  # CUDA, once initialised, stays bound to one slice (worker.WorkerBound): one cap per process
+    _last = slice_json
+    caps = limits(slice_json)
+    if not caps:
+        return
     _pending[:] = caps
     torch = sys.modules.get("torch")
     if torch is not None:
