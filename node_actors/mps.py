@@ -242,7 +242,7 @@ class MpsDaemon:
         Raises:
             MpsError: the restart failed; the next check tries again.
 
-        Example: ``if daemon.check(): agent.mark_slices_degraded()``.
+        Example: ``if daemon.check(): ...`` (the node agent then marks the slices the daemon served).
         """
         with self._lock:
             if not self._wanted:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -56,10 +55,6 @@ def kill(pid: int) -> bool:
         return False
     return True
 
-
-def kill_all(pids: Iterable[int]) -> list[int]:
-    """SIGKILL every live pid; returns those that could not be signalled (not permitted)."""
-    return [pid for pid in pids if pid_alive(pid) and not kill(pid)]
 
 
 def start_ticks(pid: int) -> int | None:

@@ -323,9 +323,6 @@ class NvidiaBackend:
         return Maintenance(restarted=restarted, changed=False,
                            note="the MPS daemon died and was restarted" if restarted else None)
 
-    def graded(self) -> dict[str, tuple[Isolation, Isolation | None]]:
-        """Per uuid, the (shared, whole-device) grades now."""
-        return {g.uuid: (g.isolation, g.whole_isolation) for g in self._gpus}
 
     def _optional(self, name: str, *args: Any) -> Any:
         """Call an NVML function the driver may lack or not support; None when it cannot answer."""
