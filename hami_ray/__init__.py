@@ -38,6 +38,14 @@ def __getattr__(name: str) -> Any:
         from hami_ray.runtime import api
 
         return getattr(api, name)
+    if name in ("sliced", "NodeCannotHold"):
+        from hami_ray.runtime import replicas
+
+        return getattr(replicas, name)
+    if name == "serve":  # hami_ray.serve.deployment: Serve replicas on slices
+        import importlib
+
+        return importlib.import_module("hami_ray.serve")
     raise AttributeError(f"module 'hami_ray' has no attribute {name!r}")
 
 
@@ -59,6 +67,7 @@ __all__ = [
     "LeaseTokenMismatch",
     "Ledger",
     "Node",
+    "NodeCannotHold",
     "NodePolicyName",
     "NotInitialized",
     "NotRunning",
@@ -81,5 +90,6 @@ __all__ = [
     "shutdown",
     "slice_group",
     "slice_request",
+    "sliced",
     "status",
 ]
