@@ -41,6 +41,11 @@ def main(tasks: int = 40) -> dict[str, Any]:
             "most_at_once": most_at_once(spans), "seconds": round(max(e for _, e in spans) - submitted, 2)}
 
 
+def summary(r: dict[str, Any]) -> str:
+    return (f"{r['tasks']} half-GPU tasks, more than the cluster holds at once: {r['most_at_once']} ran at once "
+            f"on {r['devices_used']} device(s), {r['waited']} waited for a slice (no process each), all done in "
+            f"{r['seconds']} s")
+
 if __name__ == "__main__":
     hami_ray.init()
     print(main())

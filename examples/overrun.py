@@ -32,6 +32,12 @@ def main() -> dict[str, Any]:
     return {"stopped": False}
 
 
+def summary(r: dict[str, Any]) -> str:
+    if not r["stopped"]:
+        return "the greedy task was not stopped"
+    return (f"a task used {r['used_mib']} MiB in a {r['limit_mib']} MiB slice: the node actor stopped it and the "
+            f"caller got SliceQuotaExceeded naming the slice")
+
 if __name__ == "__main__":
     hami_ray.init(agent={"grace_s": 1.0})
     print(main())

@@ -52,6 +52,12 @@ def main(servers: int = 2) -> dict[str, Any]:
     return {"servers": out}
 
 
+def summary(r: dict[str, Any]) -> str:
+    s = r["servers"][0]
+    return (f"{len(r['servers'])} vLLM-shaped servers sized themselves from their slices: memory_fraction "
+            f"{s['memory_fraction']} -> gpu_memory_utilization {s['gpu_memory_utilization']} "
+            f"({s['pool_mib']} MiB pool in a {s['slice_mib']} MiB slice); JAX's fraction {s['jax']}")
+
 if __name__ == "__main__":
     hami_ray.init()
     print(main())

@@ -39,6 +39,12 @@ def main(replicas: int = 4, requests: int = 32) -> dict[str, Any]:
     return {"replicas": slices, "answers": len(outs)}
 
 
+def summary(r: dict[str, Any]) -> str:
+    devices = {d for x in r["replicas"] for d in x["devices"]}
+    first = r["replicas"][0]
+    return (f"{len(r['replicas'])} actor replicas in their own slices ({first['memory_mib']} MiB, "
+            f"{first['cores']} % cores each) on {len(devices)} device(s) answered {r['answers']} requests")
+
 if __name__ == "__main__":
     hami_ray.init()
     print(main())

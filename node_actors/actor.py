@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ class NodeActorShell:
                                cpu_milli=0, memory_mib=0)
         self.state_dir = str(state_dir)
         self.warnings = self._shared_with_ray(node_id)
+        self.host = self._ray_node_name(node_id)
         k8s_node = os.environ.get(K8S_NODE_ENV, "").strip()
         self.labels = {K8S_NODE_LABEL: k8s_node} if k8s_node else {}
         self.simulated = simulate is not None and self.backend.__class__.__name__ == "SimulatedBackend"
@@ -98,6 +100,17 @@ class NodeActorShell:
         return [f"Ray also counts {ray_gpus:g} GPU(s) on this node: plain Ray num_gpus tasks may land on devices "
                 "hami-ray slices (start Ray here with --num-gpus 0, or use hami_ray.remote(num_gpus=...))"]
 
+    @staticmethod
+    def _ray_node_name(node_id: str) -> str:
+        """What operators call this node: Ray's node name (``ray start --node-name``; Ray's default is the
+        node's address), else the machine's host name."""
+        try:
+            name = next((str(n.get("NodeName") or "") for n in ray.nodes()  # type: ignore[no-untyped-call]
+                         if n.get("NodeID") == node_id), "")
+        except Exception:  # noqa: BLE001 - a name is not worth failing the node actor's start
+            name = ""
+        return name or socket.gethostname()
+
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
@@ -126,7 +139,7 @@ class NodeActorShell:
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
                     "usage": self._usage(), "enforcement": dict(self._actions),
-                    "isolation": {**self.agent.isolation_status(), "warnings": list(self.warnings)}}
+                    "isolation": {**self.agent.isolation_status(), "warnings": list(self.warnings), "host": self.host}}
 
     def _usage(self) -> dict[str, Any] | None:
         """The last sample: per device used MiB and utilisation, per lease and device used MiB."""

@@ -57,6 +57,7 @@ class DeviceStatus(_Model):
 
 class NodeStatus(_Model):
     name: str
+    host: str = ""  # what operators call it: Ray's node name (its address by default) or the host name
     devices: tuple[DeviceStatus, ...]
     fragment_milli: float = 0.0  # FGD's F_n against the requests seen so far, milli-GPU
     idle_milli: float = 0.0
@@ -132,7 +133,8 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
         lost: leases lost with their nodes.
         enforcement: action -> count.
         isolation: per node, its node actor's isolation status (``isolation``, ``enforcement``, ``reason``,
-            ``devices``: uuid -> ``{"isolation", "note"}``, ``mps``, ``marks``: lease id -> note).
+            ``devices``: uuid -> ``{"isolation", "note"}``, ``mps``, ``marks``: lease id -> note), its
+            ``warnings`` and ``host`` (Ray's name for the node).
     """
     isolation = isolation or {}
     grades = {d.uuid: d for n in snapshot.nodes for d in n.devices}
@@ -179,7 +181,8 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
             name=node.name, devices=tuple(devices), fragment_milli=frag, idle_milli=idle,
             isolation=strongest(d.isolation for d in node.devices).value,
             enforcement=str(node_iso.get("enforcement") or "ok"), enforcement_reason=node_iso.get("reason"),
-            mps=node_iso.get("mps"), warnings=tuple(str(w) for w in node_iso.get("warnings") or ())))
+            mps=node_iso.get("mps"), warnings=tuple(str(w) for w in node_iso.get("warnings") or ()),
+            host=str(node_iso.get("host") or "")))
     all_devices = [d for n in nodes for d in n.devices]
     sampled = [d for d in all_devices if d.memory_used_mib is not None]
     idle_total = sum(n.idle_milli for n in nodes)

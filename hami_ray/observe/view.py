@@ -20,6 +20,7 @@ from hami_ray.observe.model import ClusterStatus, DeviceStatus, NodeStatus
 
 PER_PAGE = 20  # nodes per page
 SHOW_SLICES = 8  # slices listed under one device (the rest counted)
+OWNER_W = 20  # cells for a slice's owner under its device
 
 
 def bar(allocated: float, used: float | None, width: int) -> Text:
@@ -54,7 +55,7 @@ def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, d
                  for n in nodes]
         nodes = [n for n in nodes if n.devices]
     if node is not None:
-        nodes = [n for n in nodes if n.name.startswith(node)]
+        nodes = [n for n in nodes if n.name.startswith(node) or n.host == node]
     if not nodes:
         parts.append(Text("no nodes match" if (node or device) else "no nodes yet: no node actor has registered",
                           style="yellow"))
@@ -74,12 +75,29 @@ def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, d
     return Group(*parts)
 
 
+def short_owner(owner: str, width: int = 0) -> str:
+    """An owner in ``width`` cells: its kind and name, the application part of a Serve replica's dropped
+    (``serve:app/Model#r3x9`` reads ``serve:Model#r3x9``), the end cut."""
+    width = width or OWNER_W
+    kind, _, rest = owner.partition(":")
+    if rest and "/" in rest and len(owner) > width:
+        owner = f"{kind}:{rest.split('/', 1)[1]}"
+    return owner if len(owner) <= width else owner[:width - 1] + "…"
+
+
+def label(node: NodeStatus) -> str:
+    """A node as operators know it: its host (Ray's node name) and the start of its Ray id, which tells
+    apart two nodes of one host; the id alone where the host is unknown."""
+    short = node.name[:8] if node.host else f"{node.name[:16]}{'…' if len(node.name) > 16 else ''}"
+    return f"{node.host} ({short})" if node.host else short
+
+
 def _why_degraded(nodes: list[NodeStatus]) -> list[RenderableType]:
     """One line per node whose enforcement is degraded, saying why (never silent)."""
     out: list[RenderableType] = [
-        Text(f"node {n.name[:16]}: enforcement degraded: {n.enforcement_reason or 'unknown'}", style="red")
+        Text(f"node {label(n)}: enforcement degraded: {n.enforcement_reason or 'unknown'}", style="red")
         for n in nodes if n.enforcement != "ok"]
-    out.extend(Text(f"node {n.name[:16]}: {w}", style="yellow") for n in nodes for w in n.warnings)
+    out.extend(Text(f"node {label(n)}: {w}", style="yellow") for n in nodes for w in n.warnings)
     return out
 
 
@@ -140,13 +158,13 @@ def _by_model(nodes: list[NodeStatus], bar_w: int) -> RenderableType:
 
 def _node(node: NodeStatus, bar_w: int, *, slices: bool) -> RenderableType:
     frag = f"  frag {node.fragment_milli:.0f}/{node.idle_milli:.0f} milli idle" if node.idle_milli else ""
-    title = Text(f"node {node.name[:16]}{'…' if len(node.name) > 16 else ''}  isolation {node.isolation}")
+    title = Text(f"node {label(node)}  isolation {node.isolation}")
     if node.enforcement != "ok":
         title.append(f"  enforcement {node.enforcement}", style="bold red")
     title.append(frag)
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=OWNER_W + 2)
     table.add_column("memory ▓alloc █used", no_wrap=True)
     table.add_column("GiB", justify="right", no_wrap=True)
     table.add_column("cores", justify="right", no_wrap=True)
@@ -165,8 +183,9 @@ def _node(node: NodeStatus, bar_w: int, *, slices: bool) -> RenderableType:
         for s in d.slices[:SHOW_SLICES]:
             over = s.memory_used_mib is not None and s.memory_used_mib > s.memory_mib
             marked = "!" if s.note else ""
-            table.add_row("", Text(f"└ {s.owner}", style="dim"),
-                          Text(f"…{s.lease_id[-6:]} {s.state} {s.isolation}{marked}", style="yellow" if marked else "dim"),
+            state = "" if s.state == "active" else f" {s.state}"
+            table.add_row("", Text(f"└ {short_owner(s.owner)}", style="dim"),
+                          Text(f"…{s.lease_id[-6:]}{state} {s.isolation}{marked}", style="yellow" if marked else "dim"),
                           Text(f"{_gib(s.memory_mib)}/{_gib(s.memory_used_mib)}", style="red" if over else "dim"),
                           Text(f"{s.cores}", style="dim"), "", "")
         if len(d.slices) > SHOW_SLICES:

@@ -426,7 +426,8 @@ class SliceGroup:
         self.release()
 
 
-def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priority: int = 0) -> SliceGroup:
+def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priority: int = 0,
+                name: str = "") -> SliceGroup:
     """Reserve a gang of slices, all or none, like a Ray placement group: ``bundles`` are
     ``@hami_ray.remote`` keywords, one dict per slice. Waits in the queue as one request (``priority``, then
     submission order) and never holds part of the gang while it waits.
@@ -436,6 +437,8 @@ def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priori
         strategy: ``PACK`` (one node if possible), ``STRICT_PACK`` (one node), ``SPREAD`` (different nodes
             if possible), ``STRICT_SPREAD`` (different nodes).
         priority: larger is served first.
+        name: how operators see its slices' owner (``gang:<name>``; default ``gang:<driver pid>``), as Ray's
+            ``placement_group(name=...)``.
 
     Returns:
         The held gang: ``.slices`` (devices and environment of each), ``.nodes``; run work in slice ``i``
@@ -449,7 +452,7 @@ def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priori
         raise InvalidRequest("priority", f"expected an integer, got {priority!r}")
     requests = [slice_request({**bundle, "priority": priority}).model_dump(mode="json") for bundle in bundles]
     context = ray.get_runtime_context()
-    grants = ray.get(_handle().acquire_group.remote(requests, str(strategy).upper(), f"gang:{os.getpid()}",
+    grants = ray.get(_handle().acquire_group.remote(requests, str(strategy).upper(), f"gang:{name or os.getpid()}",
                                                     "driver", context.get_job_id(), time.time()))
     group = SliceGroup(grants, str(strategy).upper())
     here = context.get_node_id()

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hami_ray.core.model import SliceRequest
 from hami_ray.observe.model import build_status, status_json
-from hami_ray.observe.view import render
+from hami_ray.observe.view import render, short_owner
 from hami_ray.runtime.service import PlacementService
 from tests.core.builders import NodeBuilder
 
@@ -115,9 +115,28 @@ def test_isolation_grades_and_degraded_enforcement_are_shown() -> None:
     out = _text(render(status, width=100), 100)
     assert "isolation mps" in out and "enforcement degraded" in out
     assert "GPU is lost" in " ".join(out.split())  # the reason is never silent (wrapped to the width)
-    assert "active mps!" in out  # the slice's grade, marked: its daemon was restarted
+    assert " mps!" in out and "active" not in out  # the grade, marked (daemon restarted); "active" goes unsaid
     data = status_json(status)
     (node,) = data["nodes"]
     assert (node["isolation"], node["enforcement"]) == ("mps", "degraded")
     (slice_,) = node["devices"][0]["slices"]
     assert slice_["isolation"] == "mps" and "restarted" in slice_["note"]
+
+
+def test_nodes_read_by_host_and_owners_fit_their_column() -> None:
+    """Nodes by their host (Ray's node name) with the start of the Ray id; a Serve replica's owner without
+    its application, cut to the column."""
+    svc = PlacementService()
+    node_id = "3f9c1d2e" + "a" * 48
+    svc.register_node(NodeBuilder(node_id).gpus(1, "80GiB", "NVIDIA A100").build(), "a")
+    plan = svc.plan(SliceRequest(memory_mib=8192, cores=20), "serve:models/TinyModel#zgqda4co", 1.0)
+    svc.confirm(plan.lease)
+    status = build_status(svc.snapshot(), isolation={node_id: {"host": "gpu-host-a", "devices": {}}})
+    out = _text(render(status, width=80), 80)
+    assert "node gpu-host-a (3f9c1d2e)" in out and node_id not in out
+    assert "serve:TinyModel#zgq" in out and "models/" not in out
+    assert status_json(status)["nodes"][0]["host"] == "gpu-host-a"
+    assert short_owner("gang:trainer") == "gang:trainer"
+    assert short_owner("data:" + "E" * 40, 12) == "data:EEEEEE…"
+    filtered = _text(render(status, width=80, node="gpu-host-a"), 80)
+    assert "gpu-host-a" in filtered

@@ -225,3 +225,15 @@ def test_the_slice_is_taken_once_per_process(hami: RayCluster) -> None:
     assert [lease.owner for lease in api.status().leases if lease.lease_id == a] == ["actor:Twice"]
     ray.kill(t)
     assert wait_until(lambda: a not in {lease.lease_id for lease in api.status().leases}, timeout=60)
+
+
+def test_a_hami_core_slice_taken_after_the_process_started_says_it_holds_at_watchdog(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hami_ray.runtime.replicas import _started_env  # noqa: PLC0415
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env = {"LD_PRELOAD": "/usr/local/vgpu/libvgpu.so", "HAMI_RAY_SLICE": json.dumps({"isolation": "hami-core"})}
+    seen = json.loads(_started_env(env, "serve:a/B#c")["HAMI_RAY_SLICE"])
+    assert seen["isolation"] == "watchdog" and "not preloaded" in seen["note"]
+    monkeypatch.setenv("LD_PRELOAD", "/usr/local/vgpu/libvgpu.so")  # started with the preload: it holds
+    assert _started_env(env, "serve:a/B#c") == env
