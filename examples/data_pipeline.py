@@ -32,8 +32,8 @@ class Embedder:
 
 def main(rows: int = 600, pool: int = 6) -> dict[str, Any]:
     ds = ray.data.range(rows).map_batches(
-        hami_ray.sliced(Embedder, gpu_memory="4GiB", gpu_cores=10), concurrency=pool, batch_size=25,
-        num_cpus=0.05)
+        hami_ray.sliced(Embedder, gpu_memory="4GiB", gpu_cores=10), compute=ray.data.ActorPoolStrategy(size=pool),
+        batch_size=25, num_cpus=0.05)
     out = ds.take_all()
     assert all(r["visible"] == r["device"] for r in out)  # each actor saw its slice's device only
     return {"rows": len(out), "pool": pool, "slices_used": len({r["lease"] for r in out}),
@@ -43,8 +43,8 @@ def main(rows: int = 600, pool: int = 6) -> dict[str, Any]:
 
 def summary(r: dict[str, Any]) -> str:
     return (f"{r['rows']} rows through a map_batches pool of {r['pool']} actors, each in its own slice, "
-            f"on a cluster of {r['whole_gpus']} GPUs; the batches ran in {r['slices_used']} slices on "
-            f"{r['devices_used']} device(s)")
+            f"on a cluster of {r['whole_gpus']} GPUs; the batches ran in {r['slices_used']} of those slices "
+            f"on {r['devices_used']} device(s)")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def simulate(
 
 DEMO_SIMULATE = "2xA100-80GB,1xT4-16GB"
 DEMO_WORKER = "2xV100-32GB"
-DEMO_WATCH_S = 4.0
+DEMO_WATCH_S = 90.0  # the live view's limit: it stops once it caught Serve, Data and a gang holding slices
+DEMO_HOSTS = ("gpu-host-a", "gpu-host-b")
 
 
 @app.command()
@@ -137,7 +138,6 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="where the JSON and the
 def _ray_demo(out: Path) -> None:
     import sys  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
-    import threading  # noqa: PLC0415
 
     import ray  # noqa: PLC0415
     from ray.cluster_utils import Cluster  # noqa: PLC0415
@@ -150,14 +150,16 @@ def _ray_demo(out: Path) -> None:
     repo = str(Path(__file__).resolve().parents[1])  # examples/ sits beside hami_ray/ in a checkout
     if repo not in sys.path:
         sys.path.insert(0, repo)
-    from examples import burst, gang, overrun, self_sizing, shared_inference  # noqa: PLC0415
+    from examples import burst, overrun, self_sizing, shared_inference  # noqa: PLC0415
 
-    # two simulated nodes on this machine; with real GPUs one node (a second would see the same GPUs)
+    # two simulated hosts on this machine, named as `ray start --node-name` names them; with real GPUs one
+    # node (a second would see the same GPUs)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "node_ip_address": LOOPBACK, "num_cpus": 2, "include_dashboard": False})
+        "node_ip_address": LOOPBACK, "num_cpus": 2, "include_dashboard": False, "node_name": DEMO_HOSTS[0]})
     try:
         if not _has_nvidia():
-            cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1, env_vars={NODE_SIMULATE_ENV: DEMO_WORKER})
+            cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1, node_name=DEMO_HOSTS[1],
+                             env_vars={NODE_SIMULATE_ENV: DEMO_WORKER})
         ray.init(address=cluster.address, _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False)
         api.init(simulate=DEMO_SIMULATE, state_root=tempfile.mkdtemp(prefix="hami-demo-"), agent={"grace_s": 1.0})
         deadline = time.monotonic() + 60
@@ -165,21 +167,18 @@ def _ray_demo(out: Path) -> None:
             time.sleep(0.2)
         snap = api.status()
         simulated = bool(snap.nodes) and all(d.uuid.startswith("GPU-sim-") for n in snap.nodes for d in n.devices)
-        console.print(f"\n[bold]Ray part[/]: a local Ray of {len(snap.nodes)} nodes on 127.0.0.1; devices: "
-                      f"{'simulated ' + DEMO_SIMULATE + ' and ' + DEMO_WORKER if simulated else 'NVIDIA (NVML)'}")
+        hosts = ", ".join(f"{n.host} ({', '.join(d.model for d in n.devices)})" for n in snap.nodes)
+        console.print(f"\n[bold]Ray part[/]: a local Ray of {len(snap.nodes)} nodes on 127.0.0.1: {hosts}"
+                      f"{'; simulated devices' if simulated else '; NVIDIA GPUs (NVML)'}")
         results: dict[str, object] = {}
-        for name, run in (("shared_inference", shared_inference.main), ("burst", burst.main),
-                          ("overrun", overrun.main), ("gang", gang.main), ("self_sizing", self_sizing.main)):
-            results[name] = run()
-            console.print(f"[green]examples/{name}.py[/]: {results[name]}")
-        console.print("\n[bold]hami-ray status --watch[/] while another burst runs:")
-        again = threading.Thread(target=lambda: results.__setitem__("burst_again", burst.main(tasks=60)))
-        again.start()
-        watch_status(api.status, seconds=DEMO_WATCH_S, interval=0.5)
-        again.join()
+        for name, module in (("shared_inference", shared_inference), ("burst", burst), ("overrun", overrun),
+                             ("self_sizing", self_sizing)):
+            results[name] = module.main()
+            console.print(f"[green]examples/{name}.py[/]: {module.summary(results[name])}")
+        _busy_cluster(api, results)
         if api._lanes is not None:
             api._lanes.drain()  # lanes give their slices back once idle: show the cluster after that
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while api.status().leases and time.monotonic() < deadline:
             time.sleep(0.1)
         console.print("\n[bold]hami-ray status[/] after the examples:")
@@ -193,6 +192,59 @@ def _ray_demo(out: Path) -> None:
         api.shutdown()
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _busy_cluster(api: Any, results: dict[str, object]) -> None:
+    """Serve replicas, a Ray Data pool, a training gang and a burst of tasks at once; the live view
+    until it has caught each kind of owner holding slices, then their results as lines."""
+    import logging  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    import ray.data  # noqa: PLC0415
+    from ray import serve as ray_serve  # noqa: PLC0415
+
+    from examples import burst, data_pipeline, gang, serve_models  # noqa: PLC0415
+
+    console.print("\n[bold]A busy cluster[/]: Ray Serve replicas, a Ray Data actor pool, a training gang and a "
+                  "burst of tasks share the GPUs; [bold]hami-ray status --watch[/]:")
+    for name in ("ray.data", "ray.serve"):  # their progress lines would scroll the live view away
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    done = threading.Event()
+    errors: list[str] = []
+
+    def run(name: str, fn: Callable[[], object]) -> threading.Thread:
+        def body() -> None:
+            try:
+                results[name] = fn()
+            except Exception as exc:  # noqa: BLE001 - a failed example is reported, the demo goes on
+                errors.append(f"examples/{name}.py failed: {type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def busy(status: ClusterStatus) -> bool:
+        owners = {lease.owner.split(":")[0] for lease in status.leases}
+        return {"serve", "data", "gang"} <= owners
+
+    try:
+        results["serve_models"] = serve_models.main(requests=20, keep=True)  # its replicas stay up meanwhile
+        threads = [run("gang", lambda: gang.main(until=done)), run("data_pipeline", data_pipeline.main),
+                   run("burst_again", lambda: burst.main(tasks=60))]
+        watch_status(api.status, seconds=DEMO_WATCH_S, interval=0.5, until=busy)
+        done.set()
+        for thread in threads:
+            thread.join(timeout=DEMO_WATCH_S)
+    finally:
+        done.set()
+        ray_serve.shutdown()  # its replicas give their slices back
+    for name, module in (("serve_models", serve_models), ("data_pipeline", data_pipeline), ("gang", gang),
+                         ("burst_again", burst)):
+        if name in results:
+            console.print(f"[green]examples/{name.removesuffix('_again')}.py[/]: {module.summary(results[name])}")
+    for line in errors:
+        console.print(f"[red]{line}[/]")
 
 
 def _has_nvidia() -> bool:
@@ -256,26 +308,35 @@ def _attached(address: str) -> Any:
 
 def watch_status(fetch: Callable[[], ClusterStatus], *, seconds: float = 0.0, interval: float = 1.0,
                  node: str | None = None, device: str | None = None, page: int = 0,
-                 target: Console | None = None) -> None:
-    """Redraw the status every ``interval`` seconds until Ctrl-C (or for ``seconds``, when positive)."""
+                 target: Console | None = None, until: Callable[[ClusterStatus], bool] | None = None) -> None:
+    """Redraw the status every ``interval`` seconds until Ctrl-C (or for ``seconds``, when positive; or
+    until a status satisfies ``until``)."""
     out = target or console
+    seen: list[ClusterStatus] = []
 
     def view() -> RenderableType:
         taken = fetch()
+        seen[:] = [taken]
         stamp = Text(time.strftime("%H:%M:%S", time.localtime(taken.taken_at)) + "  (Ctrl-C to stop)", style="dim")
         return Group(stamp, render(taken, width=out.width, node=node, device=device, page=page))
 
+    def tick() -> bool:
+        live.update(view())
+        return until is not None and until(seen[0])
+
     with Live(view(), console=out, refresh_per_second=4, screen=False) as live:
-        _every(interval, seconds, lambda: live.update(view()))
+        _every(interval, seconds, tick)
 
 
 def _every(interval: float, seconds: float, tick: Callable[[], object]) -> None:
-    """Call ``tick`` every ``interval`` seconds for ``seconds`` (0: until Ctrl-C), then return."""
+    """Call ``tick`` every ``interval`` seconds for ``seconds`` (0: until Ctrl-C) or until it returns
+    True, then return."""
     end = time.monotonic() + seconds if seconds > 0 else float("inf")
     try:
         while time.monotonic() < end:
             time.sleep(min(interval, max(0.0, end - time.monotonic())))
-            tick()
+            if tick() is True:
+                return
     except KeyboardInterrupt:
         pass
 

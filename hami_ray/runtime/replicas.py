@@ -72,7 +72,7 @@ def take_slice(request: dict[str, Any], owner: str) -> dict[str, Any]:
             return _held
         node = ray.get_runtime_context().get_node_id()
         placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
-        able = ray.get(placement.lane_nodes.remote(request))  # raises Unschedulable when none ever could
+        able: list[tuple[str, list[str], Any]] = ray.get(placement.lane_nodes.remote(request))  # raises Unschedulable when none ever could
         uuids = next((list(ids) for name, ids, _ in able if name == node), None)
         if uuids is None:
             raise NodeCannotHold(node, owner, _describe(request), [name for name, _, _ in able])
@@ -145,8 +145,8 @@ def sliced(cls: type, **options: Any) -> type:
     taken on the process's node before ``cls.__init__`` runs and given back by ``__del__`` (which Serve
     calls on a graceful stop). For classes that Ray's libraries start as actors themselves:
 
-        ds.map_batches(hami_ray.sliced(Model, gpu_memory="4GiB"), concurrency=6)   # Ray Data
-        serve.deployment(hami_ray.sliced(Model, gpu_memory="10GiB"))               # Ray Serve
+        ds.map_batches(hami_ray.sliced(Model, gpu_memory="4GiB"), compute=ActorPoolStrategy(size=6))  # Ray Data
+        serve.deployment(hami_ray.sliced(Model, gpu_memory="10GiB"))                                  # Ray Serve
 
     Raises:
         InvalidRequest: a malformed slice keyword (now, not in the actor).

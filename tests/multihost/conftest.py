@@ -5,7 +5,10 @@ no devices, as a login node would be). No Ray internals are patched here.
 
 - h1 (head): ``2xA100-80GB``; h2: ``2xT4-16GB``; h3: ``2xV100-32GB``; h0: the drivers' host.
 
-Where this machine refuses a namespace, the suite prints the refusal and skips, saying so.
+Where this machine refuses a kind of namespace (or ``HAMI_RAY_MULTIHOST_MODE`` caps them), the hosts are the
+closest thing that works (:func:`tests.multihost.hosts.choose`: own loopback addresses, PID namespaces where
+allowed); the suite prints what it uses and what was refused, and says it again in the terminal summary
+(``multi-host hosts``). A test that cannot hold there skips, saying why.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from subprocess import PIPE
 
 import pytest
 
-from tests.multihost.hosts import REPO, Host, Hosts, refusal
+from tests.multihost.hosts import REPO, Host, Hosts, Isolation, choose
 
 DRIVER = REPO / "tests" / "multihost" / "driver.py"
 SPECS = {"h1": "2xA100-80GB", "h2": "2xT4-16GB", "h3": "2xV100-32GB"}
+ISOLATION = pytest.StashKey[Isolation]()  # the session's hosts, for the terminal summary
 
 
 @dataclass
@@ -41,10 +45,14 @@ class Cluster:
     def head(self) -> Host:
         return self.by_name["h1"]
 
+    @property
+    def isolation(self) -> Isolation:
+        return self.hosts.isolation
+
     def driver(self, *args: str) -> DriverRun:
         """Start ``driver.py`` on the drivers' host (h0)."""
         h0 = self.by_name["h0"]
-        proc = h0.run([sys.executable, str(DRIVER), f"{self.head.ip}:6379", h0.ip, *args], stdout=PIPE,
+        proc = h0.run([sys.executable, str(DRIVER), self.head.gcs_address, h0.ip, *args], stdout=PIPE,
                       stderr=PIPE)
         return DriverRun(proc)
 
@@ -105,14 +113,21 @@ class DriverRun:
         proc.wait(timeout=60)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Say what the hosts were, and what this machine refused, when the suite made them."""
+    isolation = config.stash.get(ISOLATION, None)
+    if isolation is not None:
+        terminalreporter.write_sep("-", "multi-host hosts")
+        terminalreporter.write_line(isolation.describe())
+
+
 @pytest.fixture(scope="session")
-def multihost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    why = refusal()
-    if why is not None:
-        print(f"multi-host suite: this machine refuses separate hosts: {why}")
-        pytest.skip(f"this machine refuses separate hosts: {why}")
+def multihost(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Cluster]:
+    isolation = choose()
+    pytestconfig.stash[ISOLATION] = isolation
+    print(f"multi-host suite: hosts: {isolation.describe()}")
     workdir = tmp_path_factory.mktemp("hosts")
-    hosts = Hosts(workdir)
+    hosts = Hosts(workdir, isolation)
     try:
         by_name = {name: hosts.add(name) for name in ("h0", "h1", "h2", "h3")}
         by_name["h1"].start_ray(None, num_cpus=2, env={"HAMI_RAY_NODE_SIMULATE": SPECS["h1"]})

@@ -1,4 +1,4 @@
-"""Ray Data's actor pools on slices (``map_batches(hami_ray.sliced(Model, ...), concurrency=N)``), on the
+"""Ray Data's actor pools on slices (``map_batches(hami_ray.sliced(Model, ...), compute=ActorPoolStrategy(size=N))``), on the
 shared local Ray with simulated devices: more pool actors than the cluster has whole GPUs."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_an_actor_pool_larger_than_the_gpus_runs_to_completion_on_slices(hami: R
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        ds = data.range(300).map_batches(hami_ray.sliced(Model, gpu_memory="8GiB"), concurrency=POOL,
+        ds = data.range(300).map_batches(hami_ray.sliced(Model, gpu_memory="8GiB"), compute=data.ActorPoolStrategy(size=POOL),
                                          batch_size=10, num_cpus=0.05)
         rows = ds.take_all()
     finally:
