@@ -14,11 +14,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from hami_ray.core.errors import LeaseNotFound
 from hami_ray.core.model import K8S_NODE_LABEL, Lease
 from hami_ray.wire import ThreadServer
 from node_actors.agent import NodeAgent
@@ -78,8 +80,8 @@ class NodeActorShell:
         self._actions: dict[str, int] = {}  # enforcement action -> count
         self.wire: dict[str, Any] | None = None  # the fast path to reserve and release (hami_ray.wire)
         try:
-            server = ThreadServer({"reserve": self.reserve, "release_many": self.release_many},
-                                  ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+            ops: dict[str, Callable[..., Any]] = {"reserve": self.reserve, "release_many": self.release_many, "preempt": self.preempt}
+            server = ThreadServer(ops, ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
             self.wire = {"host": server.address[0], "port": server.address[1], "secret": server.secret}
         except OSError as exc:  # Ray calls still work
             log.warning("node actor fast path not started: %s", exc)
@@ -212,6 +214,15 @@ class NodeActorShell:
     def release(self, lease_id: str, token: str) -> bool:
         with self._lock:
             return self.agent.release(lease_id, token) is not None
+
+    def preempt(self, lease_id: str, for_queue: str, reason: str = "reclaim",
+                grace_s: float = 10.0) -> dict[str, Any] | None:
+        """Notice of preemption (:meth:`NodeAgent.preempt`); None when the lease is no longer live here."""
+        with self._lock:
+            try:
+                return self.agent.preempt(lease_id, for_queue, reason, grace_s)
+            except LeaseNotFound:
+                return None
 
     def quota_exceeded(self, lease_id: str) -> dict[str, Any] | None:
         """The enforcement record of a lease whose processes were stopped, if any."""

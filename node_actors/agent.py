@@ -84,6 +84,7 @@ class NodeAgent:
         self._regions: dict[str, tuple[str, int]] = {}
         self._waiting_since: dict[str, float] = {}
         self._interrupted: dict[str, float] = {}  # lease id -> when its tasks were interrupted for overrunning
+        self._preempting: dict[str, tuple[float, dict[str, Any]]] = {}  # lease id -> (when it goes, the notice)
         self.last_sample: NodeSample | None = None  # the last enforcement pass's, for the status view
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
@@ -118,6 +119,11 @@ class NodeAgent:
             self._regions[lease.lease_id] = (region_key(lease.allocation.devices), stored.slot)
             self._waiting_since[lease.lease_id] = now  # a fresh grace period: our clock restarted
             self._journal.append_event(now, EventKind.RESTORED, lease.lease_id, {"pids": list(lease.pids)})
+            notices = self._journal.events(lease_id=lease.lease_id, kind=EventKind.PREEMPTING)
+            if notices:  # a notice outlives a restart: the slice still goes, a grace after now at the latest
+                notice = dict(notices[-1].detail)
+                self._preempting[lease.lease_id] = (min(now + float(notice.get("grace_s", 0.0)),
+                                                        float(notice.get("deadline", now))), notice)
 
     # --- queries -----------------------------------------------------------------------------
     def node(self) -> Node:
@@ -296,6 +302,63 @@ class NodeAgent:
         self._watch.forget(lease_id)
         self._interrupted.pop(lease_id, None)
         self._marks.pop(lease_id, None)
+        self._preempting.pop(lease_id, None)
+        return freed
+
+    # --- preemption --------------------------------------------------------------------------
+    def preempt(self, lease_id: str, for_queue: str, reason: str = "reclaim", grace_s: float = 10.0) -> dict[str, Any]:
+        """Notice that the slice is taken back: its running tasks fail now with
+        :class:`~hami_ray.core.errors.SlicePreempted` (processes that armed themselves; their process lives
+        on), and once ``grace_s`` has passed, whatever still holds the slice is stopped and the slice freed
+        (``preempted`` in the journal). A lease with no process here (a driver's, a pod's, a reservation)
+        is freed at the deadline too. A second notice for the same lease changes nothing. The notice is
+        journaled, so a restarted node actor still frees the slice.
+
+        Returns:
+            ``{"deadline": when the slice goes, "interrupted": pids told now}``.
+
+        Raises:
+            LeaseNotFound: the lease is not live here (already gone: nothing to preempt).
+        """
+        lease = self._live(lease_id)
+        known = self._preempting.get(lease_id)
+        if known is not None:
+            return {"deadline": known[0], "interrupted": []}
+        now = self._clock()
+        notice = {"lease_id": lease_id, "kind": "preempted", "for_queue": for_queue, "reason": reason,
+                  "grace_s": grace_s, "deadline": now + grace_s}
+        self._preempting[lease_id] = (now + grace_s, notice)
+        live = [p for p in lease.pids if same_process(p, lease.pid_starts.get(p))]
+        told = [p for p in live if interruptible(self.state_dir, p) and interrupt(self.state_dir, p, notice)]
+        self._journal.append_event(now, EventKind.PREEMPTING, lease_id, {**notice, "interrupted": told})
+        log.warning("node %s: slice %s preempted for queue %s (%s): tasks of %s interrupted, freed in %g s",
+                    self.node_name, lease_id, for_queue, reason, told, grace_s)
+        return {"deadline": now + grace_s, "interrupted": told}
+
+    def preempting(self) -> dict[str, float]:
+        """Leases under a preemption notice, and when each goes."""
+        return {lease_id: deadline for lease_id, (deadline, _) in self._preempting.items()}
+
+    def _preempt_due(self) -> list[Lease]:
+        """Free the slices whose notice ran out, stopping their processes first; returns them."""
+        now = self._clock()
+        freed = []
+        for lease_id, (deadline, notice) in list(self._preempting.items()):
+            if now < deadline:
+                continue
+            lease = self._ledger.leases.get(lease_id)
+            if lease is None:
+                self._preempting.pop(lease_id, None)
+                continue
+            if lease.holder == "process":
+                refused = self._stop(lease)
+                if refused:
+                    log.warning("cannot stop processes %s of preempted slice %s: not permitted", refused, lease_id)
+                    self._journal.append_event(now, EventKind.KILL_FAILED, lease_id, {"pids": refused})
+                    continue  # the slice stays held while something may still use it
+            ended = self._end(lease_id, EventKind.PREEMPTED, {**notice, "killed": list(lease.pids)})
+            if ended is not None:
+                freed.append(ended)
         return freed
 
     # --- isolation ---------------------------------------------------------------------------
@@ -448,7 +511,7 @@ class NodeAgent:
         out: list[SliceQuotaExceeded] = []
         steps: list[tuple[str, Callable[[], object]]] = [
             ("reap", self._reap_if_due), ("health", self.refresh_health), ("isolation", self._maintain),
-            ("enforce", lambda: out.extend(self.enforce()))]
+            ("preempt", self._preempt_due), ("enforce", lambda: out.extend(self.enforce()))]
         for name, step in steps:
             try:
                 step()

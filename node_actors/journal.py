@@ -61,11 +61,13 @@ class EventKind(StrEnum):
     LOST = "lost"  # a journaled lease no longer fits this node's devices
     FINISHED = "finished"  # its last holder process said it is done (a task returned; the worker lives on)
     MARKED = "marked"  # something that enforced the slice changed (the MPS daemon was restarted)
+    PREEMPTING = "preempting"  # notice given: its tasks were interrupted, the slice goes when the grace ends
+    PREEMPTED = "preempted"  # the grace ended: its processes were stopped and the slice freed
 
     @property
     def ends_lease(self) -> bool:
         return self in (EventKind.RELEASED, EventKind.REAPED, EventKind.EXPIRED, EventKind.QUOTA_EXCEEDED,
-                        EventKind.LOST, EventKind.FINISHED)
+                        EventKind.LOST, EventKind.FINISHED, EventKind.PREEMPTED)
 
 
 @dataclass(frozen=True, slots=True)

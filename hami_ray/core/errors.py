@@ -18,7 +18,8 @@ Every error raised by hami-ray code is one of these; third-party exceptions are 
     └── TemporaryError
         ├── Unschedulable           nothing fits now; carries kube-scheduler-style reason counts
         ├── ReservationRefused      a node actor refused a reservation (two-phase placement)
-        └── DeviceError             a device backend failed
+        ├── DeviceError             a device backend failed
+        └── SlicePreempted          the slice was taken back for another queue's guarantee or a higher priority
 """
 
 from __future__ import annotations
@@ -152,3 +153,27 @@ class ReservationRefused(TemporaryError):
 
 class DeviceError(TemporaryError):
     """A device backend failed (NVML error, device lost)."""
+
+
+class SlicePreempted(TemporaryError):
+    """The slice was taken back: another queue reclaimed its guarantee (``reason="reclaim"``), or a request
+    of higher priority in the same queue needed the room (``"priority"``).
+
+    Raised in the running task at the notice (its process lives on until the grace ends, then the node
+    actor kills whatever is left and frees the slice). Temporary: the same work fits again once capacity
+    frees, so Ray retries it where ``max_retries`` allows. Example message: ``slice 'lease-7' was preempted:
+    queue org/team-a reclaimed its guarantee; the slice is freed 10 s after this notice``.
+    """
+
+    def __init__(self, lease_id: str, for_queue: str, reason: str = "reclaim", grace_s: float = 0.0) -> None:
+        self.lease_id = lease_id
+        self.for_queue = for_queue
+        self.reason = reason
+        self.grace_s = grace_s
+        why = (f"queue {for_queue} reclaimed its guarantee" if reason == "reclaim"
+               else f"a request of higher priority in queue {for_queue} needed the room")
+        super().__init__(f"slice {lease_id!r} was preempted: {why}; the slice is freed {grace_s:g} s after "
+                         f"this notice")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, float]]:
+        return (type(self), (self.lease_id, self.for_queue, self.reason, self.grace_s))

@@ -20,6 +20,7 @@ DEFAULT_MEMORY_SCALING = 1.0  # HAMi's deviceMemoryScaling (> 1 oversubscribes)
 DEFAULT_CORE_SCALING = 1.0  # HAMi's deviceCoreScaling
 FULL_CORES = 100  # one whole device, in percent
 DEFAULT_VENDOR = "NVIDIA"
+DEFAULT_QUEUE = "default"  # the team queue of work that names none (hami_ray.core.queues, issue 14)
 
 
 class _Frozen(BaseModel):
@@ -108,7 +109,9 @@ class SliceRequest(_Frozen):
     chosen); neither means the whole device, as HAMi's default. ``cores`` is percent of a device;
     100 makes the slice exclusive. ``priority``: larger is served first from the queue.
     ``task_priority`` is HAMi's ``nvidia.com/priority`` (0 high, 1 low), handed to HAMi-core.
-    ``isolation``: the weakest grade the slice may hold (None: any).
+    ``isolation``: the weakest grade the slice may hold (None: any). ``queue``: the team queue it is
+    served from (:mod:`hami_ray.core.queues`); ``preemptible=False`` opts the slice out of being
+    preempted for other work. Neither changes where it fits, so neither is part of :meth:`shape`.
     """
 
     vendor: str = DEFAULT_VENDOR
@@ -128,6 +131,8 @@ class SliceRequest(_Frozen):
     node_policy: NodePolicyName | None = None
     device_policy: DevicePolicyName | None = None
     isolation: Isolation | None = None
+    queue: str = DEFAULT_QUEUE
+    preemptible: bool = True
 
     @model_validator(mode="after")
     def _one_memory_form(self) -> SliceRequest:
@@ -210,7 +215,9 @@ class Lease(_Frozen):
     ``holder``: ``"process"`` (a Ray task or actor: freed when its processes die or never come),
     ``"pod"`` (a Kubernetes pod: held until the bridge frees it, when the pod is gone or finished), or
     ``"driver"`` (a driver's ``hami_ray.lease()``: held while the Ray ``job`` it belongs to lives; the driver
-    may run on another host, so its pid is never checked by the slice's node).
+    may run on another host, so its pid is never checked by the slice's node). ``queue`` and
+    ``preemptible`` come from the request (:mod:`hami_ray.core.queues` accounts and preempts by them);
+    snapshots written before they existed load with the defaults.
     """
 
     lease_id: str
@@ -224,6 +231,8 @@ class Lease(_Frozen):
     created_at: float = 0.0
     holder: Literal["process", "pod", "driver"] = "process"
     job: str = ""  # the Ray job (hex id) of a "driver" holder
+    queue: str = DEFAULT_QUEUE
+    preemptible: bool = True
 
 
 class ClusterSnapshot(_Frozen):

@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 
-from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded
+from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceeded
 from hami_ray.core.model import DeviceGrant
 from hami_ray.runtime import framework_caps
 from node_actors import interrupt
@@ -234,6 +234,9 @@ def _on_verdict(signum: int, frame: FrameType | None) -> None:
     info = _current
     if verdict is None or info is None or verdict.get("lease_id") != info.lease_id:
         return  # between tasks, or meant for an earlier one: nothing to stop
+    if verdict.get("kind") == "preempted":
+        raise SlicePreempted(str(verdict["lease_id"]), str(verdict.get("for_queue", "")),
+                             str(verdict.get("reason", "reclaim")), float(verdict.get("grace_s", 0.0)))
     raise SliceQuotaExceeded(str(verdict["lease_id"]), str(verdict["uuid"]), int(verdict["used_mib"]),
                              int(verdict["limit_mib"]), int(verdict["pid"]), action="interrupted")
 

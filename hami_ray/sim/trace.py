@@ -3,7 +3,8 @@
 Nodes: ``sn, cpu_milli, memory_mib, gpu, model``. Pods: ``name, cpu_milli, memory_mib, num_gpu,
 gpu_milli, gpu_spec, ...``. A pod's ``gpu_milli`` (1000 = one GPU) becomes, per device, memory =
 milli/1000 of the device and cores = milli/10; ``gpu_spec`` (``V100M16|V100M32``) becomes the allowed
-device types. Called by :mod:`hami_ray.sim.arrival` and ``hami-ray simulate``.
+device types. Called by :mod:`hami_ray.sim.arrival`, :mod:`hami_ray.sim.timeline` (which also reads
+``qos`` and the times) and ``hami-ray simulate``.
 """
 
 from __future__ import annotations
@@ -116,19 +117,78 @@ def two_dimensional(pods: list[TracePod]) -> list[TracePod]:
     return out
 
 
+def _trace_pod(row: dict[str, str], path: Path) -> TracePod:
+    num = _int(row, "num_gpu", path)
+    milli = _int(row, "gpu_milli", path) if num else 0
+    if num < 0 or milli < 0 or milli > 1000 or (num == 1 and milli == 0):
+        raise TraceError(f"{path.name}:{row['name']}", f"bad GPU request num_gpu={num} gpu_milli={milli}")
+    if num > 1:
+        milli = 1000
+    spec = (row.get("gpu_spec") or "").strip()
+    request = pod_request(_int(row, "cpu_milli", path), _int(row, "memory_mib", path), num, milli, spec)
+    return TracePod(row["name"], request, milli, num, spec)
+
+
 def load_pods(path: str | Path) -> list[TracePod]:
     """Pods sorted by name (the artifact's ``SetWorkloadPods`` order)."""
     path = Path(path)
-    pods = []
-    for row in _rows(path, ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli")):
-        num = _int(row, "num_gpu", path)
-        milli = _int(row, "gpu_milli", path) if num else 0
-        if num < 0 or milli < 0 or milli > 1000 or (num == 1 and milli == 0):
-            raise TraceError(f"{path.name}:{row['name']}", f"bad GPU request num_gpu={num} gpu_milli={milli}")
-        if num > 1:
-            milli = 1000
-        spec = (row.get("gpu_spec") or "").strip()
-        request = pod_request(_int(row, "cpu_milli", path), _int(row, "memory_mib", path), num, milli, spec)
-        pods.append(TracePod(row["name"], request, milli, num, spec))
+    pods = [_trace_pod(row, path) for row in _rows(path, ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli"))]
     pods.sort(key=lambda p: p.name)
     return pods
+
+
+QOS_CLASSES = ("LS", "BE", "Burstable", "Guaranteed")  # the openb traces' qos column
+TIMED_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "qos", "creation_time",
+                 "deletion_time", "scheduled_time")
+
+
+@dataclass(frozen=True, slots=True)
+class TimedPod:
+    """A trace pod with its times, for the time-driven replay (:mod:`hami_ray.sim.timeline`).
+
+    ``duration_s`` is how long it ran in the trace: ``deletion_time - scheduled_time``; a pod the trace
+    never scheduled (``scheduled_time`` empty, phase Pending) gets ``deletion_time - creation_time``, the
+    time it was wanted, and ``scheduled=False``.
+    """
+
+    pod: TracePod
+    qos: str
+    creation_s: int
+    duration_s: int
+    scheduled: bool
+
+    @property
+    def name(self) -> str:
+        return self.pod.name
+
+
+def load_timed_pods(path: str | Path) -> list[TimedPod]:
+    """Pods with qos and times, sorted by (creation time, name).
+
+    Example: ``load_timed_pods(".../openb_pod_list_default.csv")[0].duration_s == 12537496``.
+
+    Raises:
+        TraceError: a column is missing; a time is missing or not a number; a pod was scheduled before it
+            was created or deleted before it started; the qos is not one of :data:`QOS_CLASSES`.
+    """
+    path = Path(path)
+    out = []
+    for row in _rows(path, TIMED_COLUMNS):
+        pod = _trace_pod(row, path)
+        where = f"{path.name}:{pod.name}"
+        for key in ("creation_time", "deletion_time"):
+            if not (row.get(key) or "").strip():
+                raise TraceError(where, f"no {key}")
+        created, deleted = _int(row, "creation_time", path), _int(row, "deletion_time", path)
+        scheduled = bool((row.get("scheduled_time") or "").strip())
+        start = _int(row, "scheduled_time", path) if scheduled else created
+        if created < 0 or start < created:
+            raise TraceError(where, f"scheduled at {start} before created at {created}")
+        if deleted < start:
+            raise TraceError(where, f"deleted at {deleted} before it started at {start}")
+        qos = (row.get("qos") or "").strip()
+        if qos not in QOS_CLASSES:
+            raise TraceError(where, f"unknown qos {qos!r} (known: {', '.join(QOS_CLASSES)})")
+        out.append(TimedPod(pod, qos, created, deleted - start, scheduled))
+    out.sort(key=lambda p: (p.creation_s, p.name))
+    return out

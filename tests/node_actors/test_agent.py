@@ -352,3 +352,73 @@ def test_finish_ends_the_lease_when_its_last_holder_is_done(agent: NodeAgent) ->
     assert ended is not None and agent.leases() == []
     assert agent.release(lease.lease_id, lease.token) is None  # the owner's release is then a no-op
     assert agent.finish(lease.lease_id, 1) is None
+
+
+# --- preemption -----------------------------------------------------------------------------------
+def _read_when_written(path: Path, what: str) -> dict[str, object]:
+    """The JSON the child writes to ``path``, once it is all there."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+
+def test_preemption_interrupts_the_task_at_once_and_frees_the_slice_after_the_grace(
+        agent: NodeAgent, clock: FakeClock, tmp_path: Path, spawn: Spawn) -> None:
+    child = _armed_child(spawn, tmp_path, uuid(0), 1000, lets_go=False)
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, child.pid)
+    notice = agent.preempt(lease.lease_id, "org/team-a", "reclaim", grace_s=10)
+    assert notice == {"deadline": clock.now + 10, "interrupted": [child.pid]}
+    told = _read_when_written(tmp_path / "verdict-seen", "the child never got the notice")
+    assert (told["kind"], told["for_queue"], told["reason"], told["grace_s"]) == (
+        "preempted", "org/team-a", "reclaim", 10)
+    assert agent.preempt(lease.lease_id, "org/team-b", grace_s=1) == {"deadline": clock.now + 10, "interrupted": []}
+    assert agent.preempting() == {lease.lease_id: clock.now + 10}
+    clock.advance(9)
+    agent.tick()
+    assert child.poll() is None  # held until the grace ends
+    assert [x.lease_id for x in agent.leases()] == [lease.lease_id]
+    clock.advance(1)
+    agent.tick()
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert agent.leases() == [] and agent.preempting() == {}
+    kinds = [e.kind for e in agent.events(lease_id=lease.lease_id)]
+    assert kinds[-2:] == ["preempting", "preempted"]
+    assert agent.events(lease_id=lease.lease_id)[-1].detail["for_queue"] == "org/team-a"
+    assert agent.release(lease.lease_id, lease.token) is None  # the runtime's later release is a no-op
+
+
+def test_a_preempted_slice_whose_holder_finishes_in_the_grace_is_freed_then(agent: NodeAgent, clock: FakeClock) -> None:
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    agent.activate(lease.lease_id, os.getpid())
+    assert agent.preempt(lease.lease_id, "q", grace_s=5)["interrupted"] == []  # this process never armed itself
+    agent.finish(lease.lease_id, os.getpid())
+    assert agent.leases() == [] and agent.preempting() == {}
+    clock.advance(10)
+    agent.tick()  # nothing left to stop (and this test process is not killed)
+    assert agent.events(lease_id=lease.lease_id)[-1].kind == "finished"
+
+
+def test_a_driver_lease_is_freed_at_the_deadline_and_a_notice_outlives_a_restart(
+        make_agent: Callable[[], NodeAgent], clock: FakeClock) -> None:
+    first = make_agent()
+    lease = first.reserve(make_lease((0, 8192, 30)).model_copy(update={"holder": "driver", "job": "01000000"}))
+    first.claim(lease.lease_id)
+    first.preempt(lease.lease_id, "team-b", "priority", grace_s=20)
+    first.close()
+    clock.advance(5)
+    second = make_agent()  # restarted: the notice is journaled, the slice still goes when it was due
+    assert second.preempting() == {lease.lease_id: clock.now + 15}
+    clock.advance(15)
+    second.tick()
+    assert second.leases() == []
+    assert second.events(lease_id=lease.lease_id)[-1].kind == "preempted"
+
+
+def test_preempting_a_lease_that_is_gone_says_so(agent: NodeAgent) -> None:
+    with pytest.raises(LeaseNotFound):
+        agent.preempt("never-held", "q")
