@@ -85,7 +85,7 @@ simulate: $(STAMP)
 		--json out/simulate-default.json --plot out/simulate-default.png
 
 bench: $(STAMP)
-	$(BIN)/python bench/placement_latency.py --json out/placement_latency.json
+	$(BIN)/python bench/placement_latency.py --queues 8 --json out/placement_latency.json
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

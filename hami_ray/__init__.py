@@ -14,7 +14,7 @@ _CORE = {
     "LeaseError": "hami_ray.core.errors", "LeaseNotFound": "hami_ray.core.errors",
     "LeaseTokenMismatch": "hami_ray.core.errors", "Unschedulable": "hami_ray.core.errors",
     "UnknownPolicy": "hami_ray.core.errors", "SliceQuotaExceeded": "hami_ray.core.errors",
-    "SlicePreempted": "hami_ray.core.errors",
+    "SlicePreempted": "hami_ray.core.errors", "QueueConfigError": "hami_ray.core.queues",
     "Isolation": "hami_ray.core.grades",
     "Ledger": "hami_ray.core.ledger",
     "Allocation": "hami_ray.core.model", "ClusterSnapshot": "hami_ray.core.model", "Device": "hami_ray.core.model",
@@ -26,8 +26,8 @@ _CORE = {
 
 __version__ = "0.1.0"
 
-_RUNTIME = ("attach", "check", "current_slice", "init", "lease", "lost_leases", "metrics_address", "queue_depth",
-            "remote", "shutdown", "slice_group", "SliceGroup", "status", "NotInitialized", "NotRunning")
+_RUNTIME = ("apply_queues", "attach", "check", "current_slice", "init", "lease", "lost_leases", "metrics_address", "queue_depth",
+            "queues", "remote", "shutdown", "slice_group", "SliceGroup", "status", "NotInitialized", "NotRunning")
 
 
 def __getattr__(name: str) -> Any:
@@ -72,6 +72,7 @@ __all__ = [
     "NodePolicyName",
     "NotInitialized",
     "NotRunning",
+    "QueueConfigError",
     "Scheduler",
     "SliceGroup",
     "SlicePreempted",
@@ -80,6 +81,7 @@ __all__ = [
     "UnknownPolicy",
     "Unschedulable",
     "__version__",
+    "apply_queues",
     "attach",
     "check",
     "current_slice",
@@ -88,6 +90,7 @@ __all__ = [
     "lost_leases",
     "metrics_address",
     "queue_depth",
+    "queues",
     "remote",
     "shutdown",
     "slice_group",

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +25,7 @@ from hami_ray.observe.metrics import DEFAULT_PORT, StatusCollector, serve
 from hami_ray.observe.model import ClusterStatus, status_json
 from hami_ray.observe.view import render
 from hami_ray.sim.arrival import REPORT_POINTS, RunResult
+from hami_ray.sim.timeline import DEFAULT_GRACE_S, DEFAULT_NODE_FRACTION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hami-ray: isolated fractional GPU slices for Ray tasks and Kubernetes pods.")
@@ -70,25 +71,87 @@ def results_table(results: dict[str, object], title: str) -> Table:
     return table
 
 
+TIMELINE_SEEDS = 5
+
+
+def _simulate_timeline(nodes: Path, pods: Path, seeds: int, json_out: Path | None, plot: Path | None,
+                       workers: int, grace: float, node_fraction: float) -> None:
+    """``simulate --timeline``: every mode x seed, a table of the medians, the JSON and the plot."""
+    from hami_ray.sim.plot import plot_timeline
+    from hami_ray.sim.timeline import MODES
+    from hami_ray.sim.timeline_report import KEYS, run_timeline
+
+    with Progress(TextColumn("[bold]timeline"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=False) as progress:
+        task = progress.add_task("", total=len(MODES) * seeds)
+
+        def done(mode: str, seed: int, run: dict[str, Any]) -> None:
+            progress.update(task, advance=1, description=f"{mode} seed {seed}: LS p99 {run['ls_wait_p99_s']:.0f} s, "
+                            f"{run['gpus']} GPUs ({run['runtime_s']:.1f} s)")
+
+        try:
+            results = run_timeline(nodes, pods, seeds=seeds, grace_s=grace, node_fraction=node_fraction,
+                                   workers=workers or None, on_done=done)
+        except HamiRayError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+    table = Table(title=f"Timeline replay, median of {seeds} seeds - {pods.name}, {node_fraction:g} of the GPUs",
+                  title_justify="left")
+    heads = {"ls_wait_p99_s": "LS p99 s", "ls_wait_p50_s": "LS p50 s", "be_wait_p99_s": "BE p99 s",
+             "allocation_rate": "GPU alloc", "jain": "Jain", "preemptions": "preempted"}
+    table.add_column("mode")
+    for key in KEYS:
+        table.add_column(heads.get(key, key), justify="right")
+    for mode, row in results["modes"].items():
+        table.add_row(mode, *[f"{row[k]:,.0f}" if k.endswith("_s") or k == "preemptions" else f"{row[k]:.3f}"
+                              for k in KEYS])
+    console.print(table)
+    _write_results(results, json_out)
+    if plot:
+        plot_timeline(results, plot, title=f"{pods.name}, {node_fraction:g} of the GPUs, {seeds} seeds")
+        console.print(f"wrote {plot}")
+
+
+def _write_results(results: dict[str, Any], json_out: Path | None) -> None:
+    """Say the run's runtime and write its JSON where asked."""
+    console.print(f"total runtime {results['runtime_s']} s")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=1))
+        console.print(f"wrote {json_out}")
+
+
 @app.command()
 def simulate(
     nodes: Path = typer.Option(TRACE_DIR / "openb_node_list_gpu_node.csv", help="openb node list CSV"),
     pods: Path = typer.Option(TRACE_DIR / "openb_pod_list_default.csv", help="openb pod list CSV"),
     policies: str = typer.Option(PAPER_POLICIES, help="comma list of device policies; 'default' = ours"),
-    seeds: int = typer.Option(10, min=1, help="seeds per policy (42, 43, ...)"),
+    seeds: int | None = typer.Option(None, min=1, help="seeds per policy (42, 43, ...; default 10, --timeline 5)"),
     json_out: Path | None = typer.Option(None, "--json", help="write results here"),
-    plot: Path | None = typer.Option(None, help="write a Fig. 9(a)-style PNG here"),
+    plot: Path | None = typer.Option(None, help="write a Fig. 9(a)-style PNG here (--timeline: over time)"),
     workers: int = typer.Option(0, help="worker processes (0 = one per CPU)"),
     two_dim: bool = typer.Option(False, "--two-dim", help="decouple memory and cores of partial-GPU pods"),
+    timeline: Annotated[bool, typer.Option(
+        "--timeline", help="replay with the trace's times: fifo vs priority vs team queues (docs/timeline.md)")] = False,
+    grace: Annotated[float, typer.Option(
+        min=0, help="--timeline: simulated seconds a preempted slice is held before it is freed")] = DEFAULT_GRACE_S,
+    node_fraction: Annotated[float, typer.Option(
+        min=0.0001, max=1.0, help="--timeline: replay on a seeded subset of nodes with this share of the GPUs "
+        "(the whole cluster never makes the trace wait)")] = DEFAULT_NODE_FRACTION,
 ) -> None:
-    """Replay an openb trace with the FGD artifact's protocol and compare policies."""
+    """Replay an openb trace with the FGD artifact's protocol and compare policies; with ``--timeline``,
+    replay it on its own times and compare fifo, priority and team queues."""
     from hami_ray.sim.experiment import run_experiment
     from hami_ray.sim.plot import plot_unallocated
 
-    names = _policies(policies)
     for path in (nodes, pods):
         if not path.is_file():
             raise typer.BadParameter(f"no such file: {path}")
+    if timeline:
+        _simulate_timeline(nodes, pods, seeds or TIMELINE_SEEDS, json_out, plot, workers, grace, node_fraction)
+        return
+    seeds = seeds or 10
+    names = _policies(policies)
     with Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=False) as progress:
         task = progress.add_task("", total=len(names) * seeds)
@@ -105,11 +168,7 @@ def simulate(
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
     console.print(results_table(results, f"Unallocated GPU % (median of {seeds} seeds) - {pods.name}"))
-    console.print(f"total runtime {results['runtime_s']} s")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=1))
-        console.print(f"wrote {json_out}")
+    _write_results(results, json_out)
     if plot:
         plot_unallocated(results, plot, title=f"{pods.name}, {seeds} seeds")
         console.print(f"wrote {plot}")
@@ -341,6 +400,54 @@ def _every(interval: float, seconds: float, tick: Callable[[], object]) -> None:
         pass
 
 
+queues_app = typer.Typer(help="Team queues: guaranteed and limit quotas, fair share, preemption (issue 14).",
+                         invoke_without_command=True)
+app.add_typer(queues_app, name="queues")
+
+
+@queues_app.callback()
+def queues_show(
+    ctx: typer.Context,
+    address: str = typer.Option("auto", help="Ray address of the cluster hami-ray runs on"),
+    json_out: bool = typer.Option(False, "--json", help="print the queues as JSON, for scripts"),
+) -> None:
+    """The queues: guaranteed, limit, used, borrowed, share, waiting and preempted."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _attached(address).queues()
+    if json_out:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from hami_ray.observe.model import QueueStatus  # noqa: PLC0415
+    from hami_ray.observe.view import queues_table  # noqa: PLC0415
+
+    console.print(queues_table([QueueStatus(**r) for r in rows]))
+
+
+@queues_app.command("apply")
+def queues_apply(
+    file: Path = typer.Argument(..., help="the YAML file of queues (see docs/teams.md)"),
+    address: str = typer.Option("auto", help="Ray address of the cluster hami-ray runs on"),
+) -> None:
+    """Apply the queues defined in FILE; an invalid file changes nothing and says which queue and field."""
+    from hami_ray.observe.model import QueueStatus  # noqa: PLC0415
+    from hami_ray.observe.view import queues_table  # noqa: PLC0415
+
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        console.print(f"[red]cannot read {file}: {exc.strerror}[/]")
+        raise typer.Exit(2) from None
+    api = _attached(address)
+    try:
+        rows = api.apply_queues(text)
+    except HamiRayError as exc:
+        console.print(f"[red]{exc}[/] (the queues in force are unchanged)")
+        raise typer.Exit(1) from None
+    console.print(f"applied {sum(1 for r in rows if r['queue'] != 'default')} queue(s) from {file}")
+    console.print(queues_table([QueueStatus(**r) for r in rows]))
+
+
 metrics_app = typer.Typer(help="Prometheus metrics (HAMi's names where they fit).")
 app.add_typer(metrics_app, name="metrics")
 
@@ -391,17 +498,29 @@ def k8s_scheduler(
     lock_namespace: str = typer.Option("hami-ray", help="namespace of the leader election Lease"),
     lease_seconds: float = typer.Option(15.0, help="leader election: a silent leader is replaced after this"),
     once: bool = typer.Option(False, "--once", help="one pass, then exit"),
+    queues: Path | None = typer.Option(None, "--queues", help="team queue definitions (YAML), read again when "
+                                       "the file changes; pods are in their namespace's hami.io/queue"),
 ) -> None:
     """Place and bind pending pods with HAMi's annotations (RBAC: deploy/k8s/rbac.yaml)."""
     import threading  # noqa: PLC0415
 
+    from hami_ray.core.queues import QueueConfigError  # noqa: PLC0415
     from hami_ray.k8s.inventory import Inventory  # noqa: PLC0415
     from hami_ray.k8s.operate import lead  # noqa: PLC0415
+    from hami_ray.k8s.queueing import QueueFile  # noqa: PLC0415
     from hami_ray.k8s.scheduler import PodScheduler  # noqa: PLC0415
 
     if inventory not in ("annotations", "ray") or (inventory == "ray" and ray_address is None):
         console.print("[red]--inventory is 'annotations' or 'ray' (which needs --ray-address)[/]")
         raise typer.Exit(2)
+    if queues is not None and ray_address is not None:
+        console.print("[red]with --ray-address the placement actor keeps the queues: `hami-ray queues apply FILE`[/]")
+        raise typer.Exit(2)
+    try:
+        queue_file = QueueFile(queues) if queues is not None else None
+    except QueueConfigError as exc:
+        console.print(f"[red]{queues}: {exc}[/]")
+        raise typer.Exit(2) from None
     api = _kube_client(kubeconfig)
     source: Inventory | None = None
     if ray_address is not None:
@@ -418,7 +537,7 @@ def k8s_scheduler(
         except ray_api.NotRunning as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None
-    sched = PodScheduler(api, scheduler_name=scheduler_name, inventory=source)
+    sched = PodScheduler(api, scheduler_name=scheduler_name, inventory=source, queues=queue_file)
     if once:
         stats = sched.run_once()
         console.print(f"bound {stats.bound}, unschedulable {stats.unschedulable}, invalid {stats.invalid}, "
@@ -441,14 +560,32 @@ def k8s_webhook(
     bind: str = typer.Option("0.0.0.0:9443", help="host:port to serve HTTPS on"),
     scheduler_name: str = typer.Option("hami-scheduler", help="the schedulerName given to pods with devices"),
     force_overwrite_default_scheduler: bool = typer.Option(True, help="replace default-scheduler too (HAMi's default)"),
+    queues: Path | None = typer.Option(None, "--queues", help="team queue definitions (YAML): refuse pods of unknown "
+                                       "queues or over their queue's limit (reads nodes, namespaces, pods)"),
+    kubeconfig: Path | None = typer.Option(None, help="with --queues: kubeconfig (default: in-cluster, else "
+                                           "~/.kube/config)"),
 ) -> None:
     """The mutating admission webhook (POST /mutate): HAMi's pod defaults and refusals (deploy/k8s/webhook.yaml)."""
+    import threading  # noqa: PLC0415
+
+    from hami_ray.core.queues import QueueConfigError  # noqa: PLC0415
+    from hami_ray.k8s.queueing import QueueFile  # noqa: PLC0415
+    from hami_ray.k8s.quota import QueueQuota  # noqa: PLC0415
     from hami_ray.k8s.webhook import WebhookServer  # noqa: PLC0415
 
+    quota = None
+    if queues is not None:
+        try:
+            source = QueueFile(queues)
+        except QueueConfigError as exc:
+            console.print(f"[red]{queues}: {exc}[/]")
+            raise typer.Exit(2) from None
+        quota = QueueQuota(_kube_client(kubeconfig), source)
+        quota.follow(threading.Event())  # the first lists are in before a pod is admitted
     host, _, port = bind.rpartition(":")
     try:
         server = WebhookServer(host or "0.0.0.0", int(port), str(tls_cert), str(tls_key), scheduler_name,
-                               force_overwrite_default_scheduler)
+                               force_overwrite_default_scheduler, quota)
     except (OSError, ValueError) as exc:
         console.print(f"[red]webhook not started: {exc}[/]")
         raise typer.Exit(1) from None

@@ -85,6 +85,7 @@ class NodeAgent:
         self._waiting_since: dict[str, float] = {}
         self._interrupted: dict[str, float] = {}  # lease id -> when its tasks were interrupted for overrunning
         self._preempting: dict[str, tuple[float, dict[str, Any]]] = {}  # lease id -> (when it goes, the notice)
+        self._told: dict[str, set[int]] = {}  # lease id under notice -> the pids that got it
         self.last_sample: NodeSample | None = None  # the last enforcement pass's, for the status view
         self._last_reap = -math.inf
         self.lost: list[Lease] = []
@@ -303,6 +304,7 @@ class NodeAgent:
         self._interrupted.pop(lease_id, None)
         self._marks.pop(lease_id, None)
         self._preempting.pop(lease_id, None)
+        self._told.pop(lease_id, None)
         return freed
 
     # --- preemption --------------------------------------------------------------------------
@@ -330,6 +332,7 @@ class NodeAgent:
         self._preempting[lease_id] = (now + grace_s, notice)
         live = [p for p in lease.pids if same_process(p, lease.pid_starts.get(p))]
         told = [p for p in live if interruptible(self.state_dir, p) and interrupt(self.state_dir, p, notice)]
+        self._told[lease_id] = set(told)
         self._journal.append_event(now, EventKind.PREEMPTING, lease_id, {**notice, "interrupted": told})
         log.warning("node %s: slice %s preempted for queue %s (%s): tasks of %s interrupted, freed in %g s",
                     self.node_name, lease_id, for_queue, reason, told, grace_s)
@@ -339,12 +342,27 @@ class NodeAgent:
         """Leases under a preemption notice, and when each goes."""
         return {lease_id: deadline for lease_id, (deadline, _) in self._preempting.items()}
 
+    def _tell_late(self, lease_id: str, notice: dict[str, Any]) -> None:
+        """The notice for the processes of a slice under notice that did not get it yet (registered or
+        armed after it was given)."""
+        lease = self._ledger.leases.get(lease_id)
+        if lease is None:
+            return
+        told = self._told.setdefault(lease_id, set())
+        for p in lease.pids:
+            if p not in told and same_process(p, lease.pid_starts.get(p)) and interruptible(self.state_dir, p) \
+                    and interrupt(self.state_dir, p, notice):
+                told.add(p)
+
     def _preempt_due(self) -> list[Lease]:
-        """Free the slices whose notice ran out, stopping their processes first; returns them."""
+        """Free the slices whose notice ran out, stopping their processes first; returns them. Before that,
+        a process that started on a slice under notice (it registered after the notice, or armed itself
+        late) gets the notice too, so it stops its work instead of being killed at the deadline."""
         now = self._clock()
         freed = []
         for lease_id, (deadline, notice) in list(self._preempting.items()):
             if now < deadline:
+                self._tell_late(lease_id, notice)
                 continue
             lease = self._ledger.leases.get(lease_id)
             if lease is None:

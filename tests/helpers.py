@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import time
 from collections.abc import Callable
@@ -91,3 +92,19 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout)
+
+
+def register_webhook(registrations: client.AdmissionregistrationV1Api, name: str, port: int, ca: bytes,
+                     label: str) -> None:
+    """A MutatingWebhookConfiguration ``name`` sending pod CREATEs in namespaces labelled ``label`` to
+    the webhook at 127.0.0.1:``port`` (HTTPS, ``ca``), failurePolicy Fail."""
+    registrations.create_mutating_webhook_configuration(client.V1MutatingWebhookConfiguration(
+        metadata=client.V1ObjectMeta(name=name),
+        webhooks=[client.V1MutatingWebhook(
+            name="vgpu.hami-ray.io", admission_review_versions=["v1"], side_effects="None", failure_policy="Fail",
+            timeout_seconds=10, reinvocation_policy="Never",
+            client_config=client.AdmissionregistrationV1WebhookClientConfig(
+                url=f"https://127.0.0.1:{port}/mutate", ca_bundle=base64.b64encode(ca).decode()),
+            rules=[client.V1RuleWithOperations(operations=["CREATE"], api_groups=[""], api_versions=["v1"],
+                                               resources=["pods"])],
+            namespace_selector=client.V1LabelSelector(match_labels={label: "on"}))]))

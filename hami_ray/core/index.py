@@ -6,7 +6,8 @@ node"). Only :class:`hami_ray.core.ledger.Ledger` writes it; policies read it th
 :class:`hami_ray.core.policies.framework.ClusterView`.
 
 A ``version`` counter per row changes whenever that node's usage or inventory changes, so score caches
-know which rows to recompute.
+know which rows to recompute; :meth:`CapacityIndex.changed_since` lists the rows that moved since a
+cache last looked, so that it need not compare every row's version either.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hami_ray.core.model import FULL_CORES, DeviceMode, Node
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+CHANGE_LOG = 1 << 16  # version moves remembered by changed_since (a cache older than that rescans)
 
 
 class CapacityIndex:
@@ -31,6 +33,9 @@ class CapacityIndex:
         self._model_ids: dict[str, int] = {}
         self._free_rows: list[int] = []
         self.tags: list[dict[str, int]] = []  # per row: slices by shape tag ("share-gpu", "2-gpu")
+        self.inventory = 0  # moves on whenever a node is put or dropped: capacity caches key on it
+        self.changes: list[int] = []  # rows in the order their version moved (the last CHANGE_LOG at least)
+        self.changed = 0  # version moves ever: a cache that saw ``changed == m`` refreshes changed_since(m)
         self._alloc(0, 0)
 
     # --- storage -----------------------------------------------------------------------------
@@ -130,7 +135,8 @@ class CapacityIndex:
         self.node_core_cap[row] = self.core_cap[row].sum()
         self.node_slot_cap[row] = self.slot_cap[row].sum()
         self.node_mem_used[row] = self.node_core_used[row] = self.node_slot_used[row] = 0
-        self.version[row] += 1
+        self._moved(row)
+        self.inventory += 1
         return row
 
     def drop_node(self, name: str) -> None:
@@ -140,7 +146,8 @@ class CapacityIndex:
         for arr in (self.node_mem_cap, self.node_mem_used, self.node_core_cap, self.node_core_used,
                     self.node_slot_cap, self.node_slot_used):
             arr[row] = 0
-        self.version[row] += 1
+        self._moved(row)
+        self.inventory += 1
         self.names[row] = ""
         self._free_rows.append(row)
 
@@ -173,7 +180,23 @@ class CapacityIndex:
     def add_host(self, row: int, cpu: int, hmem: int, sign: int) -> None:
         self.cpu_used[row] += sign * cpu
         self.hmem_used[row] += sign * hmem
+        self._moved(row)
+
+    def _moved(self, row: int) -> None:
         self.version[row] += 1
+        self.changes.append(row)
+        self.changed += 1
+        if len(self.changes) > 2 * CHANGE_LOG:
+            del self.changes[:CHANGE_LOG]
+
+    def changed_since(self, mark: int) -> list[int] | None:
+        """Rows whose version moved after :attr:`changed` was ``mark`` (a row may repeat), or None when
+        that is longer ago than the log remembers.
+
+        Example: ``m = index.changed; ledger.allocate(lease); index.changed_since(m)`` -> ``[row]``.
+        """
+        start = len(self.changes) - (self.changed - mark)
+        return None if start < 0 else self.changes[start:]
 
     @property
     def size(self) -> int:

@@ -6,6 +6,7 @@ Called by the Ray user API at ``.remote()``/``.options()`` time, so that bad inp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from hami_ray.core.errors import InvalidRequest
@@ -16,8 +17,10 @@ from hami_ray.core.units import parse_cores, parse_count, parse_memory
 
 KEYWORDS = frozenset({
     "gpus", "gpu_memory", "gpu_cores", "gpu_type", "exclude_gpu_type", "gpu_uuid", "exclude_gpu_uuid",
-    "numa_bind", "priority", "node_policy", "device_policy", "vendor", "isolation", "num_gpus",
+    "numa_bind", "priority", "node_policy", "device_policy", "vendor", "isolation", "num_gpus", "queue",
+    "preemptible",
 })
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(/[A-Za-z0-9][A-Za-z0-9._-]{0,62})*$")
 
 
 def _num_gpus(value: object) -> dict[str, object]:
@@ -60,10 +63,12 @@ def _names(value: object, field: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def slice_request(options: Mapping[str, object]) -> SliceRequest:
+def slice_request(options: Mapping[str, object], default_queue: str | None = None) -> SliceRequest:
     """Validate ``@hami_ray.remote`` keywords and build the request.
 
-    Example: ``slice_request({"gpus": 1, "gpu_memory": "8GiB", "gpu_cores": 30})``.
+    Example: ``slice_request({"gpus": 1, "gpu_memory": "8GiB", "gpu_cores": 30, "queue": "org/team-a"})``.
+    ``default_queue``: the queue when ``queue`` is not given (the job's ``$HAMI_RAY_QUEUE``, which the Ray
+    API reads); None: ``default``. Whether the queue exists is the placement actor's to say.
 
     Raises:
         InvalidRequest: an unknown keyword or any malformed value (the field is named).
@@ -109,4 +114,13 @@ def slice_request(options: Mapping[str, object]) -> SliceRequest:
         fields["vendor"] = vendor.strip()
     if options.get("isolation") is not None:
         fields["isolation"] = isolation(options["isolation"])
+    queue = options.get("queue") if options.get("queue") is not None else default_queue
+    if queue is not None and queue != "":
+        if not isinstance(queue, str) or len(queue) > 253 or not _QUEUE_NAME.match(queue):
+            raise InvalidRequest("queue", f"expected a queue name such as 'org/team-a', got {queue!r}")
+        fields["queue"] = queue
+    preemptible = options.get("preemptible", True)
+    if not isinstance(preemptible, bool):
+        raise InvalidRequest("preemptible", f"expected True or False, got {preemptible!r}")
+    fields["preemptible"] = preemptible
     return SliceRequest.model_validate(fields)

@@ -8,19 +8,28 @@
   actors say which Kubernetes node they run on (``$HAMI_RAY_K8S_NODE``); a pod's lease is held there as
   ``holder="pod"`` until the bridge frees it.
 
-A pod's lease id is ``pod-<uid>``, its token the pod's uid.
+A pod's lease id is ``pod-<uid>``, its token the pod's uid. Its requests carry its queue, priority and
+preemptibility (:mod:`hami_ray.k8s.queueing`), and so does its Lease.
+
+Team queues (issue 14): the inventory that holds the ledger counts each queue's usage
+(:class:`~hami_ray.core.queues.QueueBook`) and plans preemptions over it; the bridge orders waiting pods
+by that book and evicts the pod victims of a plan. :class:`AnnotationInventory` does all of it in this
+process; :class:`RayInventory` leaves it to the placement actor (not wired yet: see its methods).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from hami_ray.core.codec import devices_from_register
-from hami_ray.core.errors import HamiRayError
+from hami_ray.core.errors import HamiRayError, TemporaryError
 from hami_ray.core.ledger import Ledger
-from hami_ray.core.model import Allocation, ClusterSnapshot, DeviceGrant, Lease, LeaseState, Node, SliceRequest
+from hami_ray.core.model import (DEFAULT_QUEUE, Allocation, ClusterSnapshot, DeviceGrant, Lease, LeaseState, Node,
+                                 SliceRequest)
+from hami_ray.core.queues import Preemption, QueueBook, QueueTree
 from hami_ray.core.scheduler import Scheduler
 from hami_ray.core.vendors import NVIDIA_SCORE_ANNOTATION, NVIDIA_VENDOR, VENDORS, Vendor
 
@@ -41,9 +50,13 @@ class Inventory(Protocol):
     def remove_node(self, name: str) -> None: ...
 
     def place(self, uid: str, owner: str, requests: Sequence[SliceRequest], nodes: Collection[str]) -> Allocation:
-        """Hold the slices of a pod's containers on one of ``nodes``. Raises Unschedulable/InvalidRequest."""
+        """Hold the slices of a pod's containers on one of ``nodes``, in the queue, priority and
+        preemptibility the requests carry. Raises Unschedulable/InvalidRequest, or TemporaryError when the
+        queue's limit holds them back."""
 
-    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]]) -> bool:
+    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
+              queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,
+              created_at: float = 0.0) -> bool:
         """Hold what a pod was given before (its allocation annotation); False if ``node`` is unknown here.
         Raises HamiRayError when the slices cannot be held there."""
 
@@ -59,6 +72,32 @@ class Inventory(Protocol):
 
     def snapshot(self) -> ClusterSnapshot: ...
 
+    def validate(self, requests: Sequence[SliceRequest]) -> None:
+        """Refuse requests no device or node here could ever hold, whatever its load (a pod told at once
+        instead of blocking its queue's line). Raises InvalidRequest."""
+
+    def set_queues(self, tree: QueueTree) -> None:
+        """Use these queue definitions from now on; live leases keep their queues.
+
+        Raises:
+            QueueConfigError: a queue that still holds leases is missing (the old definitions stay).
+        """
+
+    def queue_book(self) -> QueueBook | None:
+        """The per-queue usage waiting pods are ordered and admitted by (over this inventory's ledger), or
+        None where the ledger is elsewhere (Ray: the placement actor's)."""
+
+    def plan_preemption(self, uid: str, requests: Sequence[SliceRequest], nodes: Collection[str],
+                        spare: Collection[str]) -> Preemption | None:
+        """The slices (pods', and with Ray, tasks') whose release would let the pod ``uid``'s ``requests``
+        (their queue and priority) fit on one of ``nodes``, never taking a lease id in ``spare``; None when
+        no plan exists. Plans only: nothing is freed."""
+
+    def preempt(self, plan: Preemption) -> list[str]:
+        """Start ``plan``: victims this inventory stops itself (Ray tasks and actors: ``SlicePreempted``
+        through their node actor) are told; returns the uids of the pod victims, which the bridge evicts.
+        Their leases stay held until each victim is gone, so nothing is double-booked."""
+
 
 class AnnotationInventory:
     """A ledger in this process, its nodes from HAMi's register annotations (every vendor's key)."""
@@ -68,6 +107,7 @@ class AnnotationInventory:
         self.scheduler = Scheduler(self.ledger)
         self.vendors = tuple(v for v in vendors if v.register)
         self._seen: dict[str, tuple[str | None, ...]] = {}  # node -> the annotations it was built from
+        self.book = QueueBook(QueueTree(), self.ledger)  # `default` alone until set_queues
 
     def set_node(self, name: str, annotations: dict[str, str]) -> bool:
         key = (annotations.get(NVIDIA_SCORE_ANNOTATION), *(annotations.get(v.register or "") for v in self.vendors))
@@ -83,38 +123,56 @@ class AnnotationInventory:
                 devices.extend(devices_from_register(value, score, vendor=vendor.type_word))
             except HamiRayError:
                 self._seen.pop(name, None)
-                if name in self.ledger.nodes:
-                    self.ledger.remove_node(name)
+                self.remove_node(name)
                 raise
         self._seen[name] = key
         new = Node(name=name, devices=tuple(devices))
         if name in self.ledger.nodes and self.ledger.node(name) == new:
             return False
-        self.ledger.add_node(new)
+        for lost in self.ledger.add_node(new):
+            self.book.drop(lost.lease_id)
         return True
 
     def remove_node(self, name: str) -> None:
         self._seen.pop(name, None)
         if name in self.ledger.nodes:
-            self.ledger.remove_node(name)
+            for lost in self.ledger.remove_node(name):
+                self.book.drop(lost.lease_id)
 
     def place(self, uid: str, owner: str, requests: Sequence[SliceRequest], nodes: Collection[str]) -> Allocation:
         allocation = self.scheduler.place(requests, nodes=nodes)
-        self.ledger.allocate(Lease(lease_id=lease_id_of(uid), owner=owner, token=uid, allocation=allocation,
-                                   state=LeaseState.ACTIVE, holder="pod"))
+        first = requests[0]
+        why = self.book.over_limit(first.queue, allocation)  # its least size was checked; this is what it takes
+        if why is not None:
+            raise TemporaryError(why)
+        lease = self.ledger.allocate(Lease(
+            lease_id=lease_id_of(uid), owner=owner, token=uid, allocation=allocation, state=LeaseState.ACTIVE,
+            holder="pod", queue=first.queue, priority=first.priority,
+            preemptible=all(r.preemptible for r in requests), created_at=time.time()))
+        self.book.hold(lease)
         return allocation
 
-    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]]) -> bool:
+    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
+              queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,
+              created_at: float = 0.0) -> bool:
         if node not in self.ledger.nodes:
             return False
         if lease_id_of(uid) not in self.ledger.leases:
-            self.ledger.allocate(Lease(lease_id=lease_id_of(uid), owner=owner, token=uid, state=LeaseState.ACTIVE,
-                                       allocation=Allocation(node=node, slices=tuple(tuple(c) for c in slices)),
-                                       holder="pod"))
+            if queue not in self.book.tree:  # a namespace naming a queue not defined (yet): counted somewhere
+                log.warning("pod %s: queue %r is not defined; its slices count in %s", owner, queue, DEFAULT_QUEUE)
+                queue = DEFAULT_QUEUE
+            lease = self.ledger.allocate(Lease(
+                lease_id=lease_id_of(uid), owner=owner, token=uid, state=LeaseState.ACTIVE,
+                allocation=Allocation(node=node, slices=tuple(tuple(c) for c in slices)), holder="pod",
+                queue=queue, priority=priority, preemptible=preemptible, created_at=created_at))
+            self.book.hold(lease)
         return True
 
     def release(self, uid: str) -> bool:
-        return self.ledger.release(lease_id_of(uid)) is not None if self.holds(uid) else False
+        if not self.holds(uid):
+            return False
+        self.book.drop(lease_id_of(uid))
+        return self.ledger.release(lease_id_of(uid)) is not None
 
     def holds(self, uid: str) -> bool:
         return lease_id_of(uid) in self.ledger.leases
@@ -127,6 +185,25 @@ class AnnotationInventory:
 
     def snapshot(self) -> ClusterSnapshot:
         return self.ledger.snapshot()
+
+    def validate(self, requests: Sequence[SliceRequest]) -> None:
+        for request in requests:
+            self.scheduler.validate(request)
+
+    def set_queues(self, tree: QueueTree) -> None:
+        self.book.apply(tree)
+
+    def queue_book(self) -> QueueBook | None:
+        return self.book
+
+    def plan_preemption(self, uid: str, requests: Sequence[SliceRequest], nodes: Collection[str],
+                        spare: Collection[str]) -> Preemption | None:
+        first = requests[0]
+        return self.book.plan_preemption(self.scheduler, requests, first.queue, first.priority, nodes=nodes,
+                                         spare=spare)
+
+    def preempt(self, plan: Preemption) -> list[str]:
+        return [v.lease_id.removeprefix("pod-") for v in plan.victims if v.lease_id.startswith("pod-")]
 
 
 class RayInventory:
@@ -172,9 +249,12 @@ class RayInventory:
         self._held[uid] = grant["k8s_node"]
         return lease.allocation.model_copy(update={"node": grant["k8s_node"]})
 
-    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]]) -> bool:
+    def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
+              queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,
+              created_at: float = 0.0) -> bool:
         ok = bool(self._get(self.placement.adopt_pod.remote(
-            lease_id_of(uid), uid, owner, node, [[g.model_dump(mode="json") for g in c] for c in slices])))
+            lease_id_of(uid), uid, owner, node, [[g.model_dump(mode="json") for g in c] for c in slices],
+            queue, priority, preemptible)))
         if ok:
             self._held[uid] = node
         return ok
@@ -196,3 +276,30 @@ class RayInventory:
     def snapshot(self) -> ClusterSnapshot:
         snap = ClusterSnapshot.model_validate(self._ray.get(self.placement.status.remote())["snapshot"])
         return snap
+
+    # Team queues live in the placement actor (``hami-ray queues apply``), which orders Ray tasks and pods
+    # in one book and checks a pod's queue limit when it places it; it plans preemptions for pods too.
+    def validate(self, requests: Sequence[SliceRequest]) -> None:
+        """Nothing here: the placement actor refuses such a request when it is placed."""
+
+    def set_queues(self, tree: QueueTree) -> None:
+        raise NotImplementedError("with the Ray inventory the placement actor keeps the queue definitions: "
+                                  "apply them with `hami-ray queues apply FILE`, not the bridge's --queues")
+
+    def queue_book(self) -> QueueBook | None:
+        return None
+
+    def plan_preemption(self, uid: str, requests: Sequence[SliceRequest], nodes: Collection[str],
+                        spare: Collection[str]) -> Preemption | None:
+        """The placement actor plans over its ledger (pods and Ray work) and starts the plan at once: Ray
+        victims get their notice now, so :meth:`preempt` only names the pods to evict."""
+        answer = self._get(self.placement.preempt_for_pod.remote(
+            lease_id_of(uid), [r.model_dump(mode="json") for r in requests], sorted(nodes), sorted(spare)))
+        if answer is None:
+            return None
+        plan = answer["plan"]
+        return Preemption(tuple(Lease.model_validate(v) for v in plan["victims"]), plan["node"], plan["reason"],
+                          plan["for_queue"])
+
+    def preempt(self, plan: Preemption) -> list[str]:
+        return [v.lease_id.removeprefix("pod-") for v in plan.victims if v.holder == "pod"]

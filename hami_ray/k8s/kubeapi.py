@@ -172,6 +172,20 @@ class Informer:
             log.exception("%s: %s %s not handled", self.name, kind, (obj.get("metadata") or {}).get("name"))
 
 
+def follow_all(informers: list[Informer], stop: threading.Event) -> None:
+    """List each informer's objects in order (retrying until the API server answers, or ``stop``), then
+    keep it by watch in a daemon thread of its own; returns once the first lists are in."""
+    for informer in informers:
+        while not stop.is_set():
+            try:
+                informer.relist()
+                break
+            except Exception as exc:  # noqa: BLE001 - the API server is not there yet
+                log.warning("listing %s: %s", informer.name, exc)
+                stop.wait(1.0)
+        threading.Thread(target=informer.run, args=(stop,), name=f"hami-ray-{informer.name}", daemon=True).start()
+
+
 def pod_path(obj: dict[str, Any], sub: str = "") -> str:
     """A pod's API path (``/api/v1/namespaces/ns/pods/name``) + ``sub`` (``/binding``, ``/status``)."""
     meta = obj["metadata"]

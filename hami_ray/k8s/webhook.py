@@ -9,15 +9,22 @@ answer allows it with a JSONPatch, or denies it with a reason (hami.md §2.2):
   are given; ``nvidia.com/gpucores: 100`` when whole GPUs are asked without cores (no ``gpumem``, or a
   percentage of 100); ``CUDA_TASK_PRIORITY`` from ``nvidia.com/priority``;
 - denied: a ``gpumem-percentage`` outside 0-100, a privileged container in a pod that asks for
-  devices, a pod that already names its node, a resource value that is not a number.
+  devices, a pod that already names its node, a resource value that is not a number;
+- with team queues (``--queues FILE``, a :class:`~hami_ray.k8s.quota.QueueQuota`), a pod with devices for
+  this scheduler is also denied when its namespace names a queue that is not defined, or when its queue
+  would go over its limit with it (the message names the queue and the limit). That is a point-in-time
+  check, as ResourceQuota's: usage is counted from the bound pods the webhook has seen, and the scheduler
+  still enforces the limit.
 
 Bad input never stops the server: a body that is not JSON or not an AdmissionReview gets a 400 with
-the reason; anything else that cannot be read is denied with the reason. The webhook calls nothing.
+the reason; anything else that cannot be read is denied with the reason. Without queues the webhook
+calls nothing; with them it follows nodes, namespaces and pods.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 import ssl
@@ -31,6 +38,7 @@ from hami_ray.core.errors import HamiRayError
 from hami_ray.core.hami import parse_quantity
 from hami_ray.core.vendors import NVIDIA_VENDOR, RESOURCE_INDEX
 from hami_ray.k8s.jsonhttp import NO_BODY, JsonHandler, serve_tls
+from hami_ray.k8s.quota import QueueQuota
 
 log = logging.getLogger(__name__)
 PATHS = ("/mutate", "/webhook")
@@ -41,8 +49,9 @@ class Denied(Exception):
 
 
 def mutate(review: Mapping[str, Any], scheduler_name: str = "hami-scheduler",
-           force_overwrite_default: bool = True) -> dict[str, Any]:
-    """The AdmissionReview response for ``review`` (a dict parsed from the request body).
+           force_overwrite_default: bool = True, quota: QueueQuota | None = None) -> dict[str, Any]:
+    """The AdmissionReview response for ``review`` (a dict parsed from the request body); ``quota``: the
+    team queues' check (see the module).
 
     Raises:
         ValueError: ``review`` is not an AdmissionReview with a request and its uid.
@@ -64,6 +73,13 @@ def mutate(review: Mapping[str, Any], scheduler_name: str = "hami-scheduler",
         if not isinstance(pod, Mapping):
             raise Denied("the request carries no pod object")
         patch = pod_patch(pod, scheduler_name, force_overwrite_default)
+        if quota is not None:
+            created = _patched(pod, patch)  # as it will be: with the defaults added above
+            if (created.get("spec") or {}).get("schedulerName") == scheduler_name:
+                namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+                why = quota.check(str(namespace), created)
+                if why is not None:
+                    raise Denied(why)
     except Denied as exc:
         response["allowed"] = False
         response["status"] = {"code": 403, "reason": "Forbidden", "message": f"hami-ray: {exc}"}
@@ -171,6 +187,22 @@ def _container_patch(container: Mapping[str, Any], path: str) -> list[dict[str, 
     return ops
 
 
+def _patched(pod: Mapping[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of ``pod`` with :func:`pod_patch`'s ``add`` operations applied (RFC 6902 ``add``)."""
+    doc: dict[str, Any] = copy.deepcopy(dict(pod))
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        target: Any = doc
+        for part in parts[:-1]:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        last = parts[-1]
+        if isinstance(target, list):
+            target.insert(len(target) if last == "-" else int(last), op["value"])
+        else:
+            target[last] = op["value"]
+    return doc
+
+
 def _escape(key: str) -> str:
     """A JSON Pointer token (RFC 6901): ``~`` and ``/`` escaped."""
     return key.replace("~", "~0").replace("/", "~1")
@@ -189,7 +221,8 @@ class _Handler(JsonHandler):
         if review is NO_BODY:
             return
         try:
-            answer = mutate(review, self.server.scheduler_name, self.server.force_overwrite_default)
+            answer = mutate(review, self.server.scheduler_name, self.server.force_overwrite_default,
+                            self.server.quota)
         except (ValueError, TypeError) as exc:  # not an AdmissionReview
             self.send_json(400, {"error": str(exc)})
             return
@@ -207,15 +240,17 @@ class _Handler(JsonHandler):
 
 
 class WebhookServer(ThreadingHTTPServer):
-    """The webhook over HTTPS (``cert``/``key``: PEM files); ``address`` once it listens."""
+    """The webhook over HTTPS (``cert``/``key``: PEM files); ``address`` once it listens. ``quota``: the team
+    queues' check (following the cluster already: :meth:`QueueQuota.follow`)."""
 
     daemon_threads = True
 
     def __init__(self, host: str, port: int, cert: str, key: str, scheduler_name: str = "hami-scheduler",
-                 force_overwrite_default: bool = True) -> None:
+                 force_overwrite_default: bool = True, quota: QueueQuota | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.scheduler_name = scheduler_name
         self.force_overwrite_default = force_overwrite_default
+        self.quota = quota
         try:
             serve_tls(self, cert, key)
         except (OSError, ssl.SSLError):

@@ -166,6 +166,38 @@ class StatusCollector(Collector):
             for word, n in sorted(counts.items()):
                 by_grade.add_metric([node.name, word, *z], n)
         yield from (fragmentation, queue, leases, lost, enforced, cluster, grade, degraded, by_grade)
+        yield from _queues(status, z)
+
+
+_QUEUE_AMOUNTS = (("guaranteed", "What the queue gets back by reclaiming when it needs it"),
+                  ("limit", "What the queue's subtree never exceeds (absent: unbounded)"),
+                  ("used", "What the queue's subtree holds"),
+                  ("borrowed", "What the queue holds beyond its guarantee"))
+_RESOURCE_UNITS = (("memory_mib", "memory", MIB), ("cores", "cores", 1), ("devices", "devices", 1))
+
+
+def _queues(status: ClusterStatus, z: list[str]) -> Iterator[Metric]:
+    """Per team queue: guaranteed, limit, used, borrowed (by resource: memory in bytes, cores in percent of a
+    device, whole devices), waiting requests, and slices preempted from it (a counter since the placement
+    actor started). Labels are queue names, which operators define: bounded."""
+    amounts = {kind: _gauge(f"hami_ray_queue_{kind}", f"{doc}, by resource (memory in bytes, cores in percent "
+                            "of a device, whole devices).", ("queue", "resource")) for kind, doc in _QUEUE_AMOUNTS}
+    waiting = _gauge("hami_ray_queue_waiting", "Requests waiting in the queue's subtree.", ("queue",))
+    share = _gauge("hami_ray_queue_share", "Weighted dominant share against the guarantee (waiting work of the "
+                   "lowest share is served first; above 1: borrowing).", ("queue",))
+    preempted = CounterMetricFamily("hami_ray_queue_preempted", "Slices preempted from the queue.",
+                                    labels=["queue", *ZONE])
+    for q in status.queues:
+        for kind, values in (("guaranteed", q.guaranteed), ("limit", q.limit), ("used", q.used),
+                             ("borrowed", q.borrowed)):
+            for key, word, unit in _RESOURCE_UNITS:
+                if kind == "limit" and key not in values:
+                    continue
+                amounts[kind].add_metric([q.queue, word, *z], values.get(key, 0) * unit)
+        waiting.add_metric([q.queue, *z], q.waiting)
+        share.add_metric([q.queue, *z], q.share)
+        preempted.add_metric([q.queue, *z], q.preempted)
+    yield from (*amounts.values(), waiting, share, preempted)
 
 
 def _version() -> str:

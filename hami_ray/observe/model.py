@@ -69,13 +69,34 @@ class NodeStatus(_Model):
 
 
 class Waiting(_Model):
-    """A request in the queue: who asked, for what, and why it does not fit now."""
+    """A request in the queue: who asked, for what, its team queue, and why it does not fit now."""
 
     owner: str
     request: str
     priority: int
     waited_s: float
     reason: str
+    queue: str = "default"
+
+
+class QueueStatus(_Model):
+    """A team queue (:mod:`hami_ray.core.queues`): amounts are ``{"memory_mib", "cores", "devices"}``;
+    ``limit`` has only the resources it bounds. ``preempted``: slices taken from it so far; ``reclaiming``:
+    preemptions under way for its waiting work."""
+
+    queue: str
+    parent: str | None = None
+    leaf: bool = True
+    weight: float = 1.0
+    preemptible: bool = True
+    guaranteed: Mapping[str, int] = {}
+    limit: Mapping[str, int] = {}
+    used: Mapping[str, int] = {}
+    borrowed: Mapping[str, int] = {}
+    share: float = 0.0
+    waiting: int = 0
+    preempted: int = 0
+    reclaiming: int = 0
 
 
 class Summary(_Model):
@@ -109,6 +130,7 @@ class ClusterStatus(_Model):
     waiting: tuple[Waiting, ...] = ()
     lost: tuple[Lease, ...] = ()
     enforcement: Mapping[str, int] = {}  # action ("interrupted", "killed") -> count since the node actors started
+    queues: tuple[QueueStatus, ...] = ()
 
     def node(self, name: str) -> NodeStatus:
         return next(n for n in self.nodes if n.name == name)
@@ -120,7 +142,8 @@ class ClusterStatus(_Model):
 def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None = None, queue_depth: int = 0,
                  waiting: Sequence[Mapping[str, Any]] = (), fragments: Mapping[str, tuple[float, float]] | None = None,
                  lost: Sequence[Lease] = (), enforcement: Mapping[str, int] | None = None,
-                 isolation: Mapping[str, Any] | None = None, taken_at: float | None = None) -> ClusterStatus:
+                 isolation: Mapping[str, Any] | None = None, taken_at: float | None = None,
+                 queues: Sequence[Mapping[str, Any]] = ()) -> ClusterStatus:
     """The status of a cluster.
 
     Args:
@@ -195,7 +218,7 @@ def build_status(snapshot: ClusterSnapshot, *, usage: Mapping[str, Any] | None =
         fragmentation=sum(n.fragment_milli for n in nodes) / idle_total if idle_total else 0.0)
     return ClusterStatus(taken_at=time.time() if taken_at is None else taken_at, summary=summary, nodes=tuple(nodes),
                          leases=snapshot.leases, waiting=tuple(Waiting(**w) for w in waiting), lost=tuple(lost),
-                         enforcement=dict(enforcement or {}))
+                         enforcement=dict(enforcement or {}), queues=tuple(QueueStatus(**q) for q in queues))
 
 
 def status_json(status: ClusterStatus) -> dict[str, Any]:
@@ -215,4 +238,4 @@ def status_from(data: Mapping[str, Any]) -> ClusterStatus:
         queue_depth=int(data.get("queue_depth", 0)), waiting=data.get("waiting", ()),
         fragments={k: (float(v[0]), float(v[1])) for k, v in (data.get("fragments") or {}).items()},
         lost=[Lease.model_validate(x) for x in data.get("lost", ())], enforcement=data.get("enforcement"),
-        isolation=data.get("isolation"))
+        isolation=data.get("isolation"), queues=data.get("queues", ()))

@@ -1,7 +1,8 @@
 """The status view (``hami-ray status``): a rich rendering of :class:`~hami_ray.observe.model.ClusterStatus`.
 
 From the top: the cluster summary (devices, allocated and used memory as bars, FGD fragmentation, leases,
-queue), the waiting requests and why they wait, then per node its devices: model, memory allocated
+queue), the team queues once any are defined (guaranteed, limit, used, borrowed, share, waiting,
+preempted), the waiting requests and why they wait, then per node its devices: model, memory allocated
 (``▓``) and used (``█``) against capacity, cores allocated and utilisation, slices against the split
 count, health, and under each device its slices with owner, limits and usage. Readable at 80 columns;
 a large cluster is summarised by device model and shown a page of nodes at a time (busiest first),
@@ -11,12 +12,13 @@ a large cluster is summarised by device model and shown a page of nodes at a tim
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from hami_ray.observe.model import ClusterStatus, DeviceStatus, NodeStatus
+from hami_ray.observe.model import ClusterStatus, DeviceStatus, NodeStatus, QueueStatus
 
 PER_PAGE = 20  # nodes per page
 SHOW_SLICES = 8  # slices listed under one device (the rest counted)
@@ -47,6 +49,8 @@ def render(status: ClusterStatus, *, width: int = 80, node: str | None = None, d
     """The whole view for a terminal ``width`` columns wide."""
     bar_w = 10 if width < 100 else 20
     parts: list[RenderableType] = [_summary(status, bar_w)]
+    if any(q.queue != "default" for q in status.queues):
+        parts.append(queues_table(status.queues))
     if status.waiting:
         parts.append(_waiting(status, width))
     nodes = list(status.nodes)
@@ -125,6 +129,38 @@ def _summary(status: ClusterStatus, bar_w: int) -> RenderableType:
     return Group(head, line)
 
 
+def _amount(values: Mapping[str, int], of: Mapping[str, int] | None = None) -> str:
+    """``"80 GiB 100c 1d"``: memory, cores, whole devices (zeros left out; ``of``: only the keys it has)."""
+    keys = [k for k in ("memory_mib", "cores", "devices") if of is None or k in of]
+    parts = []
+    for k in keys:
+        v = values.get(k, 0)
+        if not v and of is None:
+            continue
+        parts.append(f"{_gib(v)} GiB" if k == "memory_mib" else f"{v}{'c' if k == 'cores' else 'd'}")
+    return " ".join(parts) or "-"
+
+
+def queues_table(queues: Sequence[QueueStatus]) -> RenderableType:
+    """Team queues: guaranteed, limit, used, borrowed, share, waiting and preempted (``hami-ray queues``,
+    and above the nodes in ``hami-ray status`` once queues are defined)."""
+    table = Table(title="queues", title_justify="left", expand=False, show_edge=False, pad_edge=False)
+    for col in ("queue", "guaranteed", "limit", "used", "borrowed", "share", "wait", "preempted"):
+        table.add_column(col, justify="right" if col in ("share", "wait", "preempted") else "left", no_wrap=True)
+    depth = {q.queue: 0 for q in queues}
+    for q in queues:
+        depth[q.queue] = depth.get(q.parent or "", -1) + 1 if q.parent else 0
+    for q in queues:
+        name = "  " * depth[q.queue] + (q.queue.rsplit("/", 1)[-1] if q.parent else q.queue)
+        borrowed = _amount(q.borrowed)
+        preempted = str(q.preempted) + (f" ({q.reclaiming} reclaiming)" if q.reclaiming else "")
+        table.add_row(Text(name, style="" if q.preemptible else "bold"), _amount(q.guaranteed),
+                      _amount(q.limit, q.limit) if q.limit else "-", _amount(q.used),
+                      Text(borrowed, style="yellow" if borrowed != "-" else ""), f"{q.share:.2f}", str(q.waiting),
+                      preempted)
+    return table
+
+
 def _waiting(status: ClusterStatus, width: int) -> RenderableType:
     table = Table(title=f"waiting ({status.summary.queue_depth})", title_justify="left", expand=False,
                   show_edge=False, pad_edge=False)
@@ -133,7 +169,8 @@ def _waiting(status: ClusterStatus, width: int) -> RenderableType:
     table.add_column("s", justify="right")
     table.add_column("why", overflow="ellipsis", no_wrap=True, max_width=max(20, width - 64))
     for w in status.waiting[:5]:
-        table.add_row(w.owner, w.request, f"{w.waited_s:.0f}", w.reason)
+        table.add_row(Text(w.owner if w.queue == "default" else f"{w.owner} [{w.queue}]"), w.request, f"{w.waited_s:.0f}",
+                      w.reason)
     return table
 
 

@@ -37,10 +37,11 @@ from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.fastpath import PlacementCalls
 from hami_ray.runtime.lanes import LaneClient, lanes_enabled
-from hami_ray.runtime.placement import PLACEMENT_NAME, PlacementActor, slice_meta  # noqa: F401 - slice_meta: gangs
+from hami_ray.runtime.placement import PLACEMENT_NAME, PREEMPT_GRACE_S, PlacementActor, slice_meta  # noqa: F401 - slice_meta: gangs
 from hami_ray.runtime.worker import (
     NAMESPACE,
     current_slice,
+    job_queue,
     pid_namespace,
     report_simulated_memory,
     slice_actor_class,
@@ -48,8 +49,12 @@ from hami_ray.runtime.worker import (
 
 RAY_TASK_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_retries", "retry_exceptions",
                               "runtime_env", "max_calls"})
-RAY_ACTOR_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_restarts", "max_concurrency",
-                               "runtime_env", "lifetime"})
+RAY_ACTOR_OPTIONS = frozenset({"num_cpus", "memory", "resources", "name", "max_restarts", "max_task_retries",
+                               "max_concurrency", "runtime_env", "lifetime"})
+
+
+def _request(options: dict[str, Any]) -> SliceRequest:
+    return slice_request(options, default_queue=job_queue())
 
 
 class NotInitialized(HamiRayError):
@@ -83,7 +88,7 @@ HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 def init(address: str | None = None, *, simulate: str | None = None, state_root: str | None = None,
          simulate_per_node: dict[str, str] | None = None, agent: dict[str, Any] | None = None,
          node: dict[str, Any] | None = None, metrics_port: int | None = _UNSET,
-         **ray_kwargs: Any) -> None:
+         preempt_grace_s: float | None = None, **ray_kwargs: Any) -> None:
     """Connect to Ray (or start a local one) and make sure the hami-ray actors run.
 
     Args:
@@ -99,6 +104,8 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
             ``mps_control`` (``$HAMI_RAY_MPS_CONTROL``).
         metrics_port: where the placement actor serves Prometheus metrics on its node (HAMi's 9395;
             0: any free port, see ``status()``; None: not served).
+        preempt_grace_s: how long a preempted slice's processes may stay after the notice (its running
+            tasks are interrupted at the notice); default 10 s.
         **ray_kwargs: passed to ``ray.init`` when Ray is not initialised yet.
 
     Raises:
@@ -115,9 +122,11 @@ def init(address: str | None = None, *, simulate: str | None = None, state_root:
         "agent": agent or {},
         "node": node or {},
         "metrics_port": DEFAULT_METRICS_PORT if metrics_port is _UNSET else metrics_port,
+        "preempt_grace_s": PREEMPT_GRACE_S if preempt_grace_s is None else float(preempt_grace_s),
     }
     given = {"simulate": simulate, "simulate_for": simulate_per_node, "state_root": state_root, "agent": agent,
-             "node": node, "metrics_port": metrics_port}
+             "node": node, "metrics_port": metrics_port,
+             "preempt_grace_s": None if preempt_grace_s is None else float(preempt_grace_s)}
     # On the head node, as Ray Serve's controller: a placement actor on a worker host would die with that host,
     # and its successor could not know which of that host's leases were lost (the head's death ends the
     # cluster anyway)
@@ -230,7 +239,7 @@ class RemoteFunction:
         ours, self._ray_options = _split(options, RAY_TASK_OPTIONS)
         self._fn = fn
         self._options = options
-        self._request = slice_request(ours)
+        self._request = _request(ours)
         self._request_json = self._request.model_dump(mode="json")
         self._lane_key = json.dumps(self._request_json, sort_keys=True)
         self._fn_ref: Any = None
@@ -272,7 +281,7 @@ class ActorClass:
         options = {k: v for k, v in options.items() if k not in GROUP_OPTIONS}
         ours, self._ray_options = _split(options, RAY_ACTOR_OPTIONS)
         self._cls = cls
-        self._request = slice_request(ours)
+        self._request = _request(ours)
 
     def options(self, **options: Any) -> ActorClass:
         return ActorClass(self._cls, {**self._options, **options})
@@ -285,22 +294,25 @@ class ActorClass:
         grant = ray.get(handle.acquire.remote(self._request.model_dump(mode="json"), owner, time.time()))
         lease = Lease.model_validate(grant["lease"])
         try:
-            return start_actor_in(grant, self._cls, self._ray_options, args, kwargs)
+            return start_actor_in(grant, self._cls, self._ray_options, args, kwargs,
+                                  retake={"request": self._request.model_dump(mode="json"), "owner": owner})
         except Exception:
             ray.get(handle.release.remote(lease.lease_id, lease.token))
             raise
 
 
 def start_actor_in(grant: dict[str, Any], cls: type, ray_options: dict[str, Any], args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-    """Start ``cls`` as an actor in the slice of ``grant``: on its node, with its environment from the start."""
+                   kwargs: dict[str, Any], retake: dict[str, Any] | None = None) -> Any:
+    """Start ``cls`` as an actor in the slice of ``grant``: on its node, with its environment from the start.
+    ``retake`` (``{"request", "owner"}``): what a restart of the actor by Ray (``max_restarts``) asks for,
+    on the same node, when its slice is gone (preempted, or freed with its dead process)."""
     node = grant["lease"]["allocation"]["node"]
     env = {**ray_options.get("runtime_env", {}).get("env_vars", {}), **grant["env"]}
     runtime_env = {**ray_options.get("runtime_env", {}), "env_vars": env}
     opts = {k: v for k, v in ray_options.items() if k != "runtime_env"}
     return ray.remote(slice_actor_class(cls)).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), runtime_env=runtime_env, **opts,
-    ).remote(slice_meta(grant, grant["state_root"]), *args, **kwargs)
+    ).remote({**slice_meta(grant, grant["state_root"]), **({"retake": retake} if retake else {})}, *args, **kwargs)
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -342,11 +354,18 @@ class LeaseHandle:
     def lease_id(self) -> str:
         return self.lease.lease_id
 
+    def preemption(self) -> dict[str, Any] | None:
+        """The preemption notice of this slice, if it is being taken back: ``{"for_queue", "reason",
+        "grace_s", "deadline"}`` (``deadline``: the placement actor's ``time.time()`` when the slice goes).
+        A driver holding a slice asks between steps and stops using the devices before the deadline."""
+        notice: dict[str, Any] | None = ray.get(_handle().lease_notice.remote(self.lease_id))
+        return notice
+
 
 @contextmanager
 def lease(**options: Any) -> Iterator[LeaseHandle]:
     """Hold a slice in the driver: ``with hami_ray.lease(gpu_memory="2GiB") as lease: ...``."""
-    request = slice_request(options)
+    request = _request(options)
     calls = _calls_or_raise()
     context = ray.get_runtime_context()
     job = context.get_job_id()
@@ -427,7 +446,7 @@ class SliceGroup:
 
 
 def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priority: int = 0,
-                name: str = "") -> SliceGroup:
+                name: str = "", queue: str | None = None) -> SliceGroup:
     """Reserve a gang of slices, all or none, like a Ray placement group: ``bundles`` are
     ``@hami_ray.remote`` keywords, one dict per slice. Waits in the queue as one request (``priority``, then
     submission order) and never holds part of the gang while it waits.
@@ -439,6 +458,8 @@ def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priori
         priority: larger is served first.
         name: how operators see its slices' owner (``gang:<name>``; default ``gang:<driver pid>``), as Ray's
             ``placement_group(name=...)``.
+        queue: the team queue the gang is served from, as one request (default: the job's
+            ``$HAMI_RAY_QUEUE``, then ``default``).
 
     Returns:
         The held gang: ``.slices`` (devices and environment of each), ``.nodes``; run work in slice ``i``
@@ -450,7 +471,8 @@ def slice_group(bundles: list[dict[str, Any]], strategy: str = "PACK", *, priori
     """
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise InvalidRequest("priority", f"expected an integer, got {priority!r}")
-    requests = [slice_request({**bundle, "priority": priority}).model_dump(mode="json") for bundle in bundles]
+    extra = {"priority": priority, **({"queue": queue} if queue else {})}
+    requests = [_request({**bundle, **extra}).model_dump(mode="json") for bundle in bundles]
     context = ray.get_runtime_context()
     grants = ray.get(_handle().acquire_group.remote(requests, str(strategy).upper(), f"gang:{name or os.getpid()}",
                                                     "driver", context.get_job_id(), time.time()))
@@ -483,15 +505,34 @@ def metrics_address() -> tuple[str, int] | None:
     return None if port is None else (str(data.get("host", "")), int(port))
 
 
+def apply_queues(text: str) -> list[dict[str, Any]]:
+    """Apply team queue definitions (YAML, see :mod:`hami_ray.core.queues`), as ``hami-ray queues apply``;
+    returns the queues as :func:`queues` does. Kept by the placement actor across its restarts.
+
+    Raises:
+        QueueConfigError: invalid definitions (queue and field named); the old ones stay.
+    """
+    rows: list[dict[str, Any]] = ray.get(_handle().apply_queues.remote(text))
+    return rows
+
+
+def queues() -> list[dict[str, Any]]:
+    """Per team queue: guaranteed, limit, used, borrowed, share, waiting and preempted (amounts in
+    ``{"memory_mib", "cores", "devices"}``)."""
+    rows: list[dict[str, Any]] = ray.get(_handle().queues.remote())
+    return rows
+
+
 def queue_depth() -> int:
     return int(ray.get(_handle().status.remote())["queue_depth"])
 
 
 def check(**options: Any) -> None:
     """Raise now if no node could ever hold this request (``Unschedulable`` with ``never``)."""
-    request: SliceRequest = slice_request(options)
+    request: SliceRequest = _request(options)
     ray.get(_handle().check.remote(request.model_dump(mode="json")))
 
 
 __all__ = ["init", "attach", "NotRunning", "shutdown", "remote", "lease", "status", "current_slice", "queue_depth", "check", "lost_leases",
+           "apply_queues", "queues",
            "NotInitialized", "report_simulated_memory", "slice_group", "SliceGroup"]

@@ -128,7 +128,8 @@ class LaneClient:
                 ref = lane.worker.run_pending.remote(fn_id, [fn_ref], lane.request, owner, lane.submitted, *args,
                                                      **kwargs)
             else:
-                ref = lane.worker.run.remote(fn_id, [fn_ref], lane.meta, lane.env, *args, **kwargs)
+                ref = lane.worker.run.remote(fn_id, [fn_ref], lane.meta, lane.env, {"request": request, "owner": owner},
+                                             *args, **kwargs)
         except Exception:
             self._finished(lane, None)
             raise

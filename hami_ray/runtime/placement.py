@@ -20,11 +20,13 @@ from typing import Any, TypeVar
 
 import ray
 import ray._private.state as ray_state
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
+from hami_ray.core.queues import Preemption, QueueTree
 from hami_ray.observe.metrics import StatusCollector
 from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
@@ -42,6 +44,9 @@ SYNC_S = 1.0
 RESERVE_TRIES = 3
 INFO_TIMEOUT_S = 10.0  # a node actor that does not answer is skipped this round, never waited on forever
 ORPHAN_S = 15.0  # a reservation of an earlier incarnation of this actor that no process claimed
+QUEUES_KEY = "queues"  # Ray's GCS key-value store, namespace hami-ray: the queue definitions last applied
+DEFAULT_TASK_RETRIES = 3  # Ray's default max_retries for tasks
+PREEMPT_GRACE_S = 10.0  # a preempted slice's tasks are interrupted at once and its processes stopped after this
 
 
 class PlacementShell(GangCalls, PodLeases):
@@ -61,6 +66,7 @@ class PlacementShell(GangCalls, PodLeases):
         self._requests: dict[str, SliceRequest] = {}  # parsed requests by their JSON (they repeat)
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
+        self._nominee: str | None = None  # the waiter whose place() runs now (room nominated for it is its own)
         self.decisions_ms: list[float] = []
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
@@ -79,6 +85,8 @@ class PlacementShell(GangCalls, PodLeases):
         await asyncio.shield(self._ready)
 
     async def _start(self) -> None:
+        self.svc.grace_s = float(self.config.get("preempt_grace_s", PREEMPT_GRACE_S))
+        self._load_queues()
         await self._sync_nodes()
         asyncio.get_running_loop().create_task(self._sync_forever())
         host = self._host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
@@ -123,6 +131,10 @@ class PlacementShell(GangCalls, PodLeases):
                 log.warning("node %s left: %d leases lost", node_id, len(lost))
         for node_id in alive:
             handle = self._node_actor(node_id)
+            # Only a lease confirmed before the node actor was asked can be missing because it freed it: one
+            # confirmed meanwhile (its reservation went over the fast path, the question as a Ray call) may
+            # not be in the answer yet, and dropping it would free room the node actor still holds.
+            settled = {x.lease_id for x in self.svc.ledger.leases_on(node_id) if x.state == "active"}
             try:
                 info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                 self._follow_wire(node_id, info.get("wire"))
@@ -131,7 +143,7 @@ class PlacementShell(GangCalls, PodLeases):
                 self._actions[node_id] = dict(info.get("enforcement", {}))
                 self._isolation[node_id] = info.get("isolation")
                 if node_id in self.svc.node_actor and self._regraded(node_id, info["node"]):
-                    self.svc.ledger.add_node(Node.model_validate(info["node"]))  # its grades changed (MPS fell back)
+                    self.svc.refresh_node(Node.model_validate(info["node"]))  # its grades changed (MPS fell back)
                     self.changes += 1
                 if node_id not in self.svc.node_actor:
                     leases = [Lease.model_validate(x) for x in info["leases"]]
@@ -141,7 +153,7 @@ class PlacementShell(GangCalls, PodLeases):
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
                         if truth is None:
-                            if lease.state == "active":  # freed there: finished, reaped, enforced
+                            if lease.lease_id in settled and lease.state == "active":  # freed there: finished, reaped, enforced
                                 self.svc.release(lease.lease_id, None)
                                 self.changes += 1
                         elif self._orphaned(truth):
@@ -204,30 +216,42 @@ class PlacementShell(GangCalls, PodLeases):
 
     # --- queue -------------------------------------------------------------------------------
     def _kick(self) -> None:
-        head = self.svc.head()
-        if head is not None:
-            fut = self._futures.get(head.waiter_id)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        """Wake the waiters that may try now: the head of each line its queue's limit does not hold back,
+        in serving order (fair share, then priority, then submission). Each plans before its first await,
+        so they plan in that order. A head its limit holds back may start a preemption."""
+        for waiter, why in self.svc.heads():
+            if why is None:
+                fut = self._futures.get(waiter.waiter_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif waiter.waiter_id in self._futures:
+                # held back by a limit: an ancestor's that a borrowing sibling fills (a reclaim frees it), or its
+                # own queue's, full of lower priorities (as hami_ray.core.waitlist.serve does)
+                self._preempt_for(waiter)
 
     async def _acquire(self, request: SliceRequest, owner: str, submitted: float,
                        **who: Any) -> tuple[Lease, dict[str, str]]:
         await self._ensure_started()
         self.svc.scheduler.validate(request)  # InvalidRequest; "never fits" comes from the first try below
-        return await self._wait_turn(request, owner, submitted, lambda: self._try_place(request, owner, **who),
+        self.svc.admit([request])  # an unknown queue, or one whose limit the request alone is over: at once
+        return await self._wait_turn(request, owner, submitted, lambda: self._try_place(request, owner, self._nominee, **who),
                                      lambda: self.svc.check(request))
 
     async def _wait_turn(self, request: SliceRequest, owner: str, submitted: float,
                          place: Callable[[], Awaitable[T | None]], check: Callable[[], None],
                          group: Sequence[SliceRequest] = (), strategy: str = "") -> T:
-        """Place now if nobody waits ahead, else queue (priority, then submission) and place at our turn.
-        ``place`` answers None while it does not fit; ``check`` raises for what could never fit."""
+        """Place now if nobody waits in this request's line, else join it (priority, then submission) and place
+        at our turn. A turn that does not fit starts a preemption where the queues allow one (the waiter keeps
+        its place; victims leave after their grace). ``place`` answers None while it does not fit; ``check``
+        raises for what could never fit."""
         waiter: Waiter | None = None
         loop = asyncio.get_running_loop()
+        queue = (group[0] if group else request).queue
         try:
             while True:
-                first = self.svc.head() is None if waiter is None else self.svc.is_first(waiter)
-                if first:
+                mine = not self.svc.line_busy(queue) if waiter is None else self.svc.may_try(waiter)
+                if mine:
+                    self._nominee = None if waiter is None else waiter.key  # read by place() before it awaits
                     placed = await place()
                     if placed is not None:
                         if waiter is not None:  # by identity: others may have queued ahead meanwhile
@@ -236,12 +260,14 @@ class PlacementShell(GangCalls, PodLeases):
                             waiter = None
                         self._kick()  # the next in line may fit too
                         return placed
+                    if waiter is not None:
+                        self._preempt_for(waiter)
                 if waiter is None:
-                    if not first:
+                    if not mine:
                         check()  # never fits: fail now, not when its turn comes
                     waiter = self.svc.enqueue(request, owner, submitted, group, strategy)
-                    if not first and self.svc.is_first(waiter):
-                        continue  # asked before everyone waiting: try now, not at the next kick
+                    if self.svc.may_try(waiter):
+                        continue  # first in its line: try now (and preempt), not at the next kick
                 fut: asyncio.Future[None] = loop.create_future()
                 self._futures[waiter.waiter_id] = fut
                 await fut
@@ -252,8 +278,41 @@ class PlacementShell(GangCalls, PodLeases):
                 self._kick()
             raise
 
-    async def _try_place(self, request: SliceRequest, owner: str, **who: Any) -> tuple[Lease, dict[str, str]] | None:
-        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time(), **who))
+    def _preempt_for(self, waiter: Waiter) -> None:
+        """Start the preemption that makes room for ``waiter``, if the queues allow one and none is under
+        way: each victim's node actor gets the notice (its tasks are interrupted now, the slice goes after the
+        grace); a pod victim is evicted by the Kubernetes bridge (:meth:`evictions`). The victims stay in the
+        ledger until their node actors free them, so the waiter never gets a slice somebody still holds."""
+        plan = self.svc.plan_preemption(waiter)
+        if plan is None:
+            return
+        log.warning("preempting for %s: %s", waiter.owner, plan.describe())
+        self._tell_victims(plan)
+
+    def _tell_victims(self, plan: Preemption) -> None:
+        """Each victim's node actor gets the notice; a pod victim is the Kubernetes bridge's to evict."""
+        grace = float(self.config.get("preempt_grace_s", PREEMPT_GRACE_S))
+        for victim in plan.victims:
+            if victim.holder != "pod":
+                asyncio.get_running_loop().create_task(self._send_preempt(victim, plan.for_queue, plan.reason, grace))
+
+    async def _send_preempt(self, victim: Lease, for_queue: str, reason: str, grace: float) -> None:
+        node = victim.allocation.node
+        try:
+            answer = await self._node_call(node, "preempt", lease_id=victim.lease_id, for_queue=for_queue,
+                                           reason=reason, grace_s=grace)
+        except (RayError, HamiRayError) as exc:  # the node actor is restarting: the sync gives it up or not
+            log.info("preemption notice for %s on %s not told: %s", victim.lease_id, node, exc)
+            self.svc.reclaims.pop(victim.lease_id, None)
+            return
+        if answer is None and victim.lease_id in self.svc.ledger.leases:  # gone there already
+            self.svc.release(victim.lease_id, None)
+            self.changes += 1
+            self._kick()
+
+    async def _try_place(self, request: SliceRequest, owner: str, nominee: str | None = None,
+                         **who: Any) -> tuple[Lease, dict[str, str]] | None:
+        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time(), **who, nominee=nominee))
 
     async def _reserve_planned(self, planner: Callable[[], Plan]) -> tuple[Lease, dict[str, str]] | None:
         """Plan (``planner``: the ledger holds the slice as reserved), then have the node actor confirm it;
@@ -324,7 +383,7 @@ class PlacementShell(GangCalls, PodLeases):
         if not wait:
             await self._ensure_started()
             self.svc.scheduler.validate(req)
-            if self.svc.head() is not None:
+            if self.svc.head() is not None or self.svc.line_busy(req.queue):
                 return {"waiting": self.svc.queue_depth}
             placed = await self._try_place(req, owner, **who)
             return {"waiting": 0} if placed is None else self._grant(*placed)
@@ -380,11 +439,29 @@ class PlacementShell(GangCalls, PodLeases):
 
         The task goes to the shared pool of slice workers with its environment as an argument; if the
         worker it lands on is bound to another slice (CUDA initialised there), once more to a process
-        started with the whole slice environment."""
+        started with the whole slice environment. A task whose slice is preempted (``SlicePreempted``) is
+        run again in a new slice, through the queue, as often as its ``max_retries`` allows (Ray's default
+        for tasks, 3; -1: always), as Ray retries a task whose worker died."""
+        retries = int(options.get("max_retries", DEFAULT_TASK_RETRIES))
+        options = {k: v for k, v in options.items() if k not in ("max_retries", "retry_exceptions")}
+        req = self._request(request)
+        attempt = 0
+        while True:
+            lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted)
+            try:
+                return await self._run_in(lease, env, fn_ref, args, kwargs, options)
+            except RayError as exc:
+                if not isinstance(exc, SlicePreempted) or (0 <= retries <= attempt):
+                    raise
+                attempt += 1
+                log.info("task %s: slice %s preempted; retry %d of %s", owner, lease.lease_id, attempt,
+                         "unlimited" if retries < 0 else retries)
+
+    async def _run_in(self, lease: Lease, env: dict[str, str], fn_ref: list[Any], args: list[Any],
+                      kwargs: list[dict[str, Any]], options: dict[str, Any]) -> Any:
+        """One run of a task in ``lease``'s slice; the slice is freed when it ends, however it ends."""
         from hami_ray.runtime.worker import PROCESS_START_KEYS, WORKER_MARK, WorkerBound, run_in_slice  # noqa: PLC0415
 
-        lease, env = await self._acquire(self._request(request), owner,
-                                         time.time() if submitted is None else submitted)
         grant = self._grant(lease, env)
         user_env = dict(options.get("runtime_env") or {})
         opts = {k: v for k, v in options.items() if k != "runtime_env"}
@@ -409,7 +486,7 @@ class PlacementShell(GangCalls, PodLeases):
             ref = submit({**shared, **env})
             return await ref
         except RayError as exc:
-            if isinstance(exc, SliceQuotaExceeded):
+            if isinstance(exc, (SliceQuotaExceeded, SlicePreempted)):
                 raise  # interrupted by its node actor's verdict: the task's own error says it all
             record = await self._quota_record(lease)
             if record:
@@ -461,7 +538,60 @@ class PlacementShell(GangCalls, PodLeases):
                 "usage": {n: u for n, u in self._usage.items() if n in alive},
                 "isolation": {n: x for n, x in self._isolation.items() if n in alive and x},
                 "fragments": self.svc.fragments(), "waiting": self.svc.waiting(), "enforcement": actions,
+                "queues": self.svc.queue_rows(),
                 "metrics_port": self.metrics_port}
+
+    # --- team queues -------------------------------------------------------------------------
+    def _load_queues(self) -> None:
+        """The definitions last applied (kept in Ray's GCS key-value store, so a restarted placement actor
+        serves the same queues); a stored text that no longer parses is logged and ``default`` alone used."""
+        try:
+            stored = _internal_kv_get(QUEUES_KEY, namespace=NAMESPACE)
+        except Exception as exc:  # noqa: BLE001 - the GCS is not reachable: no queues rather than no placement
+            log.warning("queue definitions not read: %s", exc)
+            return
+        if not stored:
+            return
+        try:
+            self.svc.apply_queues(QueueTree.load(json.loads(stored)))
+        except (ValueError, HamiRayError) as exc:
+            log.error("stored queue definitions refused, using only 'default': %s", exc)
+
+    async def apply_queues(self, text: str) -> list[dict[str, Any]]:
+        """Validate and apply queue definitions (YAML, :mod:`hami_ray.core.queues`), keep them for restarts,
+        and return the queues as :meth:`queues` does.
+
+        Raises:
+            QueueConfigError: the definition is invalid (the queue and field named), or drops a queue that
+                holds slices or waiting requests; the old definitions stay.
+        """
+        await self._ensure_started()
+        tree = QueueTree.parse(text)
+        self.svc.apply_queues(tree)
+        _internal_kv_put(QUEUES_KEY, json.dumps(tree.dump()), overwrite=True, namespace=NAMESPACE)
+        self.changes += 1
+        self._kick()  # limits and shares moved
+        return self.svc.queue_rows()
+
+    async def queues(self) -> list[dict[str, Any]]:
+        """Per queue: guaranteed, limit, used, borrowed, share, waiting, preempted (see
+        :meth:`PlacementService.queue_rows`)."""
+        await self._ensure_started()
+        return self.svc.queue_rows()
+
+    async def lease_notice(self, lease_id: str) -> dict[str, Any] | None:
+        """The preemption under way for ``lease_id`` (for its holder), or None."""
+        reclaim = self.svc.reclaims.get(lease_id)
+        if reclaim is None:
+            return None
+        grace = float(self.config.get("preempt_grace_s", PREEMPT_GRACE_S))
+        return {"for_queue": reclaim.plan.for_queue, "reason": reclaim.plan.reason, "grace_s": grace,
+                "deadline": reclaim.started + grace}
+
+    async def queue_definitions(self) -> list[dict[str, Any]]:
+        """The definitions as applied (YAML-able; ``default`` left out unless defined)."""
+        await self._ensure_started()
+        return self.svc.book.tree.dump()
 
     async def check(self, request: dict[str, Any]) -> None:
         """Raise now if the cluster could never hold ``request`` (InvalidRequest / Unschedulable)."""

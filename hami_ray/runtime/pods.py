@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hami_ray.core.errors import ReservationRefused, Unschedulable
-from hami_ray.core.model import K8S_NODE_LABEL, Allocation, DeviceGrant, Lease, SliceRequest
+from hami_ray.core.model import DEFAULT_QUEUE, K8S_NODE_LABEL, Allocation, DeviceGrant, Lease, SliceRequest
+from hami_ray.core.queues import Preemption
 from hami_ray.runtime.service import PlacementService, Plan
 
 
@@ -51,9 +52,9 @@ class PodLeases:
         reqs = [self._request(r) for r in requests]
         for req in reqs:
             self.svc.scheduler.validate(req)
-        if self.svc.head() is not None:
+        if reqs and self.svc.line_busy(reqs[0].queue):  # never ahead of Ray requests waiting in its own queue
             nodes = len(self.svc.pod_nodes(k8s_nodes))
-            raise Unschedulable(nodes, {f"kept for {self.svc.queue_depth} waiting Ray requests": nodes})
+            raise Unschedulable(nodes, {f"kept for Ray requests waiting in queue {reqs[0].queue}": nodes})
         placed = await self._reserve_planned(lambda: self.svc.plan_pod(reqs, owner, lease_id, token, k8s_nodes))
         if placed is None:
             self.svc.scheduler.place(reqs, nodes=self.svc.pod_nodes(k8s_nodes))  # raises why it did not fit
@@ -62,7 +63,8 @@ class PodLeases:
         return {"lease": lease.model_dump(mode="json"), "k8s_node": self._k8s_name(lease.allocation.node)}
 
     async def adopt_pod(self, lease_id: str, token: str, owner: str, k8s_node: str,
-                        slices: list[list[dict[str, Any]]]) -> bool:
+                        slices: list[list[dict[str, Any]]], queue: str = DEFAULT_QUEUE, priority: int = 0,
+                        preemptible: bool = True) -> bool:
         """Hold the slices a pod was given before (its allocation annotation: a restarted bridge, or a pod
         placed by HAMi's scheduler); False if that Kubernetes node has no node actor here.
 
@@ -78,11 +80,11 @@ class PodLeases:
         allocation = Allocation(node=node_id, slices=tuple(tuple(DeviceGrant.model_validate(g) for g in c)
                                                            for c in slices))
         lease = Lease(lease_id=lease_id, owner=owner, allocation=allocation, token=token, holder="pod",
-                      created_at=time.time())
+                      created_at=time.time(), queue=queue if queue in self.svc.book.tree else DEFAULT_QUEUE,
+                      priority=priority, preemptible=preemptible)
 
         def planner() -> Plan:
-            self.svc.ledger.allocate(lease)
-            return Plan(lease, node_id)
+            return Plan(self.svc.adopt(lease), node_id)
 
         if await self._reserve_planned(planner) is None:
             raise ReservationRefused(f"node {k8s_node} refused the slices of {owner}")
@@ -104,6 +106,37 @@ class PodLeases:
         return {"leases": {x.lease_id: self._k8s_name(x.allocation.node) for x in self.svc.ledger.leases.values()
                            if x.holder == "pod"},
                 "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes}
+
+    async def preempt_for_pod(self, lease_id: str, requests: list[dict[str, Any]], k8s_nodes: list[str],
+                              spare: list[str]) -> dict[str, Any] | None:
+        """Plan and start the preemption that lets a waiting pod fit on one of ``k8s_nodes`` (reclaim for its
+        queue, else a lower priority of its queue), never taking the leases in ``spare``: Ray victims get
+        their notice from their node actors now; the pod victims are the bridge's to evict (returned as
+        ``pods``). Every victim stays in the ledger until it is gone. None: no plan.
+
+        Returns:
+            ``{"plan": {"victims": [...], "node", "reason", "for_queue"}, "pods": [pod uids]}``.
+        """
+        await self._ensure_started()
+        reqs = [self._request(r) for r in requests]
+        if not reqs:
+            return None
+        queue = self.svc.admit(reqs)
+        if any(r.waiter == lease_id for r in self.svc.reclaims.values()):
+            return None
+        with self.svc.others_nominated(lease_id):
+            plan = self.svc.book.plan_preemption(self.svc.scheduler, reqs, queue, max(r.priority for r in reqs),
+                                                 nodes=self.svc.pod_nodes(k8s_nodes), spare={*spare, *self.svc.reclaims})
+        if plan is None:
+            return None
+        self.svc.start_reclaim(plan, lease_id, reqs)
+        self._tell_victims(plan)
+        return {"plan": {"victims": [v.model_dump(mode="json") for v in plan.victims], "node": plan.node,
+                         "reason": plan.reason, "for_queue": plan.for_queue},
+                "pods": [v.lease_id.removeprefix("pod-") for v in plan.victims if v.holder == "pod"]}
+
+    def _tell_victims(self, plan: Preemption) -> None:
+        raise NotImplementedError
 
     async def pod_changes(self) -> int:
         """:attr:`changes` alone (the bridge asks every second whether slices were freed)."""

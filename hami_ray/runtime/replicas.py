@@ -31,7 +31,7 @@ from hami_ray.core.errors import HamiRayError, InvalidRequest
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.placement import PLACEMENT_NAME, slice_meta
-from hami_ray.runtime.worker import NAMESPACE, PROCESS_START_KEYS, enter_slice
+from hami_ray.runtime.worker import NAMESPACE, PROCESS_START_KEYS, enter_slice, job_queue
 
 log = logging.getLogger(__name__)
 GIVE_BACK_TIMEOUT_S = 5.0
@@ -55,7 +55,7 @@ class NodeCannotHold(HamiRayError):
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """hami-ray's slice keywords (validated now) and everything else."""
     ours = {k: v for k, v in options.items() if k in KEYWORDS}
-    return slice_request(ours).model_dump(mode="json"), {k: v for k, v in options.items() if k not in KEYWORDS}
+    return slice_request(ours, default_queue=job_queue()).model_dump(mode="json"), {k: v for k, v in options.items() if k not in KEYWORDS}
 
 
 def take_slice(request: dict[str, Any], owner: str) -> dict[str, Any]:

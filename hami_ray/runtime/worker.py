@@ -16,6 +16,7 @@ process is stopped if it overruns its slice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ from hami_ray.core.model import DeviceGrant
 from hami_ray.runtime import framework_caps
 from node_actors import interrupt
 
+log = logging.getLogger(__name__)
 NAMESPACE = "hami-ray"
 PROCESS_START_KEYS = ("LD_PRELOAD",)  # read by the dynamic loader when a process starts, never later
 CANCEL_POLL_S = 0.2
@@ -110,6 +112,15 @@ _reported: str | None = None  # the state directory this task reported simulated
 _original: dict[str, str | None] = {}  # os.environ before any slice touched a key
 _bound: dict[str, str] | None = None  # the slice environment CUDA initialised under, in this process
 
+
+PREEMPT_RETRIES = 3  # a lane's task whose slice is preempted runs again this often (Ray's default max_retries)
+QUEUE_ENV = "HAMI_RAY_QUEUE"  # the job's team queue: requests that name none go there (then to "default")
+
+
+def job_queue() -> str | None:
+    """The queue this process's job runs in: ``$HAMI_RAY_QUEUE`` (set it in the job's ``runtime_env``
+    ``env_vars`` or the driver's environment), None when unset."""
+    return os.environ.get(QUEUE_ENV) or None
 
 def _cuda_loaded() -> bool:
     """Has this process loaded the CUDA driver (after which visibility and limits are fixed)?"""
@@ -303,6 +314,7 @@ class SliceWorkerShell:
         self._env: dict[str, str] | None = None
         self._idle_s, self._term_s = idle_s, term_s
         self._own: dict[str, Any] | None = None  # a lease this worker acquired itself (run_pending)
+        self._preempted: set[str] = set()  # lane leases taken back while this worker ran their tasks
         self._own_key = ""
         self._own_since = self._own_last = self._asked = 0.0
         self._lock = threading.Lock()
@@ -311,11 +323,18 @@ class SliceWorkerShell:
         signal.siginterrupt(CANCEL_SIGNAL, False)
         threading.Thread(target=self._watch, name="hami-ray-lane-worker", daemon=True).start()
 
-    def run(self, fn_id: str, fn_holder: list[Any], meta: dict[str, Any], env: dict[str, str], *args: Any,
-            **kwargs: Any) -> Any:
+    def run(self, fn_id: str, fn_holder: list[Any], meta: dict[str, Any], env: dict[str, str], retry: dict[str, Any],
+            *args: Any, **kwargs: Any) -> Any:
+        """``retry``: ``{"request", "owner"}``, what to ask for if the lane's slice is preempted."""
         if self._own is not None:
             self._give_back()
-        return self._run(fn_id, fn_holder, meta, env, args, kwargs)
+        if meta["lease_id"] in self._preempted:  # the driver's lane slice was taken back: ours from here on
+            return self._rerun(fn_id, fn_holder, meta, retry, args, kwargs, PREEMPT_RETRIES)
+        try:
+            return self._run(fn_id, fn_holder, meta, env, args, kwargs)
+        except SlicePreempted:
+            self._preempted.add(meta["lease_id"])
+            return self._rerun(fn_id, fn_holder, meta, retry, args, kwargs, PREEMPT_RETRIES)
 
     def run_pending(self, fn_id: str, fn_holder: list[Any], request: dict[str, Any], owner: str, submitted: float,
                     *args: Any, **kwargs: Any) -> Any:
@@ -326,7 +345,51 @@ class SliceWorkerShell:
         except BaseException:
             self._running = False
             raise
-        return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
+        try:
+            return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
+        except SlicePreempted:
+            return self._rerun(fn_id, fn_holder, grant["meta"], {"request": request, "owner": owner}, args, kwargs,
+                               PREEMPT_RETRIES)
+
+    def _rerun(self, fn_id: str, fn_holder: list[Any], lost: dict[str, Any], retry: dict[str, Any],
+               args: tuple[Any, ...], kwargs: dict[str, Any], retries: int) -> Any:
+        """Run a task whose slice was preempted again, up to ``retries`` times (Ray's default ``max_retries``
+        of a task), in a slice this worker acquires itself through the queue: pinned to the preempted slice's
+        devices, so the process keeps the devices it may have initialised CUDA on."""
+        with self._lock:
+            if self._own is not None and self._own["lease"]["lease_id"] == lost["lease_id"]:
+                self._own = None  # preempted: the node actor frees it, nothing to give back
+        self._leave(lost)
+        uuids = [g["uuid"] for part in lost["slices"] for g in part]
+        request = {**retry["request"], "include_uuids": uuids}
+        for attempt in range(1, retries + 1):
+            log.info("slice %s preempted: task %s runs again (retry %d of %d)", lost["lease_id"], retry["owner"],
+                     attempt, retries)
+            try:
+                grant = self._hold(request, retry["owner"], time.time())
+            except BaseException:
+                self._running = False
+                raise
+            try:
+                return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
+            except SlicePreempted:
+                if attempt == retries:
+                    raise
+                lost = grant["meta"]
+                with self._lock:
+                    self._own = None
+                self._leave(lost)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _leave(lost: dict[str, Any]) -> None:
+        """This process no longer holds the preempted slice (it runs its next tasks elsewhere): its node
+        actor must not stop it when the slice's grace ends, and frees the slice now if nothing else holds it."""
+        try:
+            ray.get(ray.get_actor(lost["node_actor"], namespace=NAMESPACE).finish.remote(lost["lease_id"], os.getpid()),
+                    timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the node actor is gone or restarting: it reaps the slice itself
+            log.info("could not leave preempted slice %s: %s", lost["lease_id"], exc)
 
     def _run(self, fn_id: str, fn_holder: list[Any], meta: dict[str, Any], env: dict[str, str],
              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -416,7 +479,15 @@ def slice_actor_class(cls: type) -> type:
 
     class SliceActor(cls):  # type: ignore[misc]
         def __init__(self, hami_slice_meta: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-            enter_slice(hami_slice_meta)
+            retake = hami_slice_meta.get("retake")
+            if retake and ray.get_runtime_context().was_current_actor_reconstructed:
+                # Ray restarted it (max_restarts): its first slice went with its process (preempted, or
+                # reaped), so it takes a new one on this node, through the queue, before the user's __init__
+                from hami_ray.runtime.replicas import take_slice  # noqa: PLC0415 - replicas imports this module
+
+                take_slice(retake["request"], retake["owner"])
+            else:
+                enter_slice(hami_slice_meta)
             super().__init__(*args, **kwargs)
 
     SliceActor.__name__ = cls.__name__

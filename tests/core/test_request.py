@@ -145,10 +145,22 @@ def test_policy_name_parsers() -> None:
 def test_every_keyword_is_accepted() -> None:
     good = {"gpus": 1, "gpu_memory": "1GiB", "gpu_cores": 10, "gpu_type": "A100", "exclude_gpu_type": "T4",
             "gpu_uuid": "GPU-a", "exclude_gpu_uuid": "GPU-b", "numa_bind": False, "priority": 1,
-            "node_policy": "binpack", "device_policy": "fgd", "vendor": "NVIDIA", "isolation": "mps"}
+            "node_policy": "binpack", "device_policy": "fgd", "vendor": "NVIDIA", "isolation": "mps",
+            "queue": "org/team-a", "preemptible": False}
     assert set(good) == KEYWORDS - {"num_gpus"}  # num_gpus is the other way to say gpus/memory/cores
     slice_request(good)
     slice_request({k: v for k, v in good.items() if k not in ("gpus", "gpu_memory", "gpu_cores")} | {"num_gpus": 0.5})
+
+
+def test_queue_and_preemptible_with_the_jobs_default_queue() -> None:
+    assert slice_request({}).queue == "default" and slice_request({}).preemptible
+    assert slice_request({}, default_queue="org/a").queue == "org/a"  # the job's $HAMI_RAY_QUEUE
+    assert slice_request({"queue": "org/b"}, default_queue="org/a").queue == "org/b"
+    for bad, field in (({"queue": "org//a"}, "queue"), ({"queue": 3}, "queue"), ({"queue": "/a"}, "queue"),
+                       ({"preemptible": "no"}, "preemptible")):
+        with pytest.raises(InvalidRequest) as info:
+            slice_request(bad)
+        assert info.value.field == field
 
 
 @pytest.mark.parametrize(("value", "count", "percent", "cores"), [(0.25, 1, 25.0, 25), (0.5, 1, 50.0, 50),

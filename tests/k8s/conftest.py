@@ -4,7 +4,6 @@ with the API server."""
 
 from __future__ import annotations
 
-import base64
 import itertools
 import os
 import shutil
@@ -18,7 +17,7 @@ import yaml
 from kubernetes import client, utils
 
 from hami_ray.k8s.webhook import WebhookServer
-from tests.helpers import service_account_client, tls_files, wait_for
+from tests.helpers import register_webhook, service_account_client, tls_files, wait_for
 from tests.k8s.kubelet import Kubelet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,16 +75,7 @@ def webhook(admin: client.ApiClient, namespace: str, tmp_path: Path) -> Iterator
     core.patch_namespace(namespace, {"metadata": {"labels": {WEBHOOK_LABEL: "on"}}})
     registrations = client.AdmissionregistrationV1Api(admin)
     name = f"hami-ray-{namespace}"
-    registrations.create_mutating_webhook_configuration(client.V1MutatingWebhookConfiguration(
-        metadata=client.V1ObjectMeta(name=name),
-        webhooks=[client.V1MutatingWebhook(
-            name="vgpu.hami-ray.io", admission_review_versions=["v1"], side_effects="None", failure_policy="Fail",
-            timeout_seconds=10, reinvocation_policy="Never",
-            client_config=client.AdmissionregistrationV1WebhookClientConfig(
-                url=f"https://127.0.0.1:{server.address[1]}/mutate", ca_bundle=base64.b64encode(ca).decode()),
-            rules=[client.V1RuleWithOperations(operations=["CREATE"], api_groups=[""], api_versions=["v1"],
-                                               resources=["pods"])],
-            namespace_selector=client.V1LabelSelector(match_labels={WEBHOOK_LABEL: "on"}))]))
+    register_webhook(registrations, name, server.address[1], ca, WEBHOOK_LABEL)
     try:
         yield server, ca
     finally:

@@ -392,6 +392,21 @@ def test_preemption_interrupts_the_task_at_once_and_frees_the_slice_after_the_gr
     assert agent.release(lease.lease_id, lease.token) is None  # the runtime's later release is a no-op
 
 
+def test_a_process_that_starts_on_a_slice_under_notice_gets_the_notice_at_the_next_tick(
+        agent: NodeAgent, clock: FakeClock, tmp_path: Path, spawn: Spawn) -> None:
+    """The notice came before the task's process registered (its activation is fire-and-forget): the next
+    tick tells it, so it stops its work instead of being killed at the deadline."""
+    lease = agent.reserve(make_lease((0, 8192, 30)))
+    assert agent.preempt(lease.lease_id, "org/team-a", "reclaim", grace_s=10)["interrupted"] == []
+    child = _armed_child(spawn, tmp_path, uuid(0), 1000, lets_go=False)
+    agent.activate(lease.lease_id, child.pid)
+    agent.tick()
+    told = _read_when_written(tmp_path / "verdict-seen", "the late process never got the notice")
+    assert (told["kind"], told["for_queue"]) == ("preempted", "org/team-a")
+    agent.tick()  # told once only
+    assert [x.lease_id for x in agent.leases()] == [lease.lease_id]
+
+
 def test_a_preempted_slice_whose_holder_finishes_in_the_grace_is_freed_then(agent: NodeAgent, clock: FakeClock) -> None:
     lease = agent.reserve(make_lease((0, 8192, 30)))
     agent.activate(lease.lease_id, os.getpid())

@@ -158,3 +158,26 @@ def test_isolation_metrics_per_node() -> None:
     assert samples[("hami_ray_node_isolation", (("isolation", "none"), ("node", "node-a"), zone))] == 1
     held = sum(v for (name, labels), v in samples.items() if name == "hami_ray_slices")
     assert held == len(svc.snapshot().leases) == 3  # every slice counted once, by its grade
+
+
+def test_queue_metrics_follow_the_queues() -> None:
+    from tests.observe.test_view import queued  # noqa: PLC0415
+    from hami_ray.observe.model import status_from  # noqa: PLC0415
+
+    svc, _ = queued()
+    status = status_from({"snapshot": svc.snapshot().model_dump(mode="json"), "queue_depth": svc.queue_depth,
+                          "waiting": svc.waiting(), "queues": svc.queue_rows()})
+    text = generate_latest(registry(StatusCollector(lambda: status, lambda: []))).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({**labels, "zone": "vGPU"}.items())))]
+
+    assert value("hami_ray_queue_used", queue="org/b", resource="memory") == 61440 * 2**20
+    assert value("hami_ray_queue_borrowed", queue="org/b", resource="memory") == 61440 * 2**20
+    assert value("hami_ray_queue_guaranteed", queue="org/a", resource="devices") == 1
+    assert value("hami_ray_queue_limit", queue="org", resource="memory") == 160 * 2**30
+    assert ("hami_ray_queue_limit", (("queue", "org/a"), ("resource", "memory"), ("zone", "vGPU"))) not in samples
+    assert value("hami_ray_queue_waiting", queue="org") == 1
+    assert value("hami_ray_queue_preempted_total", queue="org/b") == 0

@@ -140,3 +140,47 @@ def test_nodes_read_by_host_and_owners_fit_their_column() -> None:
     assert short_owner("data:" + "E" * 40, 12) == "data:EEEEEE…"
     filtered = _text(render(status, width=80, node="gpu-host-a"), 80)
     assert "gpu-host-a" in filtered
+
+
+TEAMS = """
+queues:
+  - name: org
+    limit: {memory: 160GiB}
+  - name: org/a
+    guaranteed: {memory: 80GiB, cores: 100, devices: 1}
+  - name: org/b
+"""
+
+
+def queued() -> tuple[PlacementService, dict[str, object]]:
+    """Two team queues: org/b borrows 60 GiB of the A100s, org/a holds 20 GiB, one request of org/a waits."""
+    from hami_ray.core.queues import QueueTree  # noqa: PLC0415
+
+    svc = PlacementService(queues=QueueTree.parse(TEAMS))
+    svc.register_node(NodeBuilder("node-a").gpus(2, "80GiB", "NVIDIA A100-SXM4-80GB").build(), "a")
+    for owner, mem, queue in (("task:b1", 40960, "org/b"), ("task:b2", 20480, "org/b"), ("task:a1", 20480, "org/a")):
+        svc.confirm(svc.plan(SliceRequest(memory_mib=mem, queue=queue), owner, 1.0).lease)
+    svc.enqueue(SliceRequest(memory_mib=81920, queue="org/a"), "task:a2", 2.0)
+    return svc, {}
+
+
+@pytest.mark.parametrize("width", [80, 140])
+def test_queues_show_guarantee_use_borrowing_and_why_work_waits(width: int) -> None:
+    svc, _ = queued()
+    data = {"snapshot": svc.snapshot().model_dump(mode="json"), "queue_depth": svc.queue_depth,
+            "waiting": svc.waiting(), "queues": svc.queue_rows()}
+    from hami_ray.observe.model import status_from  # noqa: PLC0415
+
+    status = status_from(data)
+    out = _text(render(status, width=width), width)
+    assert max(len(line) for line in out.splitlines()) <= width
+    rows = {q.queue: q for q in status.queues}
+    assert rows["org/b"].used == {"memory_mib": 61440, "cores": 0, "devices": 0}
+    assert rows["org/b"].borrowed["memory_mib"] == 61440 and rows["org/a"].borrowed["memory_mib"] == 0
+    assert rows["org"].waiting == 1 and rows["org/a"].waiting == 1
+    assert rows["org"].limit == {"memory_mib": 163840}
+    assert "queues" in out and "60 GiB" in out  # org/b's use, shown under org
+    assert status.waiting[0].queue == "org/a" and "[org/a]" in out
+    # org's limit (160 GiB) holds the 80 GiB request back: 80 GiB held + 80 GiB asked is at it, not over
+    assert status.waiting[0].reason
+    assert status_json(status)["queues"][0]["queue"] == "org"

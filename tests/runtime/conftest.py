@@ -46,7 +46,8 @@ def hami(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         cluster.add_node(node_ip_address=LOOPBACK, num_cpus=2, env_vars={NODE_SIMULATE_ENV: WORKER_SPEC})
         ray.init(address=cluster.address, _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=False)
         api.init(simulate=SPEC, state_root=str(state),
-                 agent={"grace_s": 0.5, "reap_interval_s": 0.5, "tolerance_mib": 0}, metrics_port=0)
+                 agent={"grace_s": 0.5, "reap_interval_s": 0.5, "tolerance_mib": 0}, metrics_port=0,
+                 preempt_grace_s=2.0)
         assert wait_until(lambda: len(api.status().nodes) == 2, timeout=60), "node actors did not start"
         yield RayCluster(cluster, state)
     finally:

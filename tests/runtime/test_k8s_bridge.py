@@ -129,3 +129,41 @@ def test_a_ray_task_and_a_pod_never_share_the_gpu_beyond_its_memory(bridge: PodS
     go.touch()
     assert ray.get(second, timeout=60) == "12288m"
     assert wait_for(lambda: _slices_on(uuid) == [])
+
+
+def test_one_queue_policy_for_ray_tasks_and_pods(bridge: PodScheduler, admin: client.ApiClient, namespace: str,
+                                                 tmp_path: Path) -> None:
+    """Queues applied to the placement actor hold for pods too: a Ray task of org/team-b (which guarantees
+    nothing) borrows 12 GiB of the L4; a pod of org/team-a (its namespace's queue, under its guarantee) asks
+    8 GiB: the placement actor reclaims, the task is interrupted with SlicePreempted, the pod is bound once
+    the task's slice is gone, and the task runs again (its max_retries) once the pod has left."""
+    api.apply_queues("queues: [{name: org}, {name: org/team-a, guaranteed: {memory: 16GiB}}, {name: org/team-b}]")
+    core = client.CoreV1Api(admin)
+    try:
+        core.patch_namespace(namespace, {"metadata": {"annotations": {"hami.io/queue": "org/team-a"}}})
+        _, uuid = _l4()
+        runs = tmp_path / "runs"
+        runs.mkdir()
+
+        @hami_ray.remote(gpu_memory="12GiB", gpu_type="L4-16GB", queue="org/team-b")
+        def borrow(flag: str, marks: str) -> int:
+            import os  # noqa: PLC0415
+
+            n = len(os.listdir(marks))
+            open(os.path.join(marks, str(n)), "w").close()
+            while n == 0 or not os.path.exists(flag):  # the first run lasts until preempted
+                time.sleep(0.05)
+            return n
+
+        task = borrow.options(max_retries=2).remote(str(tmp_path / "go"), str(runs))
+        assert wait_for(lambda: [m for _, m in _slices_on(uuid)] == [12288])
+        _pod(admin, namespace, "owed-8g", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "8192"})
+        assert wait_for(lambda: core.read_namespaced_pod("owed-8g", namespace).spec.node_name == K8S_NODE, timeout=60)
+        assert _slices_on(uuid) == [(f"{namespace}/owed-8g", 8192)]  # the task's slice was gone first
+        assert next(r for r in api.queues() if r["queue"] == "org/team-b")["preempted"] >= 1
+        core.delete_namespaced_pod("owed-8g", namespace, grace_period_seconds=0)
+        (tmp_path / "go").touch()
+        assert ray.get(task, timeout=120) == 1  # its second run
+    finally:
+        assert wait_for(lambda: _slices_on(_l4()[1]) == [], timeout=60)
+        api.apply_queues("queues: []")

@@ -121,7 +121,7 @@ def test_a_full_cluster_queues_without_processes_and_drains_in_order(hami: RayCl
         return i, time.monotonic()
 
     ray.get(turn.remote(-1), timeout=120)  # the worker of this shape exists before we count
-    with api.lease(gpus=1, gpu_type="T4"):
+    with api.lease(gpus=1, gpu_type="T4", preemptible=False):  # held whole throughout: the urgent task may not take it
         before = ray_worker_processes()
         refs = [turn.remote(i) for i in range(300)]
         urgent = turn.options(priority=10).remote(1000)

@@ -25,6 +25,7 @@ from hami_ray.core.policies.framework import (
 class BinpackNodePolicy:
     name: ClassVar[NodePolicyName] = NodePolicyName.BINPACK
     reverse: ClassVar[bool] = False
+    row_local: ClassVar[bool] = True  # a row's score depends on that row only: the scheduler keeps it per row
 
     def score(self, view: ClusterView, rows: IntArray, state: CycleState) -> FloatArray:
         return node_usage_scores(view, rows, reverse=self.reverse)
@@ -38,7 +39,7 @@ class BinpackDevicePolicy:
 
     def select(self, view: ClusterView, row: int, fit: BoolArray, state: CycleState) -> DeviceChoice | None:
         request = state.request
-        mem = view.memory_need(request)[row]
+        mem = view.memory_need(request, row)
         scores = device_usage_scores(view, row, mem, request.cores)
         cols = take_ordered(fit, device_order(scores, reverse=self.reverse), request.count)
         return None if cols is None else DeviceChoice(cols)

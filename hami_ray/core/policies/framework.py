@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
+Rows = int | slice | IntArray  # which rows of the index a question is about
+ALL = slice(None)  # every row
 
 
 @dataclass
@@ -81,64 +83,91 @@ class ClusterView:
             self._type_masks[key] = mask
         return mask
 
-    def vendor_ok(self, request: SliceRequest) -> BoolArray:
+    def vendor_ok(self, request: SliceRequest, rows: Rows = ALL) -> BoolArray:
+        """Per device of ``rows`` (every row by default): present and of the request's vendor."""
         idx = self.index
         vend = np.array([v.lower() == request.vendor.lower() for v in idx.model_vendors] + [False], dtype=bool)
-        return vend[idx.model_id] & idx.exists
+        ok: BoolArray = vend[idx.model_id[rows]] & idx.exists[rows]
+        return ok
 
-    def type_ok(self, request: SliceRequest) -> BoolArray:
+    def type_ok(self, request: SliceRequest, rows: Rows = ALL) -> BoolArray:
         """Per device: the model passes (:meth:`model_mask`) and the slice would hold the request's
         isolation floor there (:meth:`grade_ok`)."""
         idx = self.index
-        ok = self.model_mask(request)[idx.model_id] & idx.exists
-        return ok if request.isolation is None else ok & self.grade_ok(request)
+        ok: BoolArray = self.model_mask(request)[idx.model_id[rows]] & idx.exists[rows]
+        return ok if request.isolation is None else ok & self.grade_ok(request, rows)
 
-    def grade_ok(self, request: SliceRequest) -> BoolArray:
+    def grade_ok(self, request: SliceRequest, rows: Rows = ALL) -> BoolArray:
         """Per device: a slice of this request would hold at least its isolation floor."""
         idx = self.index
         floor = 0 if request.isolation is None else request.isolation.rank
         grade = idx.grade_whole if request.cores >= FULL_CORES else idx.grade
-        ok: BoolArray = grade >= floor
+        ok: BoolArray = grade[rows] >= floor
         return ok
 
-    def uuid_ok(self, request: SliceRequest) -> BoolArray | None:
-        """Per device: allowed by ``include_uuids``/``exclude_uuids``; None when unconstrained."""
+    def uuid_ok(self, request: SliceRequest, rows: Rows = ALL) -> BoolArray | None:
+        """Per device: allowed by ``include_uuids``/``exclude_uuids``; None when unconstrained.
+
+        With ``rows`` (an int, a slice or an array of rows) only those rows, without building the
+        whole cluster's mask: a decision reads one row, or the few rows that changed.
+        """
         if not request.include_uuids and not request.exclude_uuids:
             return None
         idx = self.index
-        if request.include_uuids:
-            mask = np.zeros_like(idx.exists)
-            for uuid in request.include_uuids:
+        if isinstance(rows, slice) and rows == ALL:
+            if request.include_uuids:
+                mask = np.zeros_like(idx.exists)
+                for uuid in request.include_uuids:
+                    w = self._where(uuid)
+                    if w is not None:
+                        mask[w] = True
+            else:
+                mask = idx.exists.copy()
+            for uuid in request.exclude_uuids:
                 w = self._where(uuid)
                 if w is not None:
-                    mask[w] = True
+                    mask[w] = False
+            return mask
+        if isinstance(rows, slice):
+            picked: IntArray = np.arange(idx.exists.shape[0])[rows]
         else:
-            mask = idx.exists.copy()
-        for uuid in request.exclude_uuids:
-            w = self._where(uuid)
-            if w is not None:
-                mask[w] = False
-        return mask
+            picked = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        where = {int(r): i for i, r in enumerate(picked.tolist())}
+        sub = np.zeros((picked.size, idx.width), dtype=bool) if request.include_uuids else idx.exists[picked]
+        for uuids, value in ((request.include_uuids, True), (request.exclude_uuids, False)):
+            for uuid in uuids:
+                w = self._where(uuid)
+                if w is not None and w[0] in where:
+                    sub[where[w[0]], w[1]] = value
+        out: BoolArray = sub[0] if isinstance(rows, int | np.integer) else sub
+        return out
 
-    def memory_need(self, request: SliceRequest) -> IntArray:
+    def memory_need(self, request: SliceRequest, rows: Rows = ALL) -> IntArray:
         """MiB the request takes on each device (percent requests resolve per device)."""
-        idx = self.index
+        cap = self.index.mem_cap[rows]
         if request.memory_mib is not None:
-            return np.full(idx.mem_cap.shape, request.memory_mib, dtype=np.int64)
+            return np.full(cap.shape, request.memory_mib, dtype=np.int64)
         pct = 100.0 if request.memory_percent is None else request.memory_percent
-        return (idx.mem_cap * pct / 100).astype(np.int64)
+        need: IntArray = (cap * pct / 100).astype(np.int64)
+        return need
 
-    def device_fit(self, request: SliceRequest) -> BoolArray:
-        """Per device: one slice of ``request`` fits now (HAMi's per-device ``Fit`` checks)."""
+    def device_fit(self, request: SliceRequest, rows: Rows = ALL) -> BoolArray:
+        """Per device: one slice of ``request`` fits now (HAMi's per-device ``Fit`` checks).
+
+        ``rows``: only these rows (an int, a slice or an array of rows; every row by default).
+        Example: ``view.device_fit(SliceRequest(memory_mib=4096), np.array([3, 7]))`` has shape (2, width).
+        """
         idx = self.index
-        fit = self.type_ok(request) & idx.healthy & (idx.slot_used < idx.slot_cap) & ~idx.excl
-        fit &= (idx.mem_cap - idx.mem_used) >= self.memory_need(request)
-        fit &= (idx.core_cap - idx.core_used) >= request.cores
+        slot_used = idx.slot_used[rows]
+        core_cap, core_used = idx.core_cap[rows], idx.core_used[rows]
+        fit = self.type_ok(request, rows) & idx.healthy[rows] & (slot_used < idx.slot_cap[rows]) & ~idx.excl[rows]
+        fit &= (idx.mem_cap[rows] - idx.mem_used[rows]) >= self.memory_need(request, rows)
+        fit &= (core_cap - core_used) >= request.cores
         if request.cores >= FULL_CORES:
-            fit &= idx.slot_used == 0
+            fit &= slot_used == 0
         elif request.cores == 0:
-            fit &= idx.core_used < idx.core_cap  # HAMi's CardComputeUnitsExhausted
-        uuid = self.uuid_ok(request)
+            fit &= core_used < core_cap  # HAMi's CardComputeUnitsExhausted
+        uuid = self.uuid_ok(request, rows)
         if uuid is not None:
             fit &= uuid
         return fit

@@ -23,7 +23,7 @@ class NumaDevicePolicy:
 
     def select(self, view: ClusterView, row: int, fit: BoolArray, state: CycleState) -> DeviceChoice | None:
         request = state.request
-        order = device_order(device_usage_scores(view, row, view.memory_need(request)[row], request.cores),
+        order = device_order(device_usage_scores(view, row, view.memory_need(request, row), request.cores),
                              reverse=False)
         numa = view.index.numa[row]
         groups: dict[int, list[int]] = {}
