@@ -2,7 +2,7 @@
 # device-plugin). For Ray nodes (deploy/k8s/raycluster.yaml), install the same package on rayproject/ray.
 FROM python:3.11-slim
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY hami_ray hami_ray
 COPY node_actors node_actors
 RUN pip install --no-cache-dir . \

@@ -7,7 +7,9 @@ TRACES := ../shared/traces/openb-v2023
 
 .PHONY: demo test test-fast lint tools k8s-bin k8s-up k8s-down simulate bench clean
 
-$(STAMP): pyproject.toml
+# the install also generates the device plugin's gRPC modules (setup.py's build_py: hami_ray/k8s/_generated,
+# git-ignored), so a changed .proto or generator installs again
+$(STAMP): pyproject.toml setup.py hami_ray/k8s/proto/codegen.py hami_ray/k8s/proto/deviceplugin/v1beta1/api.proto
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -35,7 +37,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy hami_ray/core hami_ray/observe hami_ray/wire.py hami_ray/k8s node_actors hami_ray/runtime/framework_caps.py --exclude 'hami_ray/k8s/_generated/'
 
-# the test cluster: etcd + the real kube-apiserver, built from the Kubernetes Go modules (tests/k8s/cluster)
+# the test cluster: etcd + the real kube-apiserver + kube-controller-manager, built from the Kubernetes Go
+# modules (tests/k8s/cluster); one binary, each component a child process it supervises (pids in <dir>/pids)
 K8S_BIN := .k8s/bin/hami-k8s-cluster
 K8S_SRC := $(wildcard tests/k8s/cluster/*.go) tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
 KWOK_BIN := .k8s/bin/kwok
@@ -88,7 +91,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/placement_latency.py --queues 8 --json out/placement_latency.json
 
 clean:
-	rm -rf $(VENV) out build *.egg-info
+	rm -rf $(VENV) out build *.egg-info hami_ray/k8s/_generated
 
 # the GPU conformance suite (tests/gpu) under the python3 on PATH, not .venv: a lent GPU machine has PyTorch,
 # pytest and nvidia-ml-py but no Ray or pydantic. Without a GPU it says why and leaves docs/ alone.

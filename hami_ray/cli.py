@@ -53,7 +53,18 @@ def _policies(text: str) -> list[str]:
     return names
 
 
-def results_table(results: dict[str, object], title: str) -> Table:
+def _spread_cell(value: float | None, spread: dict[str, float] | None) -> str:
+    """``median [min, max]`` over the seeds; the value alone where the seeds agree (or there is one)."""
+    if value is None:
+        return "-"
+    if not spread or spread["min"] == spread["max"]:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{spread['min']:.2f}, {spread['max']:.2f}]"
+
+
+def results_table(results: dict[str, object], title: str, *, artifact: bool = True) -> Table:
+    """Per policy and report point the median over the seeds and, in brackets, their min and max; the
+    artifact's one-dimensional medians beside them unless ``artifact`` is False (``--two-dim``)."""
     table = Table(title=title, title_justify="left")
     table.add_column("policy")
     for point in REPORT_POINTS:
@@ -64,10 +75,32 @@ def results_table(results: dict[str, object], title: str) -> Table:
         if not isinstance(data, dict) or "unallocated_pct_at" not in data:
             continue
         at = data["unallocated_pct_at"]
+        spread = data.get("seed_spread_at", {})
         label = f"{policy} ({DEFAULT_DEVICE_POLICY})" if policy == "default" else policy
-        paper = ARTIFACT_AT_100.get(policy)
-        table.add_row(label, *[f"{at[p]:.2f}" if at.get(p) is not None else "-" for p in REPORT_POINTS],
+        paper = ARTIFACT_AT_100.get(policy) if artifact else None
+        table.add_row(label, *[_spread_cell(at.get(p), spread.get(p)) for p in REPORT_POINTS],
                       f"{paper:.2f}" if paper is not None else "", f"{data['runtime_s']:.1f}")
+    return table
+
+
+def paired_table(results: dict[str, object], baseline: str) -> Table:
+    """Every policy minus the baseline, seed by seed: median [min, max] of the differences and on how many
+    seeds it left fewer / as many / more GPUs unallocated (``lower/tie/higher``)."""
+    table = Table(title=f"Against {baseline}, seed by seed (points of unallocated GPU %; below 0 = fewer idle)",
+                  title_justify="left")
+    table.add_column("policy")
+    for point in REPORT_POINTS:
+        table.add_column(f"@{point}%", justify="right")
+        table.add_column("lower/tie/higher", justify="right")
+    for policy, data in results.items():
+        if not isinstance(data, dict) or "vs_baseline" not in data:
+            continue
+        cells: list[str] = []
+        for point in REPORT_POINTS:
+            d = data["vs_baseline"]["diff_at"].get(point)
+            cells += ["-", ""] if d is None else [
+                f"{d['median']:+.2f} [{d['min']:+.2f}, {d['max']:+.2f}]", f"{d['below']}/{d['tie']}/{d['above']}"]
+        table.add_row(policy, *cells)
     return table
 
 
@@ -138,6 +171,9 @@ def simulate(
     node_fraction: Annotated[float, typer.Option(
         min=0.0001, max=1.0, help="--timeline: replay on a seeded subset of nodes with this share of the GPUs "
         "(the whole cluster never makes the trace wait)")] = DEFAULT_NODE_FRACTION,
+    baseline: Annotated[str | None, typer.Option(
+        help="compare every policy with this one seed by seed (default: fgd when it is among several policies)")]
+        = None,
 ) -> None:
     """Replay an openb trace with the FGD artifact's protocol and compare policies; with ``--timeline``,
     replay it on its own times and compare fifo, priority and team queues."""
@@ -152,6 +188,10 @@ def simulate(
         return
     seeds = seeds or 10
     names = _policies(policies)
+    if baseline is None and "fgd" in names and len(names) > 1:
+        baseline = "fgd"
+    if baseline is not None and baseline not in names:
+        raise typer.BadParameter(f"--baseline {baseline!r} is not among --policies")
     with Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=False) as progress:
         task = progress.add_task("", total=len(names) * seeds)
@@ -163,11 +203,15 @@ def simulate(
 
         try:
             results = run_experiment(nodes, pods, names, seeds, workers=workers or None, on_done=done,
-                                     two_dim=two_dim)
+                                     two_dim=two_dim, baseline=baseline)
         except HamiRayError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
-    console.print(results_table(results, f"Unallocated GPU % (median of {seeds} seeds) - {pods.name}"))
+    spread = r" \[min, max]" if seeds > 1 else ""  # rich markup: \[ is a bracket
+    console.print(results_table(results, f"Unallocated GPU %, median{spread} of {seeds} seeds - {pods.name}",
+                                artifact=not two_dim))
+    if baseline is not None and seeds > 1:
+        console.print(paired_table(results, baseline))
     _write_results(results, json_out)
     if plot:
         plot_unallocated(results, plot, title=f"{pods.name}, {seeds} seeds")

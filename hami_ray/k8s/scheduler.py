@@ -221,6 +221,22 @@ class PodScheduler:
             if self.queue:
                 self.podqueue.seen(pod)
 
+    def free_gone(self) -> list[str]:
+        """Free the slices held for pods that are gone or finished (the uids returned). Run once the first
+        lists are in: a pod deleted while no bridge ran (this one restarting) sends this bridge no event,
+        and with a ledger it shares (the placement actor's) its slices would be held for ever."""
+        with self._lock:
+            live = {uid for uid, pod in self.pods.items()
+                    if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")}
+            gone = sorted(self.inventory.held() - live - self._in_flight)
+            for uid in gone:
+                if self.inventory.release(uid):
+                    self.stats.released += 1
+                    log.info("pod %s is gone: its slices are freed", uid)
+            if gone:
+                self.changed()
+            return gone
+
     def _adopt(self, pod: dict[str, Any], node: str) -> None:
         """Hold what the pod's allocation annotations say it was given on ``node``, in its namespace's queue."""
         try:
@@ -462,6 +478,7 @@ class PodScheduler:
         try:
             self.follow(stop)
             with self._lock:
+                self.free_gone()
                 self._dirty = True
             while not stop.is_set():
                 for call in self._next(stop):

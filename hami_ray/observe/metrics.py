@@ -3,14 +3,21 @@
 HAMi's scheduler (hami.md 4.1; const label ``zone="vGPU"``): ``hami_gpu_memory_limit_bytes``,
 ``hami_gpu_core_limit_ratio``, ``hami_gpu_memory_allocated_bytes``, ``hami_gpu_shared_count``,
 ``hami_gpu_core_allocated_ratio``, ``hami_node_gpu_overview``, ``hami_node_gpu_memory_allocated_ratio``,
-``hami_vgpu_memory_allocated_bytes``, ``hami_vgpu_core_allocated_ratio`` (a Ray slice fills HAMi's pod
-labels as ``namespace="ray"``, ``pod=<owner>``, ``container_index=<lease id>``). Its monitor (4.2):
+``hami_vgpu_memory_allocated_bytes``, ``hami_vgpu_core_allocated_ratio``. Its monitor (4.2):
 ``hami_host_gpu_memory_used_bytes``, ``hami_host_gpu_utilization_ratio``, ``hami_vgpu_memory_used_bytes``,
-``hami_vgpu_memory_limit_bytes``. Ours, ``hami_ray_*``: per-slice allocated vs used, fragmentation, queue
+``hami_vgpu_memory_limit_bytes``. Ours, ``hami_ray_*``: slice memory allocated vs used, fragmentation, queue
 depth, leases by state, enforcement actions, lost leases, and the placement decision latency histogram.
 
+No label takes a new value per lease (DESIGN, Observability; issue 15): a lease id, a driver's pid or a pod's
+name would make a new series per lease, which Prometheus keeps for its whole retention. Per-slice detail is
+``hami-ray status --json``'s; here slices are summed per device and :func:`owner_kind`. HAMi's per-container
+families keep HAMi's label names with bounded values: every slice of one owner kind on one device reads as
+one pod (``pod=<owner kind>``, ``container_index="0"``, ``container=<owner kind>``) in namespace ``ray`` (a
+Kubernetes pod's slices: the pod's namespace).
+
 :class:`StatusCollector` reads whatever ``source()`` returns at scrape time (the placement actor's latest
-view, or one fetched over Ray by ``hami-ray metrics serve``); :func:`serve` starts the HTTP endpoint.
+view, or one fetched over Ray by ``hami-ray metrics serve``) and the cumulative :class:`DecisionLatency` the
+placement actor observes into; :func:`serve` starts the HTTP endpoint.
 """
 
 from __future__ import annotations
@@ -19,19 +26,24 @@ import logging
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hami_ray.observe.model import ClusterStatus
+from hami_ray.observe.model import ClusterStatus, SliceStatus
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9395  # HAMi's scheduler metrics port
 ZONE = {"zone": "vGPU"}
 MIB = 1024 * 1024
-LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+# Placement decisions take sub-millisecond (binpack, 1,000 nodes) to a few ms (FGD's p99 6.4 ms at 1,000
+# nodes, docs/simulation.md); 100 ms and over is a stall worth its own buckets. Seconds, as Prometheus has it.
+DECISION_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DECISION_METRIC = "hami_ray_placement_decision_seconds"
+OWNER_KINDS = ("task", "actor", "driver", "gang", "serve", "data", "pod")  # and "other"
 
 DEVICE_LABELS = ("node", "device_uuid", "device_index", "device_type")
 SLICE_LABELS = ("namespace", "node", "pod", "container_index", "device_uuid")
@@ -42,13 +54,58 @@ def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=[*labels, *ZONE])
 
 
-class StatusCollector(Collector):
-    """Collects from ``source()``: a ClusterStatus, or None (nothing is exported but the build info)."""
+def owner_kind(owner: str) -> str:
+    """The kind of a slice's owner: a label value from :data:`OWNER_KINDS` or ``"other"``, never the name.
 
-    def __init__(self, source: Callable[[], ClusterStatus | None],
-                 decisions_ms: Callable[[], Iterable[float]] | None = None) -> None:
+    Owners are named ``task:<function>``, ``actor:<class>``, ``driver:<pid>``, ``gang:<name>[<i>]``
+    (:mod:`hami_ray.runtime.api`), ``serve:<app>/<deployment>#<replica>`` and ``data:<class>``
+    (``hami_ray.runtime.replicas._owner``), and ``<namespace>/<pod>`` for a Kubernetes pod (no colon: a pod
+    name is a DNS name).
+
+    Example: ``owner_kind("serve:app/Model#r3x9") == "serve"``, ``owner_kind("team-a/train-0") == "pod"``.
+    """
+    kind, colon, _ = owner.partition(":")
+    if colon:
+        return kind if kind in OWNER_KINDS else "other"
+    return "pod" if "/" in owner else "other"
+
+
+def _owner_namespace(owner: str) -> str:
+    """HAMi's ``namespace`` label: a pod's own namespace (operators define those: bounded), else ``ray``."""
+    return owner.split("/", 1)[0] if owner_kind(owner) == "pod" else "ray"
+
+
+class DecisionLatency:
+    """How long the placement actor takes to place one request, as a cumulative Prometheus histogram:
+    its bucket counts, count and sum only grow (until the actor restarts; ``rate()`` handles that reset),
+    so ``rate()`` and ``histogram_quantile()`` work over any range.
+
+    The placement actor (``PlacementShell._reserve_planned``) calls :meth:`observe` after each plan;
+    :class:`StatusCollector` exposes it. Not in prometheus_client's global registry: each placement actor
+    (and each test) has its own.
+
+    Example: ``latency.observe(0.0004)`` counts one decision in the ``le="0.0005"`` bucket and above.
+    """
+
+    def __init__(self) -> None:
+        self._histogram = Histogram(DECISION_METRIC, "Time to place one request.", labelnames=list(ZONE),
+                                    buckets=DECISION_BUCKETS_S, registry=None)
+        self._zone = self._histogram.labels(**ZONE)
+
+    def observe(self, seconds: float) -> None:
+        self._zone.observe(seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._histogram.collect()
+
+
+class StatusCollector(Collector):
+    """Collects from ``source()``: a ClusterStatus, or None (nothing is exported but the build info), and
+    from ``decisions`` where given (the placement actor's; ``hami-ray metrics serve`` has none)."""
+
+    def __init__(self, source: Callable[[], ClusterStatus | None], decisions: DecisionLatency | None = None) -> None:
         self.source = source
-        self.decisions_ms = decisions_ms
+        self.decisions = decisions
 
     def collect(self) -> Iterator[Metric]:
         build = _gauge("hami_build_info", "hami-ray build information.", ("version",))
@@ -61,8 +118,8 @@ class StatusCollector(Collector):
             status = None
         if status is not None:
             yield from self._cluster(status)
-        if self.decisions_ms is not None:
-            yield _histogram(list(self.decisions_ms()))
+        if self.decisions is not None:
+            yield from self.decisions.collect()
 
     def _cluster(self, status: ClusterStatus) -> Iterator[Metric]:
         z = list(ZONE.values())
@@ -84,15 +141,18 @@ class StatusCollector(Collector):
         util = _gauge("hami_host_gpu_utilization_ratio", "Device compute utilisation (0-100).", DEVICE_LABELS)
         healthy = _gauge("hami_ray_device_healthy", "1 when the device is healthy.", DEVICE_LABELS)
         split = _gauge("hami_ray_device_split_slices", "Slices a GPU may hold at once.", DEVICE_LABELS)
-        vmem = _gauge("hami_vgpu_memory_allocated_bytes", "Device memory allocated to a slice.", SLICE_LABELS)
-        vcore = _gauge("hami_vgpu_core_allocated_ratio", "Compute allocated to a slice (percent).", SLICE_LABELS)
-        vused = _gauge("hami_vgpu_memory_used_bytes", "Device memory a slice's processes use.",
-                       MONITOR_SLICE_LABELS)
-        vlimit = _gauge("hami_vgpu_memory_limit_bytes", "Device memory limit of a slice.", MONITOR_SLICE_LABELS)
-        slice_alloc = _gauge("hami_ray_slice_memory_allocated_bytes", "Device memory allocated to a slice.",
-                             ("node", "device_uuid", "lease_id", "owner", "state"))
-        slice_used = _gauge("hami_ray_slice_memory_used_bytes", "Device memory a slice's processes use.",
-                            ("node", "device_uuid", "lease_id", "owner", "state"))
+        vmem = _gauge("hami_vgpu_memory_allocated_bytes", "Device memory allocated to the slices of one owner kind "
+                      "(pod) on a device.", SLICE_LABELS)
+        vcore = _gauge("hami_vgpu_core_allocated_ratio", "Compute allocated to the slices of one owner kind (pod) on "
+                       "a device (percent).", SLICE_LABELS)
+        vused = _gauge("hami_vgpu_memory_used_bytes", "Device memory the sampled slices of one owner kind (pod) on "
+                       "a device use.", MONITOR_SLICE_LABELS)
+        vlimit = _gauge("hami_vgpu_memory_limit_bytes", "Device memory limit of the slices of one owner kind (pod) "
+                        "on a device.", MONITOR_SLICE_LABELS)
+        slice_alloc = _gauge("hami_ray_slice_memory_allocated_bytes", "Device memory allocated to the slices of "
+                             "one owner kind and state on a device.", ("node", "device_uuid", "owner_kind", "state"))
+        slice_used = _gauge("hami_ray_slice_memory_used_bytes", "Device memory the sampled slices of one owner kind "
+                            "and state on a device use.", ("node", "device_uuid", "owner_kind", "state"))
         frag = _gauge("hami_ray_node_fragment_milli", "FGD's fragment amount of a node, milli-GPU.", ("node",))
         states: Counter[str] = Counter()
         for node in status.nodes:
@@ -114,17 +174,19 @@ class StatusCollector(Collector):
                     used.add_metric([*dl, *z], d.memory_used_mib * MIB)
                 if d.utilization is not None:
                     util.add_metric([*dl, *z], d.utilization)
-                for s in d.slices:
-                    sl = ["ray", node.name, s.owner, s.lease_id, d.uuid]
-                    ml = ["ray", s.owner, s.lease_id, str(d.index), d.uuid]
-                    vmem.add_metric([*sl, *z], s.memory_mib * MIB)
-                    vcore.add_metric([*sl, *z], s.cores)
-                    vlimit.add_metric([*ml, *z], s.memory_mib * MIB)
-                    own = [node.name, d.uuid, s.lease_id, s.owner, s.state]
-                    slice_alloc.add_metric([*own, *z], s.memory_mib * MIB)
-                    if s.memory_used_mib is not None:
-                        vused.add_metric([*ml, *z], s.memory_used_mib * MIB)
-                        slice_used.add_metric([*own, *z], s.memory_used_mib * MIB)
+                for (namespace, kind), group in _held_by(d.slices, _pod_of).items():
+                    sl = [namespace, node.name, kind, "0", d.uuid]
+                    ml = [namespace, kind, kind, str(d.index), d.uuid]
+                    vmem.add_metric([*sl, *z], group.memory_mib * MIB)
+                    vcore.add_metric([*sl, *z], group.cores)
+                    vlimit.add_metric([*ml, *z], group.memory_mib * MIB)
+                    if group.used_mib is not None:
+                        vused.add_metric([*ml, *z], group.used_mib * MIB)
+                for (kind, state), group in _held_by(d.slices, _kind_state).items():
+                    own = [node.name, d.uuid, kind, state]
+                    slice_alloc.add_metric([*own, *z], group.memory_mib * MIB)
+                    if group.used_mib is not None:
+                        slice_used.add_metric([*own, *z], group.used_mib * MIB)
         for lease in status.leases:
             states[str(lease.state.value)] += 1
         yield from (mem_limit, core_limit, mem_alloc, shared, core_alloc, overview, alloc_ratio, used, util,
@@ -169,6 +231,36 @@ class StatusCollector(Collector):
         yield from _queues(status, z)
 
 
+@dataclass
+class _Held:
+    """What a group of slices on one device holds; ``used_mib`` sums the sampled ones (None: none sampled)."""
+
+    memory_mib: int = 0
+    cores: int = 0
+    used_mib: int | None = None
+
+
+def _pod_of(s: SliceStatus) -> tuple[str, str]:
+    return _owner_namespace(s.owner), owner_kind(s.owner)
+
+
+def _kind_state(s: SliceStatus) -> tuple[str, str]:
+    return owner_kind(s.owner), s.state
+
+
+def _held_by(slices: Iterable[SliceStatus],
+             key: Callable[[SliceStatus], tuple[str, str]]) -> dict[tuple[str, str], _Held]:
+    """The slices of one device summed by ``key`` (bounded label values), in a stable order."""
+    groups: dict[tuple[str, str], _Held] = {}
+    for s in slices:
+        held = groups.setdefault(key(s), _Held())
+        held.memory_mib += s.memory_mib
+        held.cores += s.cores
+        if s.memory_used_mib is not None:
+            held.used_mib = (held.used_mib or 0) + s.memory_used_mib
+    return dict(sorted(groups.items()))
+
+
 _QUEUE_AMOUNTS = (("guaranteed", "What the queue gets back by reclaiming when it needs it"),
                   ("limit", "What the queue's subtree never exceeds (absent: unbounded)"),
                   ("used", "What the queue's subtree holds"),
@@ -205,18 +297,6 @@ def _version() -> str:
         return version("hami-ray")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _histogram(samples_ms: list[float]) -> HistogramMetricFamily:
-    """Placement decision latency over the recent decisions (the placement actor keeps the last 10,000)."""
-    buckets = []
-    for bound in LATENCY_BUCKETS_MS:
-        buckets.append((str(bound / 1000), sum(1 for x in samples_ms if x <= bound)))
-    buckets.append(("+Inf", len(samples_ms)))
-    hist = HistogramMetricFamily("hami_ray_placement_decision_seconds",
-                                 "Time to place one request (recent decisions).", labels=list(ZONE))
-    hist.add_metric(list(ZONE.values()), buckets, sum(samples_ms) / 1000)
-    return hist
 
 
 def registry(collector: StatusCollector) -> CollectorRegistry:

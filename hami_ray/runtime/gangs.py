@@ -55,12 +55,17 @@ class GangCalls:
                 if exc.never:
                     raise
                 return None
-            for node in {p.node_id for p in plans}:  # releases not told yet would refuse a reservation there
-                box = shell._outbox.pop(node, [])
-                if box:
-                    await shell._send_releases(node, box)
-            answers = await asyncio.gather(*(shell._node_call(p.node_id, "reserve", lease=p.lease.model_dump(mode="json"),
-                                                             releases=[]) for p in plans), return_exceptions=True)
+            shell._reserving.update(p.lease.lease_id for p in plans)  # the node sync leaves them alone meanwhile
+            try:
+                for node in {p.node_id for p in plans}:  # releases not told yet would refuse a reservation there
+                    box = shell._outbox.pop(node, [])
+                    if box:
+                        await shell._send_releases(node, box)
+                answers = await asyncio.gather(*(shell._node_call(p.node_id, "reserve",
+                                                                 lease=p.lease.model_dump(mode="json"), releases=[])
+                                                 for p in plans), return_exceptions=True)
+            finally:
+                shell._reserving.difference_update(p.lease.lease_id for p in plans)
             if not any(isinstance(a, BaseException) for a in answers):
                 shell._mine.update(p.lease.lease_id for p in plans)
                 return [(shell.svc.confirm(p.lease), dict(env)) for p, env in zip(plans, answers)]  # type: ignore[arg-type]

@@ -74,7 +74,8 @@ class Lane:
     busy_since: float | None = None  # when its worker last started on a task with no gap before it
     dead: bool = False
     request: dict[str, Any] | None = None  # pending lanes: what the worker asks for
-    submitted: float = 0.0  # pending lanes: when opened (time.time()), their place in the queue
+    submitted: float = 0.0  # pending lanes: when opened (time.time()), their place in the queue whichever worker
+    # serves them (also how a worker from the idle pool tells this lane from those it served before)
 
 
 @dataclass
@@ -304,7 +305,7 @@ class LaneClient:
             ray.kill(w.handle)
 
     def _close(self, lane: Lane) -> None:
-        if lane.grant is not None:  # a pending lane's worker gives its own lease back when idle
+        if lane.grant is not None:  # a pending lane's worker gives its own back when asked its binding, below
             lease = lane.grant["lease"]
             self._calls.call("release", lease_id=lease["lease_id"], token=lease["token"],
                              node=lease["allocation"]["node"])

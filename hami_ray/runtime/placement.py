@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.core.queues import Preemption, QueueTree
-from hami_ray.observe.metrics import StatusCollector
+from hami_ray.observe.metrics import DecisionLatency, StatusCollector
 from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
@@ -66,8 +66,9 @@ class PlacementShell(GangCalls, PodLeases):
         self._requests: dict[str, SliceRequest] = {}  # parsed requests by their JSON (they repeat)
         self._ready: asyncio.Task[None] | None = None
         self._mine: set[str] = set()  # leases this incarnation reserved
+        self._reserving: set[str] = set()  # planned here, their node actor's answer not in yet
         self._nominee: str | None = None  # the waiter whose place() runs now (room nominated for it is its own)
-        self.decisions_ms: list[float] = []
+        self.decisions = DecisionLatency()  # every plan's time, cumulative (Prometheus histogram)
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
         self.changes = 0  # slices freed so far: the Kubernetes bridge retries waiting pods when it moves
@@ -98,7 +99,7 @@ class PlacementShell(GangCalls, PodLeases):
         if port is not None:
             try:
                 self._loop = asyncio.get_running_loop()
-                _, self.metrics_port = serve_metrics(StatusCollector(self._scraped, lambda: self.decisions_ms),
+                _, self.metrics_port = serve_metrics(StatusCollector(self._scraped, self.decisions),
                                                      port=int(port), addr=self.config.get("metrics_bind") or host)
             except OSError as exc:  # the port is taken: the cluster runs on, `hami-ray metrics serve` still works
                 log.warning("placement metrics not served on port %s: %s", port, exc)
@@ -131,10 +132,11 @@ class PlacementShell(GangCalls, PodLeases):
                 log.warning("node %s left: %d leases lost", node_id, len(lost))
         for node_id in alive:
             handle = self._node_actor(node_id)
-            # Only a lease confirmed before the node actor was asked can be missing because it freed it: one
-            # confirmed meanwhile (its reservation went over the fast path, the question as a Ray call) may
-            # not be in the answer yet, and dropping it would free room the node actor still holds.
-            settled = {x.lease_id for x in self.svc.ledger.leases_on(node_id) if x.state == "active"}
+            # Only a lease whose reservation was answered before the node actor was asked can be missing
+            # because it freed it: one reserved meanwhile (over the fast path, the question as a Ray call) may
+            # not be in the answer yet, and dropping it would free room the node actor still holds. A lease
+            # this actor took over from the node actor (still reserved: its worker never came) counts too.
+            settled = {x.lease_id for x in self.svc.ledger.leases_on(node_id) if x.lease_id not in self._reserving}
             try:
                 info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
                 self._follow_wire(node_id, info.get("wire"))
@@ -153,7 +155,7 @@ class PlacementShell(GangCalls, PodLeases):
                     for lease in self.svc.ledger.leases_on(node_id):
                         truth = held.get(lease.lease_id)
                         if truth is None:
-                            if lease.lease_id in settled and lease.state == "active":  # freed there: finished, reaped, enforced
+                            if lease.lease_id in settled:  # freed there: finished, reaped, enforced, expired
                                 self.svc.release(lease.lease_id, None)
                                 self.changes += 1
                         elif self._orphaned(truth):
@@ -326,9 +328,9 @@ class PlacementShell(GangCalls, PodLeases):
                     raise  # fail fast: waiting would be forever
                 return None
             finally:
-                self.decisions_ms.append((time.perf_counter() - t0) * 1000)
-                del self.decisions_ms[:-10000]
+                self.decisions.observe(time.perf_counter() - t0)
             releases = self._outbox.pop(plan.node_id, [])  # first, so that they never refuse it
+            self._reserving.add(plan.lease.lease_id)
             try:
                 env = await self._node_call(plan.node_id, "reserve", lease=plan.lease.model_dump(mode="json"),
                                             releases=releases)
@@ -339,6 +341,8 @@ class PlacementShell(GangCalls, PodLeases):
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
                 continue
+            finally:
+                self._reserving.discard(plan.lease.lease_id)
             self._mine.add(plan.lease.lease_id)
             return self.svc.confirm(plan.lease), env
         return None

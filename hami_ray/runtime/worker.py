@@ -113,6 +113,10 @@ _original: dict[str, str | None] = {}  # os.environ before any slice touched a k
 _bound: dict[str, str] | None = None  # the slice environment CUDA initialised under, in this process
 
 
+# a waiting lane's worker keeps its slice until the driver ends the lane (only the driver knows whether more
+# tasks are queued to it: a worker that gave the slice back in a gap between two of them let a later lane
+# go first, issue 15); a slice left this long with no task goes back anyway (a driver that stopped ending lanes)
+OWN_IDLE_S = 10.0
 PREEMPT_RETRIES = 3  # a lane's task whose slice is preempted runs again this often (Ray's default max_retries)
 QUEUE_ENV = "HAMI_RAY_QUEUE"  # the job's team queue: requests that name none go there (then to "default")
 
@@ -300,8 +304,9 @@ class SliceWorkerShell:
     ``run``: the driver holds the lane's lease and sends its slice with every task. ``run_pending``: the
     lane had to wait, so this worker acquires the lease itself (pinned to its node's devices), waiting in
     the placement actor's queue as one request for all the tasks queued here; it gives the slice back
-    when no task came for ``idle_s``, and, while others wait, at the first task after ``term_s`` (then
-    queues again behind them).
+    when the driver ends the lane (:meth:`binding`, once the lane had nothing to do for the lanes'
+    ``IDLE_S``), and, while others wait, at the first task after ``term_s`` (then queues again behind
+    them); a slice with no task for ``idle_s`` goes back anyway.
 
     ``ray.cancel`` of a running task interrupts it (``KeyboardInterrupt``), as for a Ray task. Ray only
     flags a running actor task as cancelled, and only the thread running it can read the flag: so once
@@ -309,7 +314,7 @@ class SliceWorkerShell:
     ``CANCEL_POLL_S`` (``SIGUSR2``, system calls restarted) and the handler, in the task's thread, raises
     if the flag is set. Shorter tasks are never signalled."""
 
-    def __init__(self, idle_s: float = 0.05, term_s: float = 2.0) -> None:
+    def __init__(self, idle_s: float = OWN_IDLE_S, term_s: float = 2.0) -> None:
         self._running = False
         self._env: dict[str, str] | None = None
         self._idle_s, self._term_s = idle_s, term_s
@@ -317,6 +322,8 @@ class SliceWorkerShell:
         self._preempted: set[str] = set()  # lane leases taken back while this worker ran their tasks
         self._own_key = ""
         self._own_since = self._own_last = self._asked = 0.0
+        self._lane = 0.0  # the waiting lane whose tasks it runs now: its ``submitted`` (run_pending)
+        self._place = 0.0  # where that lane queues: its ``submitted``, or when it renewed or lost its slice
         self._lock = threading.Lock()
         self._started = 0.0
         signal.signal(CANCEL_SIGNAL, _check_cancelled)
@@ -332,7 +339,7 @@ class SliceWorkerShell:
             return self._rerun(fn_id, fn_holder, meta, retry, args, kwargs, PREEMPT_RETRIES)
         try:
             return self._run(fn_id, fn_holder, meta, env, args, kwargs)
-        except SlicePreempted:
+        except (SlicePreempted, LeaseGone):  # LeaseGone: taken back before this worker got to run (issue 15)
             self._preempted.add(meta["lease_id"])
             return self._rerun(fn_id, fn_holder, meta, retry, args, kwargs, PREEMPT_RETRIES)
 
@@ -347,15 +354,17 @@ class SliceWorkerShell:
             raise
         try:
             return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
-        except SlicePreempted:
+        except (SlicePreempted, LeaseGone):
+            self._place = time.time()  # the lane lost its slice: it queues again behind those waiting now
             return self._rerun(fn_id, fn_holder, grant["meta"], {"request": request, "owner": owner}, args, kwargs,
-                               PREEMPT_RETRIES)
+                               PREEMPT_RETRIES, lane=submitted)
 
     def _rerun(self, fn_id: str, fn_holder: list[Any], lost: dict[str, Any], retry: dict[str, Any],
-               args: tuple[Any, ...], kwargs: dict[str, Any], retries: int) -> Any:
+               args: tuple[Any, ...], kwargs: dict[str, Any], retries: int, lane: float | None = None) -> Any:
         """Run a task whose slice was preempted again, up to ``retries`` times (Ray's default ``max_retries``
         of a task), in a slice this worker acquires itself through the queue: pinned to the preempted slice's
-        devices, so the process keeps the devices it may have initialised CUDA on."""
+        devices, so the process keeps the devices it may have initialised CUDA on. ``lane``: the waiting lane
+        the task is of (its ``submitted``; the slice is then kept for its next tasks), None for a driver's lane."""
         with self._lock:
             if self._own is not None and self._own["lease"]["lease_id"] == lost["lease_id"]:
                 self._own = None  # preempted: the node actor frees it, nothing to give back
@@ -366,18 +375,19 @@ class SliceWorkerShell:
             log.info("slice %s preempted: task %s runs again (retry %d of %d)", lost["lease_id"], retry["owner"],
                      attempt, retries)
             try:
-                grant = self._hold(request, retry["owner"], time.time())
+                grant = self._hold(request, retry["owner"], time.time() if lane is None else lane)
             except BaseException:
                 self._running = False
                 raise
             try:
                 return self._run(fn_id, fn_holder, grant["meta"], grant["env"], args, kwargs)
-            except SlicePreempted:
+            except (SlicePreempted, LeaseGone):
                 if attempt == retries:
                     raise
                 lost = grant["meta"]
                 with self._lock:
                     self._own = None
+                self._place = time.time()
                 self._leave(lost)
         raise AssertionError("unreachable")
 
@@ -409,7 +419,10 @@ class SliceWorkerShell:
 
     def _hold(self, request: dict[str, Any], owner: str, submitted: float) -> dict[str, Any]:
         """This worker's own lease for ``request``: kept, renewed after its term while others wait, or
-        acquired (waiting in the queue)."""
+        acquired (waiting in the queue) at its lane's place: ``submitted``, when the driver opened the lane
+        (it also tells the lanes apart), or, once renewed, when it asked again. Never when this process
+        happens to ask: a worker back from the idle pool, or one that gave its slice back when idle, would
+        queue behind lanes opened after its own, and a burst would not start in order (issue 15)."""
         from hami_ray.runtime.placement import PLACEMENT_NAME, slice_meta  # noqa: PLC0415 - it imports this module
 
         key = json.dumps(request, sort_keys=True)
@@ -418,12 +431,17 @@ class SliceWorkerShell:
         with self._lock:
             own = self._own
             self._running = True  # from here on the idle check leaves the lease alone
-        if own is not None and (self._own_key != key or self._over_term(placement, now)):
+        if own is not None and (self._own_key != key or self._lane != submitted):  # held for another lane
             self._give_back()
             own = None
+        if self._lane != submitted:
+            self._lane = self._place = submitted
+        if own is not None and self._over_term(placement, now):
+            self._give_back()
+            own = None
+            self._place = time.time()  # renewing: behind those waiting now
         if own is None:
-            asked = submitted if self._own_since == 0.0 else time.time()  # renewing: behind those waiting now
-            grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, asked)))
+            grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, self._place)))
             grant["meta"] = slice_meta(grant, grant["state_root"])
             with self._lock:
                 self._own, self._own_key = grant, key
@@ -452,14 +470,16 @@ class SliceWorkerShell:
 
     def binding(self) -> dict[str, str] | None:
         """The slice environment CUDA was initialised under in this process (None: any slice may come);
-        asked when a lane ends, before the worker serves another."""
+        asked when a lane ends, before the worker serves another: the slice it acquired itself for the
+        lane goes back now (Ray runs this after the lane's tasks: the driver asks after the last one)."""
         global _bound
+        self._give_back()
         if _bound is None and self._env is not None and _cuda_loaded():
             _bound = dict(self._env)
         return _bound
 
     def _watch(self) -> None:
-        """Have a long task check Ray's cancel flag; give an idle worker's own lease back."""
+        """Have a long task check Ray's cancel flag; give back an own lease left with no task for ``idle_s``."""
         while True:
             time.sleep(CANCEL_POLL_S)
             if self._running and _current is not None and time.monotonic() - self._started > CANCEL_AFTER_S:

@@ -8,6 +8,10 @@ GiB (``80GB`` is 81920 MiB). Processes report what they "use" through
 
 Chosen by :func:`node_actors.backends.detect_backend` when ``HAMI_RAY_SIMULATE`` holds a spec; used by
 tests, demos and CI.
+
+A stand-in for NVML failing: while the file ``<state_dir>/sim-faults/usage-error`` exists, sampling
+raises :class:`DeviceError` with its text (as the NVIDIA backend translates an ``NVMLError``), so the
+node actor's handling of a failing device library can be exercised without one (``bench/chaos.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.errors import DeviceError, InvalidRequest
 from hami_ray.core.grades import Isolation
 from hami_ray.core.model import Device, DeviceGrant
 from node_actors import simulated_usage
@@ -25,6 +29,8 @@ from node_actors.backends.base import DeviceSample, IsolationReport, Maintenance
 from node_actors.isolation import IsolationConfig, build_env
 
 SIMULATE_ENV = "HAMI_RAY_SIMULATE"
+FAULTS_DIR = "sim-faults"
+USAGE_ERROR = "usage-error"  # in FAULTS_DIR: while it exists, usage() raises DeviceError with its text
 NVLINK_SCORE = 100  # one NVLink (hami.md §2.4 pair scores)
 SAME_CPU_SCORE = 20
 CROSS_CPU_SCORE = 10
@@ -111,7 +117,18 @@ class SimulatedBackend:
         self._healthy[uuid] = healthy
 
     def usage(self) -> UsageSample:
-        """Sum the live processes' reports per device; reports on unknown devices are ignored."""
+        """Sum the live processes' reports per device; reports on unknown devices are ignored.
+
+        Raises:
+            DeviceError: the stand-in NVML error file exists (see the module's docstring).
+        """
+        fault = self.state_dir / FAULTS_DIR / USAGE_ERROR
+        if fault.exists():
+            try:
+                text = fault.read_text().strip()
+            except OSError:
+                text = ""
+            raise DeviceError(text or "simulated NVML error")
         processes: list[ProcessSample] = []
         used = dict.fromkeys(self._by_uuid, 0)
         for pid, body in simulated_usage.read(self.state_dir).items():

@@ -65,7 +65,7 @@ def nodes(admin: client.ApiClient, namespace: str) -> Iterator[dict[str, str]]:
     """Two kwok nodes with one GPU each: ``big`` (16384 MiB) and ``small`` (2048 MiB), named after the
     namespace (other tests delete every node at their start: these are made here), Ready (kube-scheduler
     needs their allocatable pods), deleted after. The test cluster creates nodes without the not-ready
-    taint (no node lifecycle controller runs to lift it)."""
+    taint (TaintNodesByCondition stays off on its API server: nodes start schedulable)."""
     core = client.CoreV1Api(admin)
     made = {"big": f"ext-big-{namespace}", "small": f"ext-small-{namespace}"}
     for size, name in made.items():

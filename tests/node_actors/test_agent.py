@@ -25,6 +25,7 @@ from node_actors import simulated_usage
 from node_actors.agent import NodeAgent
 from node_actors.backends.simulated import SimulatedBackend
 from node_actors.journal import Journal
+from tests.helpers import wait_for
 from tests.node_actors.conftest import NODE, PYTHON, FakeClock, make_lease, uuid
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
@@ -255,13 +256,9 @@ def test_an_armed_process_gets_the_verdict_first_and_lives_on(agent: NodeAgent, 
     [error] = agent.enforce()
     assert error.action == "interrupted" and "its task was interrupted" in str(error)
     assert (error.lease_id, error.used_mib, error.limit_mib, error.pid) == (lease.lease_id, 9000, 8192, child.pid)
-    seen = tmp_path / "verdict-seen"
-    deadline = time.monotonic() + 10
-    while not seen.exists():
-        assert time.monotonic() < deadline, "the child never got the verdict"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    assert json.loads(seen.read_text())["limit_mib"] == 8192
+    assert _read_when_written(tmp_path / "verdict-seen", "the child never got the verdict")["limit_mib"] == 8192
+    # the child gives its memory back after writing what it saw: wait for that, not for a while
+    assert wait_for(lambda: child.pid not in simulated_usage.read(tmp_path), timeout=10), "the child kept its memory"
     assert child.poll() is None  # alive, and its lease too
     assert [x.lease_id for x in agent.leases()] == [lease.lease_id]
     assert agent.events(lease_id=lease.lease_id)[-1].kind == "interrupted"

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hami_ray.core.errors import InvalidRequest
+from hami_ray.core.errors import DeviceError, InvalidRequest
 from hami_ray.core.model import DeviceGrant
 from node_actors.backends import EmptyBackend, NvidiaBackend, SimulatedBackend, detect_backend
-from node_actors.settings import BackendSettings
+from node_actors.agent import NodeAgent
+from node_actors.backends.simulated import FAULTS_DIR, USAGE_ERROR
+from node_actors.settings import AgentSettings, BackendSettings
 from tests.node_actors.fake_nvml import FakeGpu, FakeNvml
 
 
@@ -55,3 +57,23 @@ def test_node_actors_imports_neither_ray_nor_pynvml() -> None:
     code = ("import sys, node_actors.agent, node_actors.backends, node_actors.journal; "
             "bad = sorted(m for m in ('ray', 'pynvml') if m in sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_simulated_stand_in_fails_like_nvml_while_its_fault_file_exists(tmp_path: Path) -> None:
+    backend = SimulatedBackend("1xT4-16GB", "n1", tmp_path)
+    agent = NodeAgent("n1", backend, tmp_path / "journal", settings=AgentSettings(reap_interval_s=0.0))
+    try:
+        agent.tick()
+        assert agent.enforcement == "ok"
+        fault = tmp_path / FAULTS_DIR / USAGE_ERROR
+        fault.parent.mkdir()
+        fault.write_text("NVML_ERROR_GPU_IS_LOST")
+        with pytest.raises(DeviceError, match="GPU_IS_LOST"):
+            backend.usage()
+        assert agent.tick() == []  # the node actor's loop never dies on it
+        assert agent.enforcement == "degraded" and "GPU_IS_LOST" in agent.isolation_status()["reason"]
+        fault.unlink()
+        agent.tick()
+        assert agent.enforcement == "ok" and agent.isolation_status()["reason"] is None
+    finally:
+        agent.close()

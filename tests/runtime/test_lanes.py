@@ -16,7 +16,7 @@ import ray
 import hami_ray
 from hami_ray.core.errors import SliceQuotaExceeded
 from hami_ray.runtime import api
-from hami_ray.runtime.lanes import TERM_S
+from hami_ray.runtime.lanes import MAX_PENDING, TERM_S
 from node_actors.processes import pid_alive
 from tests.runtime.conftest import RayCluster, assert_node_actors_empty_and_never_over, live_leases, wait_until
 
@@ -109,6 +109,41 @@ def test_a_lane_gives_its_slice_back_to_a_waiting_request(hami: RayCluster) -> N
     assert got, "the waiting lease was never served"
     assert got[0] - asked < 2 * TERM_S + 1.0 and got[0] < max(ends) - 2.0  # well before the burst's end
     assert wait_until(lambda: live_leases() == 0)
+
+
+@hami_ray.remote(gpu_memory="16GiB", gpu_type="T4")  # all of the T4's memory: one at a time (a shape of its own)
+def turn(i: int, hold_s: float = 0.0) -> tuple[int, float]:
+    start = time.monotonic()
+    time.sleep(hold_s)
+    return i, start
+
+
+def test_waiting_lanes_start_in_the_order_they_were_opened_on_reused_workers(hami: RayCluster) -> None:
+    """Bursts wait behind a held T4 in several waiting lanes (``MAX_PENDING``), each one request in the queue;
+    once the T4 frees, the tasks start in submission order. From the second burst on, lanes get their workers
+    from the idle pool, where the earlier bursts' waiting lanes left theirs: a worker that held a slice before
+    queues at its new lane's place all the same (issue 15: it asked at the moment it got to ask, so lanes
+    started out of order, 10 bursts in 10 before the fix, and test_multinode's drain test now and then)."""
+    assert wait_until(lambda: _lanes().waiting_lanes() == 0)  # none left by the tests before
+    done = _lanes().stats.tasks
+    assert ray.get(turn.remote(-1, 0.5), timeout=120)[0] == -1  # a lane measures the shape: a few tasks per lane
+    assert wait_until(lambda: _lanes().stats.tasks > done)  # measured as its end reaches the driver
+    depth = _lanes().depth(turn._lane_key)
+    assert depth <= 4
+    count = (MAX_PENDING - 1) * depth + 4  # fills every waiting lane a burst may open
+    before = dataclasses.replace(_lanes().stats)
+    for burst in range(3):
+        with api.lease(gpu_memory="16GiB", gpu_type="T4"):
+            refs = [turn.remote(i) for i in range(count)]
+            waiting = _lanes().waiting_lanes()
+            assert waiting == MAX_PENDING
+            assert wait_until(lambda: api.queue_depth() == waiting, timeout=120)  # every lane's worker asked
+        ran = ray.get(refs, timeout=300)
+        assert [i for i, _ in sorted(ran, key=lambda r: r[1])] == list(range(count)), f"burst {burst}"
+        assert wait_until(lambda: _lanes().waiting_lanes() == 0 and live_leases() == 0, timeout=60)
+    after = _lanes().stats
+    assert after.pending - before.pending == 3 * MAX_PENDING
+    assert after.workers_started - before.workers_started < 3 * MAX_PENDING  # some came from the idle pool
 
 
 def test_tasks_with_ray_options_take_the_queue_path(hami: RayCluster) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from hami_ray.cli import app
 from hami_ray.core.model import Device, Node
 from hami_ray.sim.arrival import RunResult, prepare_workload, run
-from hami_ray.sim.experiment import run_experiment
+from hami_ray.sim.experiment import paired_diff, run_experiment, seed_spread
 from hami_ray.sim.trace import TraceError, load_nodes, load_pods, pod_request
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "openb-v2023"
@@ -99,6 +99,10 @@ def test_experiment_json_keys_and_cli(tmp_path: Path) -> None:
         assert set(at) == {"90", "100", "110", "130"}
         assert set(data[policy]["per_seed"]) == {"42"}
         assert "100" in data[policy]["curve"]
+        one = data[policy]["seed_spread_at"]["100"]  # one seed: the interval is the value itself
+        assert one["min"] == one["median"] == one["max"] == data[policy]["per_seed"]["42"]["100"]
+        assert "vs_baseline" not in data[policy]  # no fgd among the policies: no default baseline
+    assert data["meta"]["baseline"] is None
     assert data["runtime_s"] > 0
     assert plot.stat().st_size > 10_000
     # the random baseline lands near the artifact's 13.75 % even on one seed
@@ -116,3 +120,80 @@ def test_run_experiment_rejects_bad_file(tmp_path: Path) -> None:
     bad.write_text("nope\n")
     with pytest.raises(TraceError):
         run_experiment(NODES, bad, ["random"], 1, workers=1)
+
+
+def _run(seed: int, unallocated_at_100: float) -> RunResult:
+    """A run whose curve is ``unallocated_at_100`` at 100 % arrived (and 90 % at 90 %)."""
+    return RunResult("p", seed, arrived_pct=[90.0, 100.0], alloc_pct=[10.0, 100.0 - unallocated_at_100])
+
+
+def test_seed_spread_is_min_median_max() -> None:
+    assert seed_spread([4.9, 4.5, 4.7, 5.3]) == {"min": 4.5, "median": 4.8, "max": 5.3}
+    assert seed_spread([]) is None
+
+
+def test_paired_diff_subtracts_the_baseline_seed_by_seed() -> None:
+    mine = [_run(42, 4.0), _run(43, 5.0), _run(44, 6.0)]
+    base = [_run(44, 5.5), _run(42, 4.0), _run(43, 5.5)]  # order of completion does not matter
+    d = paired_diff(mine, base)["100"]
+    assert d is not None
+    assert (d["min"], d["median"], d["max"]) == (pytest.approx(-0.5), pytest.approx(0.0), pytest.approx(0.5))
+    assert (d["below"], d["tie"], d["above"]) == (1, 1, 1)
+    assert paired_diff(mine, base)["130"] is None  # no run reached 130 %
+
+
+def _small_trace(tmp_path: Path) -> tuple[Path, Path]:
+    """The first 100 GPU nodes (200 P100) and the first 600 pods of the default trace."""
+    nodes, pods = tmp_path / "nodes.csv", tmp_path / "pods.csv"
+    nodes.write_text("".join(NODES.read_text().splitlines(keepends=True)[:101]))
+    pods.write_text("".join(DEFAULT.read_text().splitlines(keepends=True)[:601]))
+    return nodes, pods
+
+
+def test_experiment_reports_the_spread_and_the_paired_differences(tmp_path: Path) -> None:
+    nodes, pods = _small_trace(tmp_path)
+    data = run_experiment(nodes, pods, ["random", "fgd"], 4, workers=1, baseline="fgd")
+    meta = data["meta"]
+    assert isinstance(meta, dict) and meta["baseline"] == "fgd" and "min and max" in meta["spread"]
+    runs = {p: data[p] for p in ("random", "fgd")}
+    for policy, summary in runs.items():
+        assert isinstance(summary, dict)
+        for point in ("90", "100"):
+            values = [v[point] for v in summary["per_seed"].values()]
+            assert None not in values
+            spread = summary["seed_spread_at"][point]
+            assert (spread["min"], spread["max"]) == (min(values), max(values))
+            assert spread["median"] == pytest.approx(summary["unallocated_pct_at"][point], abs=1e-3)
+    random, fgd = runs["random"], runs["fgd"]
+    assert isinstance(random, dict) and isinstance(fgd, dict)
+    assert "vs_baseline" not in fgd
+    pair = random["vs_baseline"]
+    assert pair["baseline"] == "fgd"
+    diffs = [random["per_seed"][s]["100"] - fgd["per_seed"][s]["100"] for s in ("42", "43", "44", "45")]
+    d100 = pair["diff_at"]["100"]
+    assert (d100["min"], d100["max"]) == (pytest.approx(min(diffs), abs=1e-3), pytest.approx(max(diffs), abs=1e-3))
+    assert d100["below"] + d100["tie"] + d100["above"] == 4
+    assert d100["below"] == sum(x <= -0.005 for x in diffs)
+    with pytest.raises(ValueError, match="baseline"):
+        run_experiment(nodes, pods, ["random"], 1, workers=1, baseline="fgd")
+
+
+def test_cli_prints_intervals_and_the_paired_table(tmp_path: Path) -> None:
+    nodes, pods = _small_trace(tmp_path)
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["simulate", "--nodes", str(nodes), "--pods", str(pods), "--policies",
+                                      "random,fgd", "--seeds", "3", "--workers", "1", "--json", str(out)],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["baseline"] == "fgd"  # fgd among several policies: the default baseline
+    spread = data["random"]["seed_spread_at"]["100"]
+    assert "median [min, max] of 3 seeds" in result.output
+    assert f"{spread['median']:.2f} [{spread['min']:.2f}, {spread['max']:.2f}]" in result.output
+    d = data["random"]["vs_baseline"]["diff_at"]["100"]
+    assert "Against fgd, seed by seed" in result.output
+    assert f"{d['below']}/{d['tie']}/{d['above']}" in result.output
+    bad = CliRunner().invoke(app, ["simulate", "--nodes", str(nodes), "--pods", str(pods), "--policies",
+                                   "random,fgd", "--baseline", "bestfit"])
+    assert bad.exit_code != 0
+    assert "not among --policies" in bad.output

@@ -1,10 +1,16 @@
-// Command hami-k8s-cluster runs a real Kubernetes control plane for hami-ray's tests: an embedded etcd
-// and the real kube-apiserver (k8s.io/kubernetes, RBAC on), both on 127.0.0.1, state in -dir.
+// Command hami-k8s-cluster runs a real Kubernetes control plane for hami-ray's tests, on 127.0.0.1,
+// state in -dir: etcd, the real kube-apiserver (k8s.io/kubernetes, RBAC on), the real
+// kube-controller-manager (node lifecycle, taint eviction, garbage collector, namespace and
+// service account controllers) and kwok as the kubelet of every node annotated kwok.x-k8s.io/node=fake.
+//
+// Each component is a child process: this binary run again with a subcommand (etcd, apiserver,
+// controller-manager; kwok is its own binary). The parent supervises them: it writes each child's pid
+// to <dir>/pids/<name>.pid, starts a child that dies (a test's SIGKILL, issue 15's chaos run) again on
+// the same ports, data and certificates, so that <dir>/kubeconfig stays valid, stops them all on
+// SIGINT/SIGTERM, and they die with it if it is killed (Pdeathsig). Each child logs to <dir>/<name>.log.
 //
 // It writes <dir>/kubeconfig (cluster-admin, by bearer token; the API server's self-signed certificate
-// as the authority) once the API server answers /readyz, then starts kwok (-kwok, default: the kwok
-// binary beside this one, when there) as the kubelet of every node annotated kwok.x-k8s.io/node=fake,
-// and runs until SIGINT/SIGTERM (kwok is stopped with it, and dies with it if this is killed).
+// as the authority) once the API server answers /readyz, then starts the controller-manager and kwok.
 // Built by `make k8s-bin`; started by the pytest fixture and `make k8s-up`.
 package main
 
@@ -20,20 +26,31 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"time"
-
-	"go.etcd.io/etcd/server/v3/embed"
-	"k8s.io/kubernetes/cmd/kube-apiserver/app"
 )
 
+func init() {
+	// Pdeathsig fires when the thread that started the child ends, not the process: every child is started
+	// from the main goroutine, kept on the main thread, which lives as long as the process.
+	runtime.LockOSThread()
+}
+
 func main() {
-	dir := flag.String("dir", "", "state directory (etcd data, keys, certificates, kubeconfig)")
+	if len(os.Args) > 1 {
+		if component, ok := components[os.Args[1]]; ok {
+			if err := component(os.Args[2:]); err != nil {
+				fmt.Fprintf(os.Stderr, "hami-k8s-cluster %s: %v\n", os.Args[1], err)
+				os.Exit(1)
+			}
+			return
+		}
+	}
+	dir := flag.String("dir", "", "state directory (etcd data, keys, certificates, kubeconfig, pids, logs)")
 	port := flag.Int("port", 0, "API server port on 127.0.0.1 (0: a free one)")
 	kwok := flag.String("kwok", defaultKwok(), "kwok binary for simulated nodes (empty: none)")
 	flag.Parse()
@@ -47,177 +64,131 @@ func main() {
 	}
 }
 
+// run prepares the state directory, starts the children in order (etcd, the API server, then the
+// controller-manager and kwok once the kubeconfig is written) and supervises them until a signal.
 func run(dir string, port int, kwok string) error {
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, "pids"), 0o700); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
 		return err
 	}
 	etcdClient, etcdPeer := freePort(), freePort()
 	if port == 0 {
 		port = freePort()
 	}
-	cfg := embed.NewConfig()
-	cfg.Dir = filepath.Join(dir, "etcd")
-	cfg.LogLevel = "error"
-	cu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", etcdClient))
-	pu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", etcdPeer))
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = fmt.Sprintf("%s=%s", cfg.Name, pu.String())
-	etcd, err := embed.StartEtcd(cfg)
-	if err != nil {
-		return fmt.Errorf("etcd: %w", err)
+	if err := writeKey(filepath.Join(dir, "sa.key")); err != nil {
+		return err
 	}
-	defer etcd.Close()
-	select {
-	case <-etcd.Server.ReadyNotify():
-	case <-time.After(60 * time.Second):
-		return fmt.Errorf("etcd did not become ready")
+	// tokens are made once per run of this program: a restarted API server reads the same file
+	adminToken, managerToken := randomHex(24), randomHex(24)
+	tokens := fmt.Sprintf("%s,admin,admin,system:masters\n%s,%s,%s\n",
+		adminToken, managerToken, managerUser, managerUser)
+	if err := os.WriteFile(filepath.Join(dir, "tokens.csv"), []byte(tokens), 0o600); err != nil {
+		return err
 	}
+	server := fmt.Sprintf("https://127.0.0.1:%d", port)
+	ca := filepath.Join(dir, "certs", "apiserver.crt")
 
-	key := filepath.Join(dir, "sa.key")
-	if err := writeKey(key); err != nil {
-		return err
-	}
-	token := randomHex(24)
-	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(fmt.Sprintf("%s,admin,admin,system:masters\n", token)), 0o600); err != nil {
-		return err
-	}
-	cmd := app.NewAPIServerCommand()
-	cmd.SetArgs([]string{
-		"--etcd-servers=" + cu.String(),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
-		fmt.Sprintf("--secure-port=%d", port),
-		"--cert-dir=" + filepath.Join(dir, "certs"),
-		"--service-cluster-ip-range=10.96.0.0/16",
-		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file=" + key,
-		"--service-account-signing-key-file=" + key,
-		"--token-auth-file=" + tokens,
-		"--authorization-mode=RBAC",
-		"--enable-priority-and-fairness=false",
-		// no node lifecycle controller runs here to lift the not-ready taint once kwok reports a node
-		// Ready, so nodes are created without it (what a real cluster's Ready nodes look like)
-		"--disable-admission-plugins=TaintNodesByCondition",
-		"--v=0",
-	})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	cmd.SetContext(ctx)
-	done := make(chan error, 1)
-	go func() { done <- cmd.Execute() }()
-	server := fmt.Sprintf("https://127.0.0.1:%d", port)
-	if err := waitReady(server, token, done); err != nil {
+	sup := newSupervisor(dir)
+	defer sup.stopAll()
+
+	etcd := sup.add("etcd", self, "etcd", "-dir", dir,
+		"-client-port", fmt.Sprint(etcdClient), "-peer-port", fmt.Sprint(etcdPeer))
+	if err := sup.start(etcd); err != nil {
 		return err
 	}
-	kubeconfig := fmt.Sprintf(`apiVersion: v1
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", etcdClient)
+	if err := waitHTTP(ctx, etcd, etcdURL+"/health", "", 60*time.Second); err != nil {
+		return err
+	}
+	apiserver := sup.add("apiserver", self, "apiserver", "-dir", dir, "-port", fmt.Sprint(port), "-etcd", etcdURL)
+	if err := sup.start(apiserver); err != nil {
+		return err
+	}
+	if err := waitHTTP(ctx, apiserver, server+"/readyz", adminToken, 180*time.Second); err != nil {
+		return err
+	}
+	if err := writeKubeconfig(filepath.Join(dir, "kubeconfig"), server, ca, "admin", adminToken); err != nil {
+		return err
+	}
+	managerConfig := filepath.Join(dir, "controller-manager.kubeconfig")
+	if err := writeKubeconfig(managerConfig, server, ca, managerUser, managerToken); err != nil {
+		return err
+	}
+	if err := sup.start(sup.add("controller-manager", self, "controller-manager", "-dir", dir)); err != nil {
+		return err
+	}
+	if kwok != "" {
+		args, err := kwokArgs(kwok, dir)
+		if err != nil {
+			return err
+		}
+		if err := sup.start(sup.add("kwok", kwok, args...)); err != nil {
+			return err
+		}
+	}
+	fmt.Println("ready", server)
+	sup.supervise(ctx)
+	return nil
+}
+
+// writeKubeconfig writes a kubeconfig for user (a bearer token) atomically: a reader never sees half.
+func writeKubeconfig(path, server, ca, user, token string) error {
+	text := fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:
 - name: hami-test
   cluster: {server: %q, certificate-authority: %q}
 users:
-- name: admin
+- name: %s
   user: {token: %q}
 contexts:
 - name: hami-test
-  context: {cluster: hami-test, user: admin}
+  context: {cluster: hami-test, user: %s}
 current-context: hami-test
-`, server, filepath.Join(dir, "certs", "apiserver.crt"), token)
-	tmp := filepath.Join(dir, "kubeconfig.tmp")
-	if err := os.WriteFile(tmp, []byte(kubeconfig), 0o600); err != nil {
+`, server, ca, user, token, user)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, "kubeconfig")); err != nil {
-		return err
-	}
-	if kwok != "" {
-		child, err := startKwok(kwok, dir)
-		if err != nil {
-			return err
-		}
-		defer func() { _ = child.Process.Signal(syscall.SIGTERM); _ = child.Wait() }()
-	}
-	fmt.Println("ready", server)
-	select {
-	case <-ctx.Done():
-		return nil
-	case err := <-done:
-		return err
-	}
+	return os.Rename(tmp, path)
 }
 
-const kwokConfig = `apiVersion: config.kwok.x-k8s.io/v1alpha1
-kind: KwokConfiguration
-options:
-  nodeLeaseDurationSeconds: 40
-  nodeLeaseParallelism: 4
-  nodePlayStageParallelism: 4
-  podPlayStageParallelism: 4
-  podsOnNodeSyncParallelism: 4
-`
-
-// defaultKwok is the kwok built beside this binary by `make k8s-bin`, if it is there.
-func defaultKwok() string {
-	self, err := os.Executable()
-	if err != nil {
-		return ""
-	}
-	path := filepath.Join(filepath.Dir(self), "kwok")
-	if _, err := os.Stat(path); err != nil {
-		return ""
-	}
-	return path
-}
-
-// startKwok runs kwok for the nodes annotated kwok.x-k8s.io/node=fake, with the stages that
-// `make k8s-bin` put beside it (nodes become Ready and keep their leases; pods bound to them run),
-// logging to <dir>/kwok.log.
-func startKwok(path, dir string) (*exec.Cmd, error) {
-	log, err := os.Create(filepath.Join(dir, "kwok.log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(path, "--kubeconfig", filepath.Join(dir, "kubeconfig"),
-		"--manage-nodes-with-annotation-selector", "kwok.x-k8s.io/node=fake", "--node-lease-duration-seconds", "40",
-		"--config", filepath.Join(dir, "kwok.yaml"), "--config", filepath.Join(filepath.Dir(path), "kwok-stages.yaml"),
-		"--server-address", "127.0.0.1:0", "--v", "WARN")
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := os.WriteFile(filepath.Join(dir, "kwok.yaml"), []byte(kwokConfig), 0o600); err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("kwok: %w", err)
-	}
-	return cmd, nil
-}
-
-func waitReady(server, token string, done <-chan error) error {
+// waitHTTP polls url (with a bearer token, if any) until it answers 200, the child exits or the
+// timeout passes.
+func waitHTTP(ctx context.Context, c *child, url, token string, timeout time.Duration) error {
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // a loopback test cluster
-	deadline := time.Now().Add(180 * time.Second)
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		select {
-		case err := <-done:
-			return fmt.Errorf("kube-apiserver exited: %v", err)
+		case <-c.run.done:
+			return fmt.Errorf("%s exited before it was ready: %v (see %s)", c.name, c.run.err, c.logPath())
+		case <-ctx.Done():
+			return fmt.Errorf("interrupted while waiting for %s", c.name)
 		default:
 		}
-		req, _ := http.NewRequest("GET", server+"/readyz", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
+		req, _ := http.NewRequest("GET", url, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
 		if resp, err := client.Do(req); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil
 			}
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("kube-apiserver not ready after 180 s")
+	return fmt.Errorf("%s not ready after %s (see %s)", c.name, timeout, c.logPath())
 }
 
 func writeKey(path string) error {
