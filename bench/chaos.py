@@ -15,7 +15,9 @@ over the run: SIGKILL of the placement actor's process, of a node actor's, of a 
 back; the bridge SIGKILLed and started again; the node actors' fast path blackholed (nftables on the
 loopback, for the node actor's port only, in a table of its own that is deleted after); the simulated
 stand-in failing like NVML (``node_actors.backends.simulated`` ``usage-error``); a process over its
-slice; a high-priority request preempting lower ones. Recovery time: from the injection until the
+slice; a high-priority request preempting lower ones; a node actor's state disk filled until writes fail
+(each first node's state directory is a small tmpfs of its own); the API server slowed for the bridge (a
+proxy between them delays every piece of every response). Recovery time: from the injection until the
 fault's own recovery condition holds *and* a probe slice task completes.
 
 **Invariants**, checked every second by an auditor that reads the node actors (their ledgers, their
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -80,6 +83,10 @@ BLACKHOLE_S = 8.0  # how long the fast path drops packets
 NVML_FAULT_S = 5.0  # how long the stand-in fails
 KUBE_TIMEOUT_S = 10.0  # every API call of the load and the auditor (a restarted API server may leave one hanging)
 NOT_READY_HOLD_S = 3.0  # the pods' node stays NotReady this long once the controller marked it
+DISK_FULL_S = 8.0  # how long a node actor's state disk stays full
+STATE_DISK_SIZE = "32m"  # each first node's state directory is a tmpfs of this size (so it can be filled)
+SLOW_API_S = 10.0  # how long the API server is slow for the bridge
+SLOW_API_DELAY_S = 0.5  # the delay the proxy adds to each piece of every response, meanwhile
 AGENT = {"grace_s": 1.0, "reap_interval_s": 0.5, "tolerance_mib": 0, "reserve_grace_s": RESERVE_GRACE_S}
 
 
@@ -148,13 +155,18 @@ class Cluster:
         self.kube: KubeSide | None = None
         for _ in range(2):
             self.add_worker()
-        ray.init(address=self.ray.address, _node_ip_address=LOOPBACK, log_to_driver=False,
-                 configure_logging=False)
-        api.init(simulate=HEAD_SPEC, state_root=str(state / "nodes"), agent=AGENT, metrics_port=None,
-                 preempt_grace_s=2.0)
-        _wait(lambda: len(api.status().nodes) == 3, 90, "node actors did not start")
-        if k8s:
-            self.kube = KubeSide(self, state / "k8s")
+        self.disks = StateDisks(state / "nodes", [self.ray.head_node.node_id] + [w.node_id for w in self.workers])
+        try:
+            ray.init(address=self.ray.address, _node_ip_address=LOOPBACK, log_to_driver=False,
+                     configure_logging=False)
+            api.init(simulate=HEAD_SPEC, state_root=str(state / "nodes"), agent=AGENT, metrics_port=None,
+                     preempt_grace_s=2.0)
+            _wait(lambda: len(api.status().nodes) == 3, 90, "node actors did not start")
+            if k8s:
+                self.kube = KubeSide(self, state / "k8s")
+        except BaseException:
+            self.close()
+            raise
 
     def add_worker(self, spec: str = WORKER_SPEC, env: dict[str, str] | None = None) -> Any:
         from hami_ray.runtime.loopback import LOOPBACK  # noqa: PLC0415
@@ -176,6 +188,104 @@ class Cluster:
             api.shutdown(stop_cluster=True)
         ray.shutdown()
         self.ray.shutdown()
+        self.disks.close()
+
+
+class StateDisks:
+    """The first nodes' state directories, each a small tmpfs of its own, so that one node actor's state
+    disk can be filled while the others' are not (root only; without it the fault is not injected)."""
+
+    def __init__(self, root: Path, node_ids: list[str]) -> None:
+        from node_actors.actor import node_state_dir  # noqa: PLC0415
+
+        self.mounts: dict[str, Path] = {}
+        self.refused: str | None = None
+        for node_id in node_ids:
+            path = Path(node_state_dir(str(root), node_id))
+            path.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STATE_DISK_SIZE}", "tmpfs", str(path)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                self.refused = done.stderr.strip() or f"mount exited {done.returncode}"
+                log.warning("state disks stay on the shared disk (cannot mount a tmpfs: %s): "
+                            "state_disk_full will not be injected", self.refused)
+                break
+            self.mounts[node_id] = path
+
+    def fill(self, node_id: str) -> Path:
+        """Write a file until the kernel answers ENOSPC."""
+        filler = self.mounts[node_id] / "chaos-filler"
+        chunk = b"\0" * (1 << 20)
+        with filler.open("ab") as f:
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        return filler
+
+    def close(self) -> None:
+        for path in self.mounts.values():
+            subprocess.run(["umount", "-l", str(path)], check=False)
+        self.mounts.clear()
+
+
+class SlowProxy(threading.Thread):
+    """A TCP proxy on the loopback between the bridge and the API server (TLS passes through untouched);
+    while ``slow`` is set, every piece of a response waits ``SLOW_API_DELAY_S`` before it is passed on."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(daemon=True, name="slow-proxy")
+        import socket  # noqa: PLC0415
+
+        self.upstream = upstream
+        self.slow = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._closed = False
+        self.connections = 0  # connections the bridge opened through it (the proof it is in the path)
+        self.delayed = 0  # response pieces held back while slow
+
+    def run(self) -> None:
+        import socket  # noqa: PLC0415
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            self.connections += 1
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, response: bool) -> None:
+        import socket  # noqa: PLC0415
+
+        try:
+            while data := src.recv(65536):
+                if response and self.slow.is_set():
+                    self.delayed += 1
+                    time.sleep(SLOW_API_DELAY_S)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            src.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
 
 
 class KubeSide:
@@ -210,12 +320,28 @@ class KubeSide:
         self.core.create_node(client.V1Node(metadata=client.V1ObjectMeta(
             name=K8S_NODE, annotations={"kwok.x-k8s.io/node": "fake"})))
         self.address = cluster.ray.address
+        self.proxy, self.bridge_kubeconfig = self._proxied(self.kubeconfig)
         self.bridge: subprocess.Popen[bytes] | None = None
         self.start_bridge()
 
+    def _proxied(self, kubeconfig: Path) -> tuple[SlowProxy, Path]:
+        """The bridge talks to the API server through a proxy that the slow_apiserver fault slows down."""
+        from urllib.parse import urlsplit  # noqa: PLC0415
+
+        import yaml  # noqa: PLC0415
+
+        body = yaml.safe_load(kubeconfig.read_text())
+        url = urlsplit(body["clusters"][0]["cluster"]["server"])
+        proxy = SlowProxy((url.hostname or "127.0.0.1", url.port or 443))
+        proxy.start()
+        body["clusters"][0]["cluster"]["server"] = f"{url.scheme}://{url.hostname}:{proxy.port}"
+        path = self.state / "kubeconfig-bridge"
+        path.write_text(yaml.safe_dump(body))
+        return proxy, path
+
     def start_bridge(self) -> None:
         self.bridge = subprocess.Popen(
-            [str(Path(sys.executable).parent / "hami-ray"), "k8s", "scheduler", "--kubeconfig", str(self.kubeconfig),
+            [str(Path(sys.executable).parent / "hami-ray"), "k8s", "scheduler", "--kubeconfig", str(self.bridge_kubeconfig),
              "--scheduler-name", SCHEDULER, "--inventory", "ray", "--ray-address", self.address],
             stdout=(self.state / "bridge.log").open("ab"), stderr=subprocess.STDOUT,
             env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -227,6 +353,7 @@ class KubeSide:
 
     def close(self) -> None:
         self.kill_bridge()
+        self.proxy.close()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
@@ -633,6 +760,7 @@ class Faults:
         self.record = record
         self.rng = rng
         self.probes = 0  # probe pods bound so far (each probe a new name)
+        self.disk_refusals: list[bool] = []  # per state_disk_full: whether its node actor's journal met it
 
     def all(self) -> list[Fault]:
         faults = [
@@ -647,12 +775,15 @@ class Faults:
             Fault("nvml_error", self.nvml_error, self.enforcement_ok, heal=self.nvml_clear, duration_s=NVML_FAULT_S),
             Fault("process_over_slice", self.over_slice, self.over_slice_stopped),
             Fault("priority_preemption", self.preempt, self.preempt_done),
+            Fault("state_disk_full", self.fill_disk, heal=self.free_disk, duration_s=DISK_FULL_S, during=True),
         ]
         if self.cluster.kube is not None:
             faults += [Fault("kill_bridge", self.kill_bridge, self.bridge_back),
                        Fault("restart_apiserver", self.kill_apiserver, self.apiserver_back),
                        Fault("node_not_ready", self.node_not_ready, self.node_ready_again, heal=self.node_resume,
-                             duration_s=NOT_READY_HOLD_S)]
+                             duration_s=NOT_READY_HOLD_S),
+                       Fault("slow_apiserver", self.slow_api, self.bridge_back, heal=self.fast_api,
+                             duration_s=SLOW_API_S, during=True)]
         return faults
 
     def cleanup(self) -> None:
@@ -807,6 +938,52 @@ class Faults:
 
         return Path(ray.get(_node_actor(node).info.remote(), timeout=30)["state_dir"])
 
+    def fill_disk(self) -> tuple[str, Path, threading.Event]:
+        """Fill one node actor's state disk (its tmpfs) until writes fail with ENOSPC. While it stays full,
+        work must go on (a probe completes: placement goes around a node actor that refuses slices it
+        cannot journal); whether the node actor's journal did meet the full disk is watched meanwhile."""
+        disks = self.cluster.disks
+        alive = [n for n in sorted(disks.mounts) if n in _alive_ray_nodes()]
+        if not alive:
+            raise RuntimeError(f"no node with a state disk of its own ({disks.refused or 'all removed'})")
+        node = self.rng.choice(alive)
+        filler = disks.fill(node)
+        stop = threading.Event()
+        threading.Thread(target=self._watch_journal, args=(node, stop), daemon=True).start()
+        return node, filler, stop
+
+    def _watch_journal(self, node: str, stop: threading.Event) -> None:
+        import ray  # noqa: PLC0415
+
+        refused = False
+        while not stop.wait(0.25) and not refused:
+            info = _quiet_get(lambda: ray.get(_node_actor(node).info.remote(), timeout=5))
+            refused = ((info or {}).get("journal") or {}).get("writable") is False
+        self.disk_refusals.append(refused)
+
+    def free_disk(self, token: tuple[str, Path, threading.Event]) -> None:
+        """Free the disk; the node actor's journal must write what is pending within the recovery bound."""
+        node, filler, stop = token
+        stop.set()
+        filler.unlink(missing_ok=True)
+        deadline = time.monotonic() + RECOVER_BOUND_S
+        while not self.journal_caught_up(node):
+            if time.monotonic() > deadline:
+                self.record.violate("not_recovered", f"state_disk_full: {node}'s journal still behind "
+                                                     f"{RECOVER_BOUND_S:.0f} s after the disk was freed")
+                return
+            time.sleep(0.3)
+
+    def journal_caught_up(self, node: str) -> bool:
+        """The node actor's journal writes again and nothing is pending (what it freed meanwhile written)."""
+        import ray  # noqa: PLC0415
+
+        if node not in _alive_ray_nodes():
+            return True
+        info = _quiet_get(lambda: ray.get(_node_actor(node).info.remote(), timeout=5))
+        journal = (info or {}).get("journal") or {}
+        return bool(journal.get("writable")) and journal.get("pending") == 0
+
     def over_slice(self) -> Any:
         import hami_ray  # noqa: PLC0415
         from hami_ray.runtime import api  # noqa: PLC0415
@@ -889,6 +1066,19 @@ class Faults:
         except (OSError, ValueError):
             return False
         return self.bridge_back(old_pid, "probe-api")
+
+    def slow_api(self) -> int:
+        """Every response from the API server to the bridge waits SLOW_API_DELAY_S per piece; a probe pod
+        must still be bound meanwhile."""
+        kube = self.cluster.kube
+        assert kube is not None
+        kube.proxy.slow.set()
+        return int(time.time())
+
+    def fast_api(self, _token: int) -> None:
+        kube = self.cluster.kube
+        assert kube is not None
+        kube.proxy.slow.clear()
 
     def node_not_ready(self) -> str:
         """Stop the kwok heartbeat of the pods' node and wait until the node lifecycle controller marks
@@ -1056,7 +1246,13 @@ def run(minutes: float, seed: int, rounds: int, in_flight: int, k8s: bool, state
         "minutes": minutes, "seed": seed, "rounds": rounds, "in_flight": in_flight, "k8s": k8s,
         "setup_s": round(setup_s, 1), "python": platform.python_version(), "cpus": os.cpu_count(),
         "bounds_s": {"task": TASK_BOUND_S, "orphan": ORPHAN_BOUND_S, "diverge": DIVERGE_BOUND_S,
-                     "recover": RECOVER_BOUND_S}})
+                     "recover": RECOVER_BOUND_S},
+        # per state_disk_full: whether the node actor's journal met the full disk (refused a write) while
+        # it lasted; a node with nothing to write meanwhile (or a WAL with room left) never notices
+        "state_disk_full_journal_refused": faults.disk_refusals,
+        "slow_api_delay_s": SLOW_API_DELAY_S,
+        "slow_api_proxy": ({"connections": cluster.kube.proxy.connections, "delayed_pieces": cluster.kube.proxy.delayed}
+                           if cluster.kube is not None else None), "state_disk": cluster.disks.refused or f"tmpfs {STATE_DISK_SIZE}"})
 
 
 def report(record: Ledger, recoveries: dict[str, list[float]], unrecovered: Counter[str], skipped: Counter[str],

@@ -141,7 +141,8 @@ class NodeActorShell:
                     "simulated": self.simulated, "pid": os.getpid(), "start_env": self.start_env, "wire": self.wire,
                     "leases": [lease.model_dump(mode="json") for lease in self.agent.leases()],
                     "usage": self._usage(), "enforcement": dict(self._actions),
-                    "isolation": {**self.agent.isolation_status(), "warnings": list(self.warnings), "host": self.host}}
+                    "isolation": {**self.agent.isolation_status(), "warnings": list(self.warnings), "host": self.host},
+                    "journal": self.agent.journal_status()}
 
     def _usage(self) -> dict[str, Any] | None:
         """The last sample: per device used MiB and utilisation, per lease and device used MiB."""
@@ -188,10 +189,15 @@ class NodeActorShell:
         with self._lock:
             return self.agent.isolation_env(lease_id)
 
-    def activate(self, lease_id: str, pid: int, pidns: int | None = None) -> bool:
+    def activate(self, lease_id: str, pid: int, pidns: int | None = None, starting: bool = False) -> bool:
         """``pid`` (numbered in PID namespace ``pidns``) holds the lease now; False when the lease is not live
-        here (a fast task ended it)."""
+        here (a fast task ended it). ``starting``: ``pid`` is about to start work in the slice (a task's
+        worker, :func:`hami_ray.runtime.worker.enter_slice`): False too, and ``pid`` not taken, while the slice
+        is under a preemption notice, so that no work starts on a slice being taken back (a process that
+        comes during the grace is told only at a tick, and stopped at the deadline, told or not)."""
         with self._lock:
+            if starting and lease_id in self.agent.preempting():
+                return False
             try:
                 self.agent.activate(lease_id, pid, pidns)
             except Exception:  # noqa: BLE001 - the lease may already be gone (a fast task)

@@ -28,6 +28,7 @@ from typing import Any
 from hami_ray.core.errors import (
     InvalidRequest,
     InvariantViolation,
+    JournalUnwritable,
     LeaseNotFound,
     ReservationRefused,
     SliceQuotaExceeded,
@@ -156,6 +157,7 @@ class NodeAgent:
         Raises:
             ReservationRefused: the lease is for another node, names an unknown or unhealthy device,
                 conflicts with leases held here, or reuses a live lease id with other contents.
+            JournalUnwritable: the journal cannot be written (the state disk is full): nothing is held.
 
         Example: ``agent.reserve(Lease(lease_id="l1", owner="task", token="t", allocation=alloc))``.
         """
@@ -186,7 +188,14 @@ class NodeAgent:
         slot = next(i for i in range(len(taken) + 1) if i not in taken)
         self._regions[lease.lease_id] = (key, slot)
         self._waiting_since[lease.lease_id] = now
-        self._journal.upsert_lease(lease, slot)
+        try:
+            self._journal.upsert_lease(lease, slot, must=True)
+        except JournalUnwritable as exc:  # a slice the next restart would forget: refuse it, hold nothing
+            self._ledger.release(lease.lease_id, None)
+            self._regions.pop(lease.lease_id, None)
+            self._waiting_since.pop(lease.lease_id, None)
+            raise JournalUnwritable(f"node {self.node_name}: its journal cannot be written ({exc.__cause__}): "
+                                    "no new slices here until it can") from exc
         self._journal.append_event(now, EventKind.RESERVED, lease.lease_id, {"owner": lease.owner})
         return lease
 
@@ -523,10 +532,11 @@ class NodeAgent:
 
     def tick(self) -> list[SliceQuotaExceeded]:
         """One housekeeping pass for the actor shell's timer: reap when due, refresh health, keep isolation
-        running (the MPS daemon), enforce. A step that fails is logged and marks enforcement ``degraded``
+        running (the MPS daemon), enforce, and write what the journal could not write before. A step that fails is logged and marks enforcement ``degraded``
         until a whole pass succeeds again; the other steps still run. Never raises."""
         failures: list[str] = []
         out: list[SliceQuotaExceeded] = []
+        self._journal.flush()  # never raises: what stays pending shows in journal_status()
         steps: list[tuple[str, Callable[[], object]]] = [
             ("reap", self._reap_if_due), ("health", self.refresh_health), ("isolation", self._maintain),
             ("preempt", self._preempt_due), ("enforce", lambda: out.extend(self.enforce()))]
@@ -584,6 +594,11 @@ class NodeAgent:
                 "reason": "; ".join(reasons) or None,
                 "devices": {uuid: {"isolation": grade.value, "note": note} for uuid, grade, note in report.devices},
                 "mps": report.mps, "mps_reason": report.mps_reason, "marks": dict(self._marks)}
+
+    def journal_status(self) -> dict[str, Any]:
+        """Whether the journal takes writes: ``{"writable", "pending", "dropped_events", "error"}`` (see
+        :meth:`node_actors.journal.Journal.status`). While it does not, reservations are refused."""
+        return self._journal.status()
 
     def close(self) -> None:
         """Close the journal (the backend belongs to the caller)."""

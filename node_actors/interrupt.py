@@ -53,11 +53,16 @@ def interruptible(state_dir: str | os.PathLike[str], pid: int) -> bool:
 
 
 def interrupt(state_dir: str | os.PathLike[str], pid: int, verdict: dict[str, Any]) -> bool:
-    """Leave ``verdict`` for ``pid`` and signal it; False when it could not be signalled."""
+    """Leave ``verdict`` for ``pid`` and signal it; False when it could not be left (a full disk) or
+    signalled."""
     path = _dir(state_dir) / f"{pid}.verdict"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(verdict))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(verdict))
+        os.replace(tmp, path)
+    except OSError:  # the state disk is full: the task is not told; the deadline still stops it
+        tmp.unlink(missing_ok=True)
+        return False
     try:
         os.kill(pid, SIGNAL)
     except OSError:

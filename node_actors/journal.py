@@ -5,6 +5,15 @@ is its own committed transaction). Leases are stored as their pydantic JSON with
 accounting-region slot; events as (time, kind, lease id, detail JSON). A row that no longer parses is
 skipped with a logged warning, so one bad row never keeps a node actor from starting.
 
+A disk that stops taking writes (full, failing) never loses what the node actor knows: a write that fails
+is kept in memory, in order, and written with the next one that succeeds (:meth:`Journal.flush` retries;
+the node actor calls it every tick). Only a new reservation insists (``must=True``): it raises
+:class:`~hami_ray.core.errors.JournalUnwritable`, and the node actor refuses the reservation rather than
+hold a slice its next restart would forget. :meth:`Journal.status` says which state it is in. Events kept
+in memory are bounded (:data:`MAX_PENDING_EVENTS`, the oldest dropped and counted); lease rows are one per
+lease. A node actor killed while writes are pending restarts from what was written: leases whose end was
+pending come back and are reaped again (their processes are gone), reservations expire.
+
 Called only by :class:`node_actors.agent.NodeAgent`, from one thread at a time (a lock guards the
 connection in case a threaded actor shell calls in).
 """
@@ -15,6 +24,7 @@ import json
 import logging
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,12 +33,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hami_ray.core.errors import JournalUnwritable
 from hami_ray.core.model import Lease
 
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.sqlite3"
 DEFAULT_KEEP_EVENTS = 100_000
+MAX_PENDING_EVENTS = 10_000  # events kept in memory while the disk takes no writes; the oldest are dropped
+_UNSET = object()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -99,24 +112,108 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
         self._db.executescript(_SCHEMA)
+        # writes the disk refused, in order: lease id -> (body, slot), or None to delete; events as rows
+        self._pending_leases: dict[str, tuple[str, int] | None] = {}
+        self._pending_events: deque[tuple[float, str, str | None, str]] = deque()
+        self.dropped_events = 0
+        self.error: str | None = None  # why the last write failed; None while writes succeed
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    # --- writing, and riding out a disk that refuses writes -----------------------------------
+    def _flush_locked(self) -> None:
+        """Write everything pending in one transaction; raises what SQLite raised (nothing is lost)."""
+        if not self._pending_leases and not self._pending_events:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for lease_id, row in self._pending_leases.items():
+                if row is None:
+                    self._db.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
+                else:
+                    self._db.execute("INSERT INTO leases (lease_id, body, slot) VALUES (?, ?, ?) ON CONFLICT(lease_id)"
+                                     " DO UPDATE SET body=excluded.body, slot=excluded.slot", (lease_id, *row))
+            self._db.executemany("INSERT INTO events (time, kind, lease_id, detail) VALUES (?, ?, ?, ?)",
+                                 self._pending_events)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error as exc:  # the failed statement may have rolled back already
+                    log.debug("journal %s: rollback: %s", self.path, exc)
+            raise
+        if self.error is not None:
+            log.warning("journal %s: writable again; %d lease rows and %d events written late (%d events dropped)",
+                        self.path, len(self._pending_leases), len(self._pending_events), self.dropped_events)
+        self._pending_leases.clear()
+        self._pending_events.clear()
+        self.error = None
+
+    def _write(self, lease: tuple[str, tuple[str, int] | None] | None = None,
+               event: tuple[float, str, str | None, str] | None = None, must: bool = False) -> None:
+        with self._lock:
+            before: Any = _UNSET
+            if lease is not None:
+                before = self._pending_leases.get(lease[0], _UNSET)
+                self._pending_leases[lease[0]] = lease[1]
+            if event is not None:
+                self._pending_events.append(event)
+                while len(self._pending_events) > MAX_PENDING_EVENTS:
+                    self._pending_events.popleft()
+                    self.dropped_events += 1
+            try:
+                self._flush_locked()
+            except (sqlite3.Error, OSError) as exc:
+                if self.error is None:
+                    log.error("journal %s cannot be written (%s): writes are kept in memory until it can",
+                              self.path, exc)
+                self.error = f"{type(exc).__name__}: {exc}"
+                if must:
+                    if lease is not None:  # the caller gives the write up: it must never land later
+                        if before is _UNSET:
+                            del self._pending_leases[lease[0]]
+                        else:
+                            self._pending_leases[lease[0]] = before
+                    if event is not None:
+                        self._pending_events.pop()
+                    raise JournalUnwritable(f"{self.path}: its journal cannot be written ({exc})") from exc
+
+    def flush(self) -> bool:
+        """Write what the disk refused before; True when nothing is pending any more."""
+        with self._lock:
+            try:
+                self._flush_locked()
+            except (sqlite3.Error, OSError) as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                return False
+            return True
+
+    def status(self) -> dict[str, Any]:
+        """``{"writable", "pending", "dropped_events", "error"}``: whether the last write succeeded, how many
+        writes wait in memory, events dropped meanwhile, and the last error."""
+        with self._lock:
+            return {"writable": self.error is None, "pending": len(self._pending_leases) + len(self._pending_events),
+                    "dropped_events": self.dropped_events, "error": self.error}
+
     # --- leases ------------------------------------------------------------------------------
-    def upsert_lease(self, lease: Lease, slot: int = 0) -> None:
-        """Insert or replace a lease (by its id)."""
-        self._run("INSERT INTO leases (lease_id, body, slot) VALUES (?, ?, ?) "
-                  "ON CONFLICT(lease_id) DO UPDATE SET body=excluded.body, slot=excluded.slot",
-                  (lease.lease_id, lease.model_dump_json(), slot))
+    def upsert_lease(self, lease: Lease, slot: int = 0, must: bool = False) -> None:
+        """Insert or replace a lease (by its id).
+
+        Raises:
+            JournalUnwritable: ``must`` and the disk refused the write (then it is not kept either).
+        """
+        self._write(lease=(lease.lease_id, (lease.model_dump_json(), slot)), must=must)
 
     def delete_lease(self, lease_id: str) -> None:
         """Forget a lease; a no-op when it is not there."""
-        self._run("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
+        self._write(lease=(lease_id, None))
 
     def leases(self) -> list[StoredLease]:
-        """Every journaled lease that parses, oldest first; corrupt rows are skipped with a warning."""
+        """Every journaled lease that parses, oldest first; corrupt rows are skipped with a warning. (Read at
+        start, when nothing is pending.)"""
         out = []
         for lease_id, body, slot in self._run("SELECT lease_id, body, slot FROM leases ORDER BY rowid"):
             try:
@@ -132,8 +229,7 @@ class Journal:
     def append_event(self, time: float, kind: str, lease_id: str | None = None,
                      detail: Mapping[str, Any] | None = None) -> None:
         """Append one event; ``detail`` must be JSON-serialisable."""
-        self._run("INSERT INTO events (time, kind, lease_id, detail) VALUES (?, ?, ?, ?)",
-                  (time, str(kind), lease_id, json.dumps(dict(detail or {}), sort_keys=True)))
+        self._write(event=(time, str(kind), lease_id, json.dumps(dict(detail or {}), sort_keys=True)))
 
     def events(self, lease_id: str | None = None, kind: str | None = None, limit: int | None = None) -> list[Event]:
         """Events oldest first, optionally of one lease or kind, the newest ``limit`` of them.
@@ -153,8 +249,14 @@ class Journal:
         sql += " ORDER BY seq DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = list(reversed(self._db.execute(sql, tuple(args)).fetchall()))
+            rows += [(0, t, k, lid, d) for t, k, lid, d in self._pending_events  # written late: seq 0 until then
+                     if (lease_id is None or lid == lease_id) and (kind is None or k == str(kind))]
+        if limit is not None:
+            rows = rows[-int(limit):] if limit > 0 else []
         out = []
-        for seq, time, kind_, lid, detail in reversed(self._run(sql, tuple(args))):
+        for seq, time, kind_, lid, detail in rows:
             try:
                 body = json.loads(detail)
                 if not isinstance(body, dict):
@@ -165,10 +267,15 @@ class Journal:
         return out
 
     def prune_events(self, keep: int = DEFAULT_KEEP_EVENTS) -> None:
-        """Keep only the newest ``keep`` events (the log must not grow without bound)."""
-        self._run("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (keep,))
+        """Keep only the newest ``keep`` events (the log must not grow without bound); skipped, with a
+        warning, while the disk takes no writes."""
+        try:
+            self._run("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (keep,))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("journal %s: old events not pruned: %s", self.path, exc)
 
     def close(self) -> None:
-        """Close the database; idempotent."""
+        """Write what is pending if the disk lets it, and close the database; idempotent."""
+        self.flush()
         with self._lock:
             self._db.close()

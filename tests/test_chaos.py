@@ -26,7 +26,8 @@ def test_two_minutes_of_faults_lose_nothing_and_break_no_invariant(tmp_path: Pat
     faults = result["faults"]
     expected = {"kill_placement_actor", "kill_node_actor", "kill_task_process", "kill_lane_worker", "kill_driver",
                 "remove_node", "add_node", "blackhole_fast_path", "nvml_error", "process_over_slice",
-                "priority_preemption", "kill_bridge", "restart_apiserver", "node_not_ready"}
+                "priority_preemption", "state_disk_full", "kill_bridge", "restart_apiserver", "node_not_ready",
+                "slow_apiserver"}
     assert expected <= set(faults) and not result["not_injected"], (faults, result["not_injected"])
     assert all(row["recovered"] == row["count"] >= 1 for row in faults.values()), faults
     assert result["done"]["tasks"] > 0 and result["done"]["pods"] > 0 and result["done"]["leases"] > 0

@@ -18,6 +18,7 @@ Every error raised by hami-ray code is one of these; third-party exceptions are 
     └── TemporaryError
         ├── Unschedulable           nothing fits now; carries kube-scheduler-style reason counts
         ├── ReservationRefused      a node actor refused a reservation (two-phase placement)
+        │   └── JournalUnwritable   ... because it cannot write its journal (its state disk is full)
         ├── DeviceError             a device backend failed
         └── SlicePreempted          the slice was taken back for another queue's guarantee or a higher priority
 """
@@ -149,6 +150,16 @@ def _rebuild_unschedulable(total: int, reasons: dict[str, int], never: bool) -> 
 
 class ReservationRefused(TemporaryError):
     """The node actor that owns a device refused a reservation (it saw a conflicting lease)."""
+
+
+class JournalUnwritable(ReservationRefused):
+    """A node actor cannot write its journal (its state disk is full or failing), so it takes no new
+    slices: a reservation it could not make durable would be forgotten by its next restart. Slices it holds
+    keep working, and their ends are written once the disk takes writes again. Placement tries other nodes.
+
+    Example message: ``node 5f3c...: its journal cannot be written (database or disk is full): no new slices
+    here until it can``.
+    """
 
 
 class DeviceError(TemporaryError):

@@ -143,12 +143,14 @@ class Scheduler:
             raise InvalidRequest("gpus", f"{request.count} devices is more than any node has (most: {most})")
 
     # --- placement ---------------------------------------------------------------------------
-    def place(self, requests: SliceRequest | Sequence[SliceRequest], nodes: Collection[str] | None = None) -> Allocation:
+    def place(self, requests: SliceRequest | Sequence[SliceRequest], nodes: Collection[str] | None = None,
+              avoid: Collection[str] = ()) -> Allocation:
         """Choose a node and devices for one slice, or for several that share a node (a pod).
 
         Example: ``Scheduler(ledger).place(SliceRequest(memory_mib=4096, cores=25))``.
         ``nodes``: only these may be chosen (a Kubernetes pod: the schedulable nodes); the others are
-        left out of the ``0/N nodes`` count too.
+        left out of the ``0/N nodes`` count too. ``avoid``: never these (node actors that just refused, e.g.
+        with a full state disk); they still count in ``0/N nodes``.
 
         Raises:
             Unschedulable: no node fits now (``never=True`` when none could even empty).
@@ -165,6 +167,10 @@ class Scheduler:
         mask = None if nodes is None else self._node_mask(nodes)
         if mask is not None:
             ok &= mask
+        for name in avoid:
+            row = idx.rows.get(name)
+            if row is not None:
+                ok[row] = False
         if not ok.any():
             raise self._explain(reqs, mask, codes)
         state = CycleState(first, self.rng)

@@ -24,7 +24,7 @@ from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.errors import HamiRayError, JournalUnwritable, SlicePreempted, SliceQuotaExceeded, Unschedulable
 from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.core.queues import Preemption, QueueTree
 from hami_ray.observe.metrics import DecisionLatency, StatusCollector
@@ -314,15 +314,19 @@ class PlacementShell(GangCalls, PodLeases):
 
     async def _try_place(self, request: SliceRequest, owner: str, nominee: str | None = None,
                          **who: Any) -> tuple[Lease, dict[str, str]] | None:
-        return await self._reserve_planned(lambda: self.svc.plan(request, owner, time.time(), **who, nominee=nominee))
+        return await self._reserve_planned(
+            lambda avoid: self.svc.plan(request, owner, time.time(), **who, nominee=nominee, avoid=avoid))
 
-    async def _reserve_planned(self, planner: Callable[[], Plan]) -> tuple[Lease, dict[str, str]] | None:
+    async def _reserve_planned(self, planner: Callable[[frozenset[str]], Plan]) -> tuple[Lease, dict[str, str]] | None:
         """Plan (``planner``: the ledger holds the slice as reserved), then have the node actor confirm it;
-        a refusal (its ledger still holds a release not told yet, or it is restarting) plans again."""
+        a refusal (its ledger still holds a release not told yet, or it is restarting) plans again. A node
+        actor that cannot write its journal (a full state disk) is left out of the next plans
+        (``planner``'s argument)."""
+        avoid: frozenset[str] = frozenset()
         for _ in range(RESERVE_TRIES):
             t0 = time.perf_counter()
             try:
-                plan = planner()
+                plan = planner(avoid)
             except Unschedulable as exc:
                 if exc.never:
                     raise  # fail fast: waiting would be forever
@@ -340,6 +344,8 @@ class PlacementShell(GangCalls, PodLeases):
                     self._flush(plan.node_id)
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
+                if isinstance(exc, JournalUnwritable):
+                    avoid |= {plan.node_id}
                 continue
             finally:
                 self._reserving.discard(plan.lease.lease_id)
@@ -443,9 +449,12 @@ class PlacementShell(GangCalls, PodLeases):
 
         The task goes to the shared pool of slice workers with its environment as an argument; if the
         worker it lands on is bound to another slice (CUDA initialised there), once more to a process
-        started with the whole slice environment. A task whose slice is preempted (``SlicePreempted``) is
-        run again in a new slice, through the queue, as often as its ``max_retries`` allows (Ray's default
-        for tasks, 3; -1: always), as Ray retries a task whose worker died."""
+        started with the whole slice environment. A task whose slice is preempted (``SlicePreempted``), or
+        was taken back before its worker got to it (``LeaseGone``: it did not run), is run again in a new
+        slice, through the queue, as often as its ``max_retries`` allows (Ray's default for tasks, 3; -1:
+        always), as Ray retries a task whose worker died."""
+        from hami_ray.runtime.worker import LeaseGone  # noqa: PLC0415 - as _run_in imports the worker's names
+
         retries = int(options.get("max_retries", DEFAULT_TASK_RETRIES))
         options = {k: v for k, v in options.items() if k not in ("max_retries", "retry_exceptions")}
         req = self._request(request)
@@ -455,16 +464,18 @@ class PlacementShell(GangCalls, PodLeases):
             try:
                 return await self._run_in(lease, env, fn_ref, args, kwargs, options)
             except RayError as exc:
-                if not isinstance(exc, SlicePreempted) or (0 <= retries <= attempt):
+                if not isinstance(exc, (SlicePreempted, LeaseGone)) or (0 <= retries <= attempt):
                     raise
                 attempt += 1
-                log.info("task %s: slice %s preempted; retry %d of %s", owner, lease.lease_id, attempt,
-                         "unlimited" if retries < 0 else retries)
+                log.info("task %s: slice %s %s; retry %d of %s", owner, lease.lease_id,
+                         "preempted" if isinstance(exc, SlicePreempted) else "gone before the task started",
+                         attempt, "unlimited" if retries < 0 else retries)
 
     async def _run_in(self, lease: Lease, env: dict[str, str], fn_ref: list[Any], args: list[Any],
                       kwargs: list[dict[str, Any]], options: dict[str, Any]) -> Any:
         """One run of a task in ``lease``'s slice; the slice is freed when it ends, however it ends."""
-        from hami_ray.runtime.worker import PROCESS_START_KEYS, WORKER_MARK, WorkerBound, run_in_slice  # noqa: PLC0415
+        from hami_ray.runtime.worker import (  # noqa: PLC0415
+            PROCESS_START_KEYS, WORKER_MARK, LeaseGone, WorkerBound, run_in_slice)
 
         grant = self._grant(lease, env)
         user_env = dict(options.get("runtime_env") or {})
@@ -490,8 +501,8 @@ class PlacementShell(GangCalls, PodLeases):
             ref = submit({**shared, **env})
             return await ref
         except RayError as exc:
-            if isinstance(exc, (SliceQuotaExceeded, SlicePreempted)):
-                raise  # interrupted by its node actor's verdict: the task's own error says it all
+            if isinstance(exc, (SliceQuotaExceeded, SlicePreempted, LeaseGone)):
+                raise  # interrupted by its node actor's verdict, or never started: the task's own error says it all
             record = await self._quota_record(lease)
             if record:
                 raise SliceQuotaExceeded(**record) from exc

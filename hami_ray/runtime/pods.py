@@ -33,7 +33,7 @@ class PodLeases:
     def _request(self, request: dict[str, Any]) -> SliceRequest:
         raise NotImplementedError
 
-    async def _reserve_planned(self, planner: Callable[[], Plan]) -> tuple[Lease, dict[str, str]] | None:
+    async def _reserve_planned(self, planner: Callable[[frozenset[str]], Plan]) -> tuple[Lease, dict[str, str]] | None:
         raise NotImplementedError
 
     async def _release(self, lease: Lease) -> None:
@@ -55,7 +55,8 @@ class PodLeases:
         if reqs and self.svc.line_busy(reqs[0].queue):  # never ahead of Ray requests waiting in its own queue
             nodes = len(self.svc.pod_nodes(k8s_nodes))
             raise Unschedulable(nodes, {f"kept for Ray requests waiting in queue {reqs[0].queue}": nodes})
-        placed = await self._reserve_planned(lambda: self.svc.plan_pod(reqs, owner, lease_id, token, k8s_nodes))
+        placed = await self._reserve_planned(
+            lambda avoid: self.svc.plan_pod(reqs, owner, lease_id, token, k8s_nodes, avoid=avoid))
         if placed is None:
             self.svc.scheduler.place(reqs, nodes=self.svc.pod_nodes(k8s_nodes))  # raises why it did not fit
             raise ReservationRefused(f"the node actor refused {owner}'s slices again and again; tried later")
@@ -83,7 +84,7 @@ class PodLeases:
                       created_at=time.time(), queue=queue if queue in self.svc.book.tree else DEFAULT_QUEUE,
                       priority=priority, preemptible=preemptible)
 
-        def planner() -> Plan:
+        def planner(_avoid: frozenset[str]) -> Plan:  # adopted where it already runs
             return Plan(self.svc.adopt(lease), node_id)
 
         if await self._reserve_planned(planner) is None:

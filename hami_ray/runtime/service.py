@@ -16,7 +16,7 @@ import itertools
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,7 +178,8 @@ class PlacementService:
             raise Unschedulable(len(self.ledger.nodes), {why: len(self.ledger.nodes)})
 
     def plan(self, request: SliceRequest, owner: str, created_at: float,
-             holder: Literal["process", "pod", "driver"] = "process", job: str = "", nominee: str | None = None) -> Plan:
+             holder: Literal["process", "pod", "driver"] = "process", job: str = "", nominee: str | None = None,
+             avoid: Collection[str] = ()) -> Plan:
         """Choose devices and hold them as ``reserved`` in the ledger, within the request's queue's limit.
 
         Raises:
@@ -189,7 +190,7 @@ class PlacementService:
         self.scheduler.observe(request)
         self.workload.observe(request)
         with self.others_nominated(nominee):
-            allocation = self.scheduler.place(request)
+            allocation = self.scheduler.place(request, avoid=avoid)
         self._within_limit(queue, allocation)
         self._placed_for(nominee)
         lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
@@ -208,7 +209,7 @@ class PlacementService:
         return [named[n] for n in (named if k8s_nodes is None else k8s_nodes) if n in named]
 
     def plan_pod(self, requests: Sequence[SliceRequest], owner: str, lease_id: str, token: str,
-                 k8s_nodes: Sequence[str] | None) -> Plan:
+                 k8s_nodes: Sequence[str] | None, avoid: Collection[str] = ()) -> Plan:
         """A Kubernetes pod's containers on one node that runs in Kubernetes (``k8s_nodes``: only those
         Kubernetes nodes; None: any), held as ``reserved`` with ``holder="pod"``, within its queue's limit.
 
@@ -221,7 +222,7 @@ class PlacementService:
             self.scheduler.observe(request)
             self.workload.observe(request)
         with self.others_nominated(lease_id):
-            allocation = self.scheduler.place(requests, nodes=allowed)
+            allocation = self.scheduler.place(requests, nodes=allowed, avoid=avoid)
         self._within_limit(queue, allocation)
         self._placed_for(lease_id)
         lease = Lease(lease_id=lease_id, owner=owner, allocation=allocation, token=token, holder="pod",

@@ -166,10 +166,12 @@ def current_slice() -> SliceInfo | None:
 
 
 class LeaseGone(HamiRayError):
-    """The lease a lane's task was sent with is no longer held on its node."""
+    """The lease a task was sent with is no longer held on its node, or is being taken back (a preemption
+    notice): the task did not run. Its worker (a lane's) or the placement actor runs it again in a new slice."""
 
     def __init__(self, lease_id: str) -> None:
-        super().__init__(f"lease {lease_id} is no longer held on its node; the task did not run")
+        super().__init__(f"lease {lease_id} is no longer held on its node (or is being taken back); the task did "
+                         "not run")
         self.lease_id = lease_id
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -177,14 +179,17 @@ class LeaseGone(HamiRayError):
 
 
 def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None, *, lane: bool = False,
-                interruptible: bool = False) -> SliceInfo:
+                interruptible: bool = False, confirm: bool = False) -> SliceInfo:
     """Apply the slice environment (a task's ``env``; an actor has its own in ``os.environ`` already),
-    record the slice for ``current_slice()`` and tell the node actor this process holds it: once per
-    lease and waiting for the answer in a lane worker (``lane``), else once per task without waiting.
+    record the slice for ``current_slice()`` and tell the node actor this process holds it: waiting for
+    the answer once per lease in a lane worker (``lane``) and for every task with ``confirm`` (a task sent
+    to the pool of slice workers), so that work starts only in a slice its node still holds and is not
+    taking back; else (an actor) without waiting.
 
     Raises:
         WorkerBound: see :func:`apply_env`; nothing was recorded or told.
-        LeaseGone: a lane's lease is no longer held on the node.
+        LeaseGone: (``lane``, ``confirm``) the lease is no longer held on the node, or is under a preemption
+            notice; nothing was recorded.
     """
     global _current, _held, _devices
     lease_id = meta["lease_id"]
@@ -197,17 +202,35 @@ def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None, *, lane
     actor = _actors.get(meta["node_actor"])
     if actor is None:  # one GCS lookup per worker process, not per task
         actor = _actors[meta["node_actor"]] = ray.get_actor(meta["node_actor"], namespace=NAMESPACE)
-    if not lane:
-        actor.activate.remote(lease_id, os.getpid(), pid_namespace())  # fire and forget: no round trip per task
-    elif _held != lease_id:
-        if not ray.get(actor.activate.remote(lease_id, os.getpid(), pid_namespace())):
+    info = SliceInfo(lease_id, meta["node"], _devices[1], seen, meta.get("state_dir", ""))
+    if not (lane or confirm):
+        actor.activate.remote(lease_id, os.getpid(), pid_namespace())  # fire and forget: no round trip
+    elif confirm or _held != lease_id:
+        # A worker may come to its slice long after it was reserved (a loaded host, a new process), when the
+        # slice is under a preemption notice or even freed: told without waiting, the node actor refused it
+        # silently and the task ran outside any slice, where no notice reached it (the reclaimed task of
+        # tests/runtime/test_k8s_bridge.py whose retry never came). So it waits for the answer, asking as a
+        # process about to start work (refused under a notice too); ready to be told before it asks, so
+        # that a notice given once the node actor took it interrupts the task rather than being lost.
+        _current = info
+        if interruptible:
+            _arm(info.state_dir)
+        try:
+            held = ray.get(actor.activate.remote(lease_id, os.getpid(), pid_namespace(), starting=True))
+        except BaseException:  # the notice came meanwhile (SlicePreempted), or the node actor is gone
+            _current = None
+            actor.finish.remote(lease_id, os.getpid())  # if it took this process: never stopped with the slice
+            raise
+        if not held:
+            _current = None
             raise LeaseGone(lease_id)
-        _held = lease_id
-    _current = SliceInfo(lease_id, meta["node"], _devices[1], seen, meta.get("state_dir", ""))
+        if lane:
+            _held = lease_id
+    _current = info
     if interruptible:
-        _arm(_current.state_dir)
+        _arm(info.state_dir)  # once per process
     framework_caps.install(os.environ.get("HAMI_RAY_SLICE") if env is None else env.get("HAMI_RAY_SLICE"))
-    return _current
+    return info
 
 
 _pidns: list[int | None] = []
@@ -290,8 +313,12 @@ def leave_slice(meta: dict[str, Any] | None = None, env: dict[str, str] | None =
 @ray.remote
 def run_in_slice(fn: Callable[..., Any], meta: dict[str, Any], env: dict[str, str], *args: Any,
                  **kwargs: Any) -> Any:
-    """The task the placement actor submits: enter the slice, run the user's function, leave."""
-    enter_slice(meta, env, interruptible=True)
+    """The task the placement actor (or a gang) submits: enter the slice, run the user's function, leave.
+
+    Raises:
+        LeaseGone: the slice was gone, or being taken back, before this worker got to it: ``fn`` did not run.
+    """
+    enter_slice(meta, env, interruptible=True, confirm=True)
     try:
         return fn(*args, **kwargs)
     finally:

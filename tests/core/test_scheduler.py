@@ -557,3 +557,16 @@ def test_a_later_container_does_not_join_an_earlier_exclusive_one() -> None:
     (first,), (second,) = alloc.slices
     assert first.uuid != second.uuid, alloc.slices
     allocate(ledger, alloc)
+
+
+def test_avoided_nodes_are_never_chosen_but_still_counted() -> None:
+    """``avoid``: node actors that just refused (a full state disk) are left out of the plan."""
+    s = sched(_cluster())
+    request = SliceRequest(memory_mib=1024)
+    first = s.place(request).node
+    second = s.place(request, avoid=[first]).node
+    assert second != first
+    with pytest.raises(Unschedulable) as info:
+        s.place(SliceRequest(memory_mib=1024, include_types=("A100",)), avoid=["big", "small"])
+    assert info.value.total_nodes == 3
+    assert s.place(request, avoid=["no-such-node"]).node == first

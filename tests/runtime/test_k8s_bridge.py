@@ -137,7 +137,11 @@ def test_one_queue_policy_for_ray_tasks_and_pods(bridge: PodScheduler, admin: cl
     """Queues applied to the placement actor hold for pods too: a Ray task of org/team-b (which guarantees
     nothing) borrows 12 GiB of the L4; a pod of org/team-a (its namespace's queue, under its guarantee) asks
     8 GiB: the placement actor reclaims, the task is interrupted with SlicePreempted, the pod is bound once
-    the task's slice is gone, and the task runs again (its max_retries) once the pod has left."""
+    the task's slice is gone, and the task runs again (its max_retries) once the pod has left.
+
+    The pod comes once the task runs: on a loaded machine its worker may start only after the slice was
+    reclaimed, and such a task does not run in the slice it lost (tests/runtime/test_queues.py checks that):
+    its first run would then be the one after the pod, and it would wait for a preemption that never comes."""
     api.apply_queues("queues: [{name: org}, {name: org/team-a, guaranteed: {memory: 16GiB}}, {name: org/team-b}]")
     core = client.CoreV1Api(admin)
     try:
@@ -158,6 +162,7 @@ def test_one_queue_policy_for_ray_tasks_and_pods(bridge: PodScheduler, admin: cl
 
         task = borrow.options(max_retries=2).remote(str(tmp_path / "go"), str(runs))
         assert wait_for(lambda: [m for _, m in _slices_on(uuid)] == [12288])
+        assert wait_for(lambda: (runs / "0").exists(), timeout=60)  # its first run has started
         _pod(admin, namespace, "owed-8g", {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "8192"})
         assert wait_for(lambda: core.read_namespaced_pod("owed-8g", namespace).spec.node_name == K8S_NODE, timeout=60)
         assert _slices_on(uuid) == [(f"{namespace}/owed-8g", 8192)]  # the task's slice was gone first

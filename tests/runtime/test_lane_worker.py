@@ -61,12 +61,14 @@ class NodeActor:
 
     held: set[str] = field(default_factory=set)
     activated: list[str] = field(default_factory=list)
+    starting: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.activate, self.finish = _Call(self._activate), _Call(lambda lease_id, pid: None)
 
-    def _activate(self, lease_id: str, pid: int, pidns: int | None = None) -> bool:
+    def _activate(self, lease_id: str, pid: int, pidns: int | None = None, starting: bool = False) -> bool:
         self.activated.append(lease_id)
+        self.starting.append(starting)
         return lease_id in self.held
 
 
@@ -204,3 +206,22 @@ def test_a_lane_task_whose_node_actor_answers_no_still_fails_when_no_slice_can_b
     with pytest.raises(worker.LeaseGone):
         shell.run("f", FN, meta, {}, {"request": {"count": 1, "memory_mib": 16384}, "owner": "task:f"})
     assert len(stage.placement.granted) == worker.PREEMPT_RETRIES
+
+
+def test_a_pool_workers_task_starts_only_in_a_slice_its_node_actor_confirms(stage: Stage) -> None:
+    """A task sent to the pool of slice workers (``run_in_slice``: ``confirm``) waits for its node actor's
+    answer, and asks as one about to start work (refused during a preemption notice too): a slice gone
+    (preempted and freed before a slow worker got to it) raises ``LeaseGone`` with nothing recorded, so the
+    placement actor runs the task again. Before the fix the worker told the node actor without waiting and
+    ran the task outside any slice (tests/runtime/test_queues.py has the same on Ray)."""
+    gone = grant("lease-gone", ["GPU-t4"], stage.placement.state_root)
+    meta = {"lease_id": "lease-gone", "node_actor": NODE_ACTOR, "node": NODE,
+            "slices": gone["lease"]["allocation"]["slices"], "state_dir": ""}
+    with pytest.raises(worker.LeaseGone):
+        worker.enter_slice(meta, {}, confirm=True)
+    assert worker.current_slice() is None and stage.node.starting == [True]
+    stage.node.held.add("lease-gone")  # still held: the task starts
+    assert worker.enter_slice(meta, {}, confirm=True) is worker.current_slice() is not None
+    worker.leave_slice(meta, None)
+    worker.enter_slice(meta, {})  # an actor's slice: told without waiting (not as a task about to start)
+    assert stage.node.starting == [True, True, False]
