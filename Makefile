@@ -43,8 +43,9 @@ K8S_BIN := .k8s/bin/hami-k8s-cluster
 K8S_SRC := $(wildcard tests/k8s/cluster/*.go) tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
 KWOK_BIN := .k8s/bin/kwok
 CRDS := .k8s/crds/.pinned
-KUBE_SCHEDULER_BIN := .k8s/bin/kube-scheduler
-k8s-bin: $(K8S_BIN) $(KWOK_BIN) $(CRDS) $(KUBE_SCHEDULER_BIN)
+# it also holds the real kube-scheduler (`hami-k8s-cluster kube-scheduler ARGS`, or started with the cluster by
+# -scheduler-config FILE): tests/k8s/test_extender.py and bench/k8s_bind.py run it with `hami-ray k8s extender`
+k8s-bin: $(K8S_BIN) $(KWOK_BIN) $(CRDS)
 $(K8S_BIN): $(K8S_SRC)
 	@mkdir -p .k8s/bin
 	cd tests/k8s/cluster && go build -o ../../../$(K8S_BIN) .
@@ -57,10 +58,6 @@ $(CRDS): tests/k8s/crds/go.mod tests/k8s/crds/go.sum
 		cat $$(go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator)/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml \
 			> ../../../.k8s/crds/monitoring.coreos.com_servicemonitors.yaml
 	@touch $@
-# the real kube-scheduler from the same module (tests/k8s/test_extender.py runs it with `hami-ray k8s extender`)
-$(KUBE_SCHEDULER_BIN): tests/k8s/cluster/go.mod tests/k8s/cluster/go.sum
-	@mkdir -p .k8s/bin
-	cd tests/k8s/cluster && go build -o ../../../$(KUBE_SCHEDULER_BIN) k8s.io/kubernetes/cmd/kube-scheduler
 # kwok (simulated nodes' kubelets) is its own module: it needs newer Kubernetes libraries (tests/k8s/kwok)
 # its stages (nodes Ready with leases, pods run, finish and go) come from the module's own kustomize files
 KWOK_STAGES := node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \

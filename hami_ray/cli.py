@@ -544,18 +544,25 @@ def k8s_scheduler(
     once: bool = typer.Option(False, "--once", help="one pass, then exit"),
     queues: Path | None = typer.Option(None, "--queues", help="team queue definitions (YAML), read again when "
                                        "the file changes; pods are in their namespace's hami.io/queue"),
+    bind_mode: str = typer.Option("auto", help="'hami-lock': take HAMi's node lock (hami.io/mutex.lock) before "
+                                  "binding, for HAMi's device plugin; 'direct': no lock (hami-ray's device plugin); "
+                                  "'auto': per node, from its device plugin's annotations (docs/kubernetes.md)"),
 ) -> None:
     """Place and bind pending pods with HAMi's annotations (RBAC: deploy/k8s/rbac.yaml)."""
     import threading  # noqa: PLC0415
 
     from hami_ray.core.queues import QueueConfigError  # noqa: PLC0415
     from hami_ray.k8s.inventory import Inventory  # noqa: PLC0415
+    from hami_ray.k8s.nodelock import BindMode  # noqa: PLC0415
     from hami_ray.k8s.operate import lead  # noqa: PLC0415
     from hami_ray.k8s.queueing import QueueFile  # noqa: PLC0415
     from hami_ray.k8s.scheduler import PodScheduler  # noqa: PLC0415
 
     if inventory not in ("annotations", "ray") or (inventory == "ray" and ray_address is None):
         console.print("[red]--inventory is 'annotations' or 'ray' (which needs --ray-address)[/]")
+        raise typer.Exit(2)
+    if bind_mode not in {m.value for m in BindMode}:
+        console.print(f"[red]--bind-mode is one of {', '.join(m.value for m in BindMode)}, not {bind_mode!r}[/]")
         raise typer.Exit(2)
     if queues is not None and ray_address is not None:
         console.print("[red]with --ray-address the placement actor keeps the queues: `hami-ray queues apply FILE`[/]")
@@ -581,7 +588,8 @@ def k8s_scheduler(
         except ray_api.NotRunning as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None
-    sched = PodScheduler(api, scheduler_name=scheduler_name, inventory=source, queues=queue_file)
+    sched = PodScheduler(api, scheduler_name=scheduler_name, inventory=source, queues=queue_file,
+                         bind_mode=BindMode(bind_mode))
     if once:
         stats = sched.run_once()
         console.print(f"bound {stats.bound}, unschedulable {stats.unschedulable}, invalid {stats.invalid}, "

@@ -272,11 +272,31 @@ def decode_node_register(value: str, *, vendor: str = "NVIDIA", field: str | Non
     return _decode_legacy_register(text, key, vendor)
 
 
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GO_ESCAPED = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
+
+
+def go_json(value: object) -> str:
+    r"""``value`` as Go's ``json.Marshal`` writes it, byte for byte (HAMi's device plugins write their
+    annotations so): compact, non-ASCII as UTF-8, ``<``, ``>``, ``&``, U+2028 and U+2029 escaped as
+    ``\u003c``, ``\u003e``, ``\u0026``, ``\u2028``, ``\u2029`` (Go's HTML-safe default), a lone surrogate
+    (what Go reads as invalid UTF-8) as ``\ufffd``. Control characters are escaped alike by both (``\n``,
+    ``\b``, ``\u0001``; Go 1.22 and later). Keys keep their order: sort them first where Go would (maps).
+
+    Example:
+        >>> go_json([{"type": "A<B>&C"}])
+        '[{"type":"A\\u003cB\\u003e\\u0026C"}]'
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _GO_ESCAPED.sub(lambda m: _GO_ESCAPES.get(m.group(), "\\ufffd"), text)
+
+
 def encode_node_register(devices: Sequence[RegisteredDevice], legacy: bool = False) -> str:
     """Encode devices as a register annotation value, as HAMi's device plugins write it.
 
     JSON follows ``MarshalNodeDevices``: compact, keys in ``DeviceInfo`` order, zero values left
-    out. Legacy follows ``EncodeNodeDevices``: always the 9-field form.
+    out, strings escaped as Go's ``json.Marshal`` does (:func:`go_json`). Legacy follows
+    ``EncodeNodeDevices``: always the 9-field form.
 
     Raises:
         InvalidRequest: a legacy field holding a separator, or MIG profiles (legacy cannot carry them).
@@ -304,7 +324,7 @@ def encode_node_register(devices: Sequence[RegisteredDevice], legacy: bool = Fal
             ("health", d.health),
         ]
         entries.append({k: v for k, v in pairs if v})  # Go's omitempty: 0, "", [] and false left out
-    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)
+    return go_json(entries)
 
 
 def registered_to_device(rd: RegisteredDevice, index: int, *, links: Mapping[str, int] | None = None) -> Device:
@@ -377,7 +397,7 @@ def encode_node_scores(scores: Mapping[str, Mapping[str, int]]) -> str:
         '[{"uuid":"GPU-a","score":{"GPU-b":600}}]'
     """
     entries = [{"uuid": uuid, "score": dict(sorted(peers.items()))} for uuid, peers in scores.items()]
-    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)
+    return go_json(entries)
 
 
 def devices_from_register(register: str, scores: str | None = None, *, vendor: str = "NVIDIA") -> tuple[Device, ...]:

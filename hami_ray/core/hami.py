@@ -88,11 +88,14 @@ class HamiConfig:
 
 @dataclass(frozen=True)
 class ContainerRequest:
-    """One container of a pod and what it asks for; ``request`` is ``None`` without devices."""
+    """One container of a pod and what it asks for; ``request`` is ``None`` without devices. ``notes``:
+    where its resources were read with HAMi's meaning rather than as written (issue 16), one sentence
+    each, for an event on the pod."""
 
     name: str
     init: bool
     request: SliceRequest | None
+    notes: tuple[str, ...] = ()
 
 
 def parse_quantity(value: object, field: str) -> Fraction:
@@ -239,30 +242,66 @@ def _device_values(limits: Mapping[str, object], requests: Mapping[str, object],
         # HAMi reads limits, else requests (GenerateResourceRequests).
         raw = limits[name] if name in limits else requests[name]
         if role is ResourceRole.MEMORY and isinstance(raw, str) and raw.strip().endswith("i"):
-            # HAMi would read "8Gi" as 8Gi *MiB* and never place the pod; say so instead.
-            raise InvalidRequest(name, f"is a plain number of MiB (e.g. 8192), got {raw!r}")
-        values[role] = (name, _whole(raw, name))
+            # HAMi drops this container's device request without a word (an "8Gi" is more MiB than int32
+            # holds); refuse it with the reason instead.
+            raise InvalidRequest(name, f"is a plain number of MiB (8Gi is 8192), got {raw!r}; HAMi would "
+                                       "silently drop this container's device request")
+        value = _whole(raw, name) if role is not ResourceRole.MEMORY else _memory_mib(raw, name)
+        values[role] = (name, value)
     return None if vendor is None else (vendor, values)
 
 
-def _slice_fields(vendor: Vendor, values: dict[ResourceRole, tuple[str, int]],
-                  config: HamiConfig) -> dict[str, object] | None:
-    """Resolve count, memory and cores as HAMi's webhook and scheduler do; None: no device asked."""
+def _memory_mib(raw: object, name: str) -> int:
+    """A memory resource: whole MiB that fit HAMi's int32. More is a size in bytes or with a decimal
+    suffix (``"8G"``), which HAMi drops without a word: refused, saying so."""
+    number = parse_quantity(raw, name)
+    if number.denominator != 1:
+        raise InvalidRequest(name, f"must be a whole number of MiB, got {raw!r}")
+    if number > _INT32_MAX:
+        raise InvalidRequest(name, f"is a number of MiB; {raw!r} is more than HAMi's int32 holds (a size in bytes? "
+                                   "8 GiB is 8192), and HAMi would silently drop this container's device request")
+    return int(number)
+
+
+def _slice_fields(vendor: Vendor, values: dict[ResourceRole, tuple[str, int]], config: HamiConfig,
+                  notes: list[str], container: str) -> dict[str, object] | None:
+    """Resolve count, memory and cores as HAMi's webhook and scheduler do; None: no device asked.
+
+    HAMi's meaning where it differs from the letter (issue 16), each told in ``notes``: a memory or
+    percentage of ``0`` is no memory asked (the whole device, or ``default_memory``); memory together
+    with a percentage: the MiB are used.
+    """
     count = values.get(ResourceRole.COUNT)
     memory = values.get(ResourceRole.MEMORY)
     percent = values.get(ResourceRole.MEMORY_PERCENTAGE)
     cores = values.get(ResourceRole.CORES)
     priority = values.get(ResourceRole.PRIORITY)
-    if memory is not None and memory[1] == 0:
-        raise InvalidRequest(memory[0], "memory must be at least 1 MiB")
     if memory is not None and memory[1] * config.memory_factor > _INT32_MAX:
-        raise InvalidRequest(memory[0], f"{memory[1]} MiB x memory factor {config.memory_factor} overflows int32")
-    if percent is not None and not 1 <= percent[1] <= 100:
-        raise InvalidRequest(percent[0], f"must be within 1-100 (percent of device memory), got {percent[1]}")
-    if memory is not None and percent is not None:
-        raise InvalidRequest(percent[0], f"give {memory[0]} or {percent[0]}, not both")
+        raise InvalidRequest(memory[0], f"{memory[1]} MiB x memory factor {config.memory_factor} overflows int32; "
+                                        "HAMi would silently drop this container's device request")
+    if percent is not None and not 0 <= percent[1] <= 100:
+        raise InvalidRequest(percent[0], f"must be within 0-100 (percent of device memory), got {percent[1]}")
     if cores is not None and cores[1] > 100:
         raise InvalidRequest(cores[0], f"must be within 0-100 (percent of device compute), got {cores[1]}")
+    # HAMi's webhook gives whole compute (gpucores 100) to an explicit count without cores when the memory
+    # is exclusive: a percentage of 100 if one is given, else no memory resource at all.
+    exclusive = percent[1] == 100 if percent is not None else memory is None
+    mib = memory[1] if memory is not None and memory[1] > 0 else None  # GenerateResourceRequests: 0 is unset
+    pct = percent[1] if percent is not None and percent[1] > 0 else None
+    if mib is not None and memory is not None:
+        used = f"{memory[0]}={mib} is used"
+    elif pct is not None and percent is not None:
+        used = f"{percent[0]}={pct} is used"
+    else:
+        used = (f"the default of {config.default_memory} MiB" if config.default_memory
+                else "the whole device's memory")
+    for given in (memory, percent):
+        if given is not None and given[1] == 0:
+            notes.append(f"container {container!r}: {given[0]}=0 is read as not given, as HAMi reads it: {used}")
+    if mib is not None and pct is not None:
+        assert memory is not None and percent is not None
+        notes.append(f"container {container!r}: {memory[0]}={mib} and {percent[0]}={pct} both given: the MiB are "
+                     "used, as in HAMi")
     sizing = memory is not None or percent is not None or cores is not None
     if count is None:
         # The webhook adds defaultGPUNum when only memory/cores are given; priority alone asks nothing.
@@ -277,16 +316,18 @@ def _slice_fields(vendor: Vendor, values: dict[ResourceRole, tuple[str, int]],
         number = count[1]
     fields: dict[str, object] = {"vendor": vendor.type_word, "count": number}
     whole_memory = False
-    if memory is not None:
-        fields["memory_mib"] = memory[1] * config.memory_factor
-    elif percent is not None:
-        whole_memory = percent[1] == 100
+    if mib is not None:
+        fields["memory_mib"] = mib * config.memory_factor
+    elif pct is not None:
+        whole_memory = pct == 100
         if not whole_memory:  # 100 % and "nothing" are the same request: the whole device
-            fields["memory_percent"] = float(percent[1])
+            fields["memory_percent"] = float(pct)
     elif config.default_memory:
         fields["memory_mib"] = config.default_memory  # not scaled by memoryFactor, as HAMi
     else:
         whole_memory = True
+    if memory is not None or percent is not None:
+        whole_memory = exclusive
     if cores is not None:
         fields["cores"] = cores[1]
     elif vendor.exclusive_core_default and count is not None and whole_memory:
@@ -316,7 +357,8 @@ def _container(raw: object, path: str, init: bool, ctx: _PodContext) -> Containe
     limits = _mapping(resources.get("limits"), f"{path}.resources.limits")
     requests = _mapping(resources.get("requests"), f"{path}.resources.requests")
     found = _device_values(limits, requests, ctx, name)
-    fields = None if found is None else _slice_fields(found[0], found[1], ctx.config)
+    notes: list[str] = []
+    fields = None if found is None else _slice_fields(found[0], found[1], ctx.config, notes, name)
     if found is None or fields is None:
         return ContainerRequest(name, init, None)
     fields.update(ctx.selectors(found[0]))
@@ -326,7 +368,7 @@ def _container(raw: object, path: str, init: bool, ctx: _PodContext) -> Containe
         request = SliceRequest.model_validate(fields)
     except ValidationError as exc:  # every bound is checked above; keep the promise of one error type
         raise InvalidRequest(path, str(exc)) from None
-    return ContainerRequest(name, init, request)
+    return ContainerRequest(name, init, request, tuple(notes))
 
 
 def pod_requests(pod: Mapping[str, object], config: HamiConfig = HamiConfig()) -> list[ContainerRequest]:

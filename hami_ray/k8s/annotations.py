@@ -4,11 +4,13 @@ Written on the Binding (the API server puts them on the pod with its node): ``ha
 ``hami.io/vgpu-time``, ``hami.io/bind-phase=allocating``, ``hami.io/bind-time`` and, per vendor the pod
 asks for, its ``...-devices-to-allocate`` and ``...-devices-allocated`` (the device plugin erases the
 first as it serves containers). Read back: every vendor's allocated devices per container, what a bound
-pod holds.
+pod holds. The pod also gets the label ``hami.io/vgpu-node=<node>`` (:func:`node_label`; HAMi's vGPUmonitor
+selects pods by it), by a patch before the Binding (a Binding carries annotations only).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -23,6 +25,25 @@ TO_ALLOCATE_ANNOTATION = "hami.io/vgpu-devices-to-allocate"
 BIND_PHASE_ANNOTATION = "hami.io/bind-phase"
 BIND_TIME_ANNOTATION = "hami.io/bind-time"
 ALLOCATED_KEYS = tuple((v.allocated, v.type_word) for v in VENDORS if v.allocated)
+TO_ALLOCATE_KEYS = tuple(v.to_allocate for v in VENDORS if v.to_allocate)
+NODE_LABEL = "hami.io/vgpu-node"  # a label too: HAMi's vGPUmonitor lists the pods of its node by it
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def node_label(node: str) -> dict[str, str] | None:
+    """The pod labels HAMi's scheduler sets for ``node``, or None when the name cannot be a label value
+    (longer than 63 characters: HAMi's own patch would fail there too).
+
+    Example: ``node_label("gpu-1") == {"hami.io/vgpu-node": "gpu-1"}``.
+    """
+    if len(node) > 63 or not _LABEL_VALUE.match(node):
+        return None
+    return {NODE_LABEL: node}
+
+
+def asks_devices(annotations: Mapping[str, str] | None) -> bool:
+    """Whether a pod's annotations (or a Binding's) name devices for some vendor's device plugin."""
+    return annotations is not None and any(key in annotations for key in TO_ALLOCATE_KEYS)
 
 
 def binding_annotations(node: str, containers: Sequence[ContainerRequest], allocation: Allocation | None) -> dict[str, str]:

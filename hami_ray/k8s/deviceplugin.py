@@ -2,16 +2,24 @@
 
 ``hami-ray k8s device-plugin`` runs on each GPU node (DaemonSet ``deploy/k8s/device-plugin.yaml``):
 
-- it registers the node's devices in HAMi's node annotations: ``hami.io/node-nvidia-register`` (JSON,
-  split count, MiB, cores 100, model, NUMA, health) and ``hami.io/node-handshake`` (``Reported <time>``),
-  every 30 s and when health changes, so that the bridge (``hami-ray k8s scheduler``) places pods on it;
+- it registers the node's devices in HAMi's node annotations: ``hami.io/node-nvidia-register`` (JSON as
+  Go writes it, split count, MiB, cores 100, model, NUMA, health) and ``hami.io/node-handshake``
+  (``Reported <time>``), every 30 s and when health changes, so that the bridge (``hami-ray k8s
+  scheduler``) places pods on it; and ``hami-ray.io/device-plugin`` (the resource it serves), which tells
+  the bridge's ``--bind-mode auto`` that this node's plugin is hami-ray's (:mod:`hami_ray.k8s.nodelock`);
 - it serves the kubelet device plugin API v1beta1 (``hami_ray/k8s/proto/deviceplugin/v1beta1/api.proto``) on
   ``<plugin dir>/hami-ray-nvidia.sock`` and registers with ``<plugin dir>/kubelet.sock``; ListAndWatch
   advertises every device x split count as ``<uuid>-<i>``;
-- Allocate serves the pod the bridge bound to this node that still waits for its devices
-  (``hami.io/bind-phase=allocating``, oldest ``hami.io/bind-time`` first): the first container entry left in
-  ``hami.io/vgpu-devices-to-allocate`` becomes HAMi's environment (hami.md §2.6), the entry is erased, and
-  ``bind-phase`` becomes ``success`` once no entry is left (``failed`` when the request cannot be served);
+- Allocate serves the pod the node lock ``hami.io/mutex.lock`` names, as HAMi's plugin does, when it names
+  one that waits for its devices (a bridge in ``hami-lock`` mode); else the pod bound to this node that
+  still waits for its devices (``hami.io/bind-phase=allocating``, oldest ``hami.io/bind-time`` first): the
+  first container entry left in ``hami.io/vgpu-devices-to-allocate`` becomes HAMi's environment (hami.md
+  §2.6), the entry is erased, and ``bind-phase`` becomes ``success`` once no entry is left (``failed`` when
+  the request cannot be served), and the lock, if it names the pod, is removed. Allocate is handed device
+  ids, not a pod: without the lock the pod it serves is the right one only while one pod per node is
+  between its binding and its Allocate (the kubelet admits a batch of new pods in creation order, which
+  the oldest bind-time need not match); ``direct`` binding trades that certainty for throughput (see
+  docs/kubernetes.md, "Bind modes");
 - a restarted kubelet deletes every socket in the plugin dir: the directory is polled and the server
   started and registered again.
 
@@ -40,6 +48,7 @@ from hami_ray.core.errors import HamiRayError
 from hami_ray.core.model import DEFAULT_SPLIT_COUNT, FULL_CORES, Device
 from hami_ray.core.vendors import NVIDIA_VENDOR, VENDORS
 from hami_ray.k8s.grpc_api import pb2, pb2_grpc
+from hami_ray.k8s import nodelock
 from hami_ray.k8s.kubeapi import KubeApi, pod_path, timestamp
 from hami_ray.k8s.annotations import BIND_PHASE_ANNOTATION, BIND_TIME_ANNOTATION, TO_ALLOCATE_ANNOTATION
 
@@ -53,7 +62,8 @@ SOCKET_NAME = "hami-ray-nvidia.sock"
 DEFAULT_RESOURCE = "nvidia.com/gpu"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 VGPU_DIR = "/usr/local/vgpu"  # HAMi-core's directory inside containers
-NODE_LOCK_ANNOTATION = "hami.io/mutex.lock"  # HAMi's node lock; the device plugin releases it
+NODE_LOCK_ANNOTATION = nodelock.LOCK_ANNOTATION  # HAMi's node lock; the device plugin releases it
+PLUGIN_ANNOTATION = nodelock.PLUGIN_ANNOTATION  # "this node's device plugin is hami-ray's"
 REGISTER_ANNOTATION = NVIDIA_VENDOR.register or "hami.io/node-nvidia-register"
 HANDSHAKE_ANNOTATION = NVIDIA_VENDOR.handshake or "hami.io/node-handshake"
 MAX_ID_LENGTH = 63  # the kubelet's limit on a device ID
@@ -277,9 +287,9 @@ class DevicePlugin:
                 for d in self.devices]
 
     def report(self) -> None:
-        """Write ``hami.io/node-nvidia-register`` and ``hami.io/node-handshake`` on the node."""
+        """Write ``hami.io/node-nvidia-register``, ``hami.io/node-handshake`` and our mark on the node."""
         annotations = {REGISTER_ANNOTATION: encode_node_register(self.registered()),
-                       HANDSHAKE_ANNOTATION: f"Reported {timestamp()}"}
+                       HANDSHAKE_ANNOTATION: f"Reported {timestamp()}", PLUGIN_ANNOTATION: self.resource}
         self.kube.patch(f"/api/v1/nodes/{self.node}", {"metadata": {"annotations": annotations}})
         self._reported_at = time.monotonic()
 
@@ -398,21 +408,43 @@ class DevicePlugin:
         return pb2.ContainerAllocateResponse(envs=envs, mounts=mounts)
 
     def _pending_pod(self) -> dict[str, Any] | None:
-        """The pod on this node waiting for devices, the oldest ``bind-time`` first (HAMi's GetPendingPod)."""
+        """The pod on this node waiting for devices (HAMi's GetPendingPod): the one the node lock names, else
+        the oldest ``bind-time`` first."""
+        locked = self._locked_pod()
+        if locked is not None:
+            return locked
         page = self.kube.request("GET", "/api/v1/pods", query=[("fieldSelector", f"spec.nodeName={self.node}")])
         waiting = []
         for pod in page.get("items") or []:
             meta = pod.get("metadata") or {}
-            annotations = meta.get("annotations") or {}
-            if (annotations.get(BIND_PHASE_ANNOTATION) != "allocating" or not _left(annotations.get(TO_ALLOCATE_ANNOTATION))
-                    or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")):
+            if not _waits(pod):
                 continue
             try:
-                bound = int(annotations.get(BIND_TIME_ANNOTATION, ""))
+                bound = int((meta.get("annotations") or {}).get(BIND_TIME_ANNOTATION, ""))
             except ValueError:
                 bound = 2**63
             waiting.append((bound, meta.get("creationTimestamp") or "", meta.get("namespace", ""), meta.get("name", ""), pod))
         return min(waiting, key=lambda w: w[:4])[4] if waiting else None
+
+    def _locked_pod(self) -> dict[str, Any] | None:
+        """The pod ``hami.io/mutex.lock`` names, if it is bound here and waits for devices."""
+        node = self.kube.get(f"/api/v1/nodes/{self.node}")
+        value = ((node.get("metadata") or {}).get("annotations") or {}).get(NODE_LOCK_ANNOTATION)
+        try:
+            lock = nodelock.NodeLock.parse(value) if value else None
+        except ValueError:
+            lock = None
+        if lock is None or not lock.name:
+            return None
+        try:
+            pod = self.kube.get(pod_path({"metadata": {"namespace": lock.namespace, "name": lock.name}}))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if (pod.get("spec") or {}).get("nodeName") != self.node or not _waits(pod):
+            return None
+        return pod
 
     def _fail(self, pod: dict[str, Any] | None, message: str, code: grpc.StatusCode) -> NoReturn:
         """Mark the pod ``bind-phase=failed`` (when there is one) and raise ``AllocateError(code, message)``."""
@@ -426,14 +458,12 @@ class DevicePlugin:
         raise AllocateError(code, message)
 
     def _release_lock(self, pod: dict[str, Any]) -> None:
-        """Remove HAMi's node lock when it names this pod (``<time>,<namespace>,<name>``)."""
+        """Remove HAMi's node lock when it names this pod (``<time>,<namespace>,<name>``), conditional on
+        the Node read: a lock another bind took meanwhile stays."""
+        meta = pod["metadata"]
         try:
-            node = self.kube.get(f"/api/v1/nodes/{self.node}")
-            lock = ((node.get("metadata") or {}).get("annotations") or {}).get(NODE_LOCK_ANNOTATION)
-            meta = pod["metadata"]
-            if lock and lock.split(",")[1:3] == [meta.get("namespace"), meta.get("name")]:
-                self.kube.patch(f"/api/v1/nodes/{self.node}", {"metadata": {"annotations": {NODE_LOCK_ANNOTATION: None}}})
-        except (ApiException, IndexError) as exc:
+            nodelock.release(self.kube, self.node, (str(meta.get("namespace")), str(meta.get("name"))))
+        except ApiException as exc:
             log.info("node lock not released: %s", exc)
 
     def _preload(self) -> Path:
@@ -451,6 +481,14 @@ class DevicePlugin:
             staged = path.with_name(f".{path.name}.{os.getpid()}")
             staged.write_text(text)
             os.replace(staged, path)
+
+
+def _waits(pod: dict[str, Any]) -> bool:
+    """Whether a pod bound here still waits for devices: ``bind-phase=allocating`` with an entry left."""
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    return (annotations.get(BIND_PHASE_ANNOTATION) == "allocating" and _left(annotations.get(TO_ALLOCATE_ANNOTATION))
+            and not meta.get("deletionTimestamp") and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
 
 
 def _options() -> Any:

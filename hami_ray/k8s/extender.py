@@ -26,12 +26,15 @@ requests HAMi's resources and never counts those resources itself. The wire shap
 
 The caches and the ledger are a :class:`PodScheduler`'s, following nodes and pods by watch (a bound
 pod holds what its allocation annotations say, whoever bound it; a finished one frees it), without its
-scheduling loop. Requests are served from a thread each (``ThreadingHTTPServer``), body limit 1 MiB,
-HTTPS with ``--tls-cert/--tls-key``.
+scheduling loop. Requests are served from a thread per connection (``ThreadingHTTPServer``, HTTP/1.1
+keep-alive: kube-scheduler keeps its connections), each answer in one write with Nagle off
+(:mod:`hami_ray.k8s.jsonhttp`: two writes cost every verb a 40 ms delayed ACK, issue 16), body limit
+1 MiB, HTTPS with ``--tls-cert/--tls-key``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import Counter
@@ -60,6 +63,12 @@ MAX_PRIORITY = 10  # extenderv1.MaxExtenderPriority
 # reasons that evicting pods cannot fix: FailedAndUnresolvableNodes (kube-scheduler does not preempt there)
 STATIC_REASONS = frozenset({Reason.VENDOR_MISMATCH.value, Reason.TYPE_MISMATCH.value, Reason.UUID_MISMATCH.value})
 NOT_REGISTERED = "no valid HAMi register annotation"
+# binds that talk to the API server at once: kube-scheduler sends one bind per pod it has placed, hundreds at
+# once under load. Unbounded, they outgrew the client's connection pool (cpu_count() x 5: 10 on 2 cores, 2
+# held by the watches) and every request past it opened a TLS connection of its own and dropped it (issue
+# 16: 488 handshakes for 3,000 pods, CPU on both sides). Bounded, with a pool that holds them all, 10.
+BINDERS = 16
+POOL = BINDERS + 4  # the binders, the node and pod watches, a spare
 
 
 class BadInput(ValueError):
@@ -69,12 +78,13 @@ class BadInput(ValueError):
 class Extender:
     """The three verbs over a following :class:`PodScheduler` (annotation inventory)."""
 
-    def __init__(self, sched: PodScheduler) -> None:
+    def __init__(self, sched: PodScheduler, binders: int = BINDERS) -> None:
         if not isinstance(sched.inventory, AnnotationInventory):
             raise TypeError("the extender needs the annotation inventory (HAMi's node register annotations)")
         self.sched = sched
         self.engine = sched.inventory.scheduler
         self.calls: Counter[str] = Counter()  # requests served, per verb
+        self._binders = threading.BoundedSemaphore(binders)  # the others wait here, in their request's thread
 
     def ready(self) -> bool:
         return self.sched.node_informer.synced.is_set() and self.sched.pod_informer.synced.is_set()
@@ -159,6 +169,10 @@ class Extender:
         """``ExtenderBindingArgs`` -> ``ExtenderBindingResult``: hold the pod's slices on ``Node`` and bind
         it there with HAMi's annotations (never raises: errors go into ``Error``)."""
         self.calls["bind"] += 1
+        with self._binders:
+            return self._bind(args)
+
+    def _bind(self, args: Any) -> dict[str, str]:
         try:
             if not isinstance(args, Mapping):
                 raise BadInput("ExtenderBindingArgs must be a JSON object")
@@ -231,7 +245,6 @@ class ExtenderServer(ThreadingHTTPServer):
 
 class _Handler(JsonHandler):
     server: ExtenderServer
-    protocol_version = "HTTP/1.1"  # kube-scheduler keeps its connections
     error_key = "Error"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -281,7 +294,7 @@ def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.
     """List nodes and pods and follow them by watch (the ledger is rebuilt from the pods' annotations
     before the first answer), then serve the verbs on ``bind`` from a thread until ``stop``; the server
     (``server_address`` says the port when ``bind`` asks for port 0)."""
-    sched = PodScheduler(api, scheduler_name=scheduler_name, queue=False)
+    sched = PodScheduler(pooled(api, POOL), scheduler_name=scheduler_name, queue=False)
     sched.follow(stop)
     server = make_server(Extender(sched), bind, tls_cert=tls_cert, tls_key=tls_key)
 
@@ -299,6 +312,14 @@ def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.
     threading.Thread(target=stopper, name="hami-ray-extender-stop", daemon=True).start()
     log.info("extender on %s://%s:%d", "https" if tls_cert else "http", *server.server_address[:2])
     return server
+
+
+def pooled(api: client.ApiClient, size: int) -> client.ApiClient:
+    """A client like ``api`` (same server, credentials, TLS) that keeps up to ``size`` connections: the
+    pool's size is read when a client is made, so a larger one needs a new client."""
+    configuration = copy.deepcopy(api.configuration)
+    configuration.connection_pool_maxsize = max(size, configuration.connection_pool_maxsize or 0)
+    return client.ApiClient(configuration)
 
 
 def run(api: client.ApiClient, stop: threading.Event, **kwargs: Any) -> None:

@@ -54,6 +54,10 @@ class Inventory(Protocol):
         preemptibility the requests carry. Raises Unschedulable/InvalidRequest, or TemporaryError when the
         queue's limit holds them back."""
 
+    def fits(self, requests: Sequence[SliceRequest], nodes: Collection[str]) -> bool:
+        """Whether the requests would fit one of ``nodes`` now (holds nothing; True where it cannot tell).
+        A pod that fits only nodes with a bind in flight waits for their locks instead of preempting."""
+
     def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
               queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,
               created_at: float = 0.0) -> bool:
@@ -152,6 +156,12 @@ class AnnotationInventory:
         self.book.hold(lease)
         return allocation
 
+    def fits(self, requests: Sequence[SliceRequest], nodes: Collection[str]) -> bool:
+        try:
+            return any(why is None for why in self.scheduler.verdicts(requests, list(nodes)).values())
+        except HamiRayError:
+            return False
+
     def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
               queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,
               created_at: float = 0.0) -> bool:
@@ -248,6 +258,10 @@ class RayInventory:
         lease = Lease.model_validate(grant["lease"])
         self._held[uid] = grant["k8s_node"]
         return lease.allocation.model_copy(update={"node": grant["k8s_node"]})
+
+    def fits(self, requests: Sequence[SliceRequest], nodes: Collection[str]) -> bool:
+        """Not asked of the placement actor (it would be one more Ray call per waiting pod): assumed."""
+        return True
 
     def adopt(self, uid: str, owner: str, node: str, slices: Sequence[Sequence[DeviceGrant]], *,
               queue: str = DEFAULT_QUEUE, priority: int = 0, preemptible: bool = True,

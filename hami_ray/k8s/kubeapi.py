@@ -192,6 +192,12 @@ def pod_path(obj: dict[str, Any], sub: str = "") -> str:
     return f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}{sub}"
 
 
+def owner_of(obj: dict[str, Any]) -> str:
+    """An object's ``namespace/name`` (a pod's owner in the ledger and in messages)."""
+    meta = obj["metadata"]
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
 def since(stamp: str | None) -> float:
     """A Kubernetes timestamp (``2026-11-29T02:00:00Z``) as seconds since the epoch (0 when missing)."""
     if not stamp:

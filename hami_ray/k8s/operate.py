@@ -11,8 +11,8 @@ from typing import Any
 
 from kubernetes import client
 
-from hami_ray.k8s.kubeapi import since
-from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler, owner_of
+from hami_ray.k8s.kubeapi import owner_of, since
+from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler
 from hami_ray.observe.model import ClusterStatus, build_status
 
 log = logging.getLogger(__name__)

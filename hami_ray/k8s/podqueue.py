@@ -148,6 +148,7 @@ class PodQueue:
             sched.inventory.release(uid)
         try:
             containers = pod_requests(pod, sched.config)
+            sched.reinterpreted(pod, containers)
             priority, preemptible = pod_terms(pod)
             requests = [c.request for c in containers if c.request is not None]
             sched.inventory.validate(requests)  # never fits any device: told now, not when it is a head
@@ -365,7 +366,7 @@ class PodQueue:
             return None
         nodes, refused = allowed(pod, sched.nodes, sched.open_nodes())
         try:
-            allocation = sched.inventory.place(uid, sched.owner(pod), pending.requests, nodes)
+            allocation = sched.place(uid, sched.owner(pod), pending.requests, nodes)
         except Unschedulable as exc:  # counted with the nodes its selector, taints or cordons left out
             message = str(Unschedulable(exc.total_nodes + sum(refused.values()), {**exc.reasons, **refused}))
         except TemporaryError as exc:  # its queue's limit on what it would really take; a refusal (Ray)
@@ -397,6 +398,8 @@ class PodQueue:
         if pod is None or uid not in self.waitlist:
             return None
         if self.preemptions.active(uid, self._holds) or self._planned.get(uid) == sched.changes:
+            return None
+        if sched.waits_for_lock(uid):  # it fits a node with a bind in flight: it waits for that lock
             return None
         nodes, _ = allowed(pod, sched.nodes, sched.open_nodes())
         try:

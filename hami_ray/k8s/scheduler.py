@@ -22,6 +22,13 @@ Binding is one ``pods/binding`` call that carries HAMi's annotations (``hami.io/
 ``hami.io/bind-phase``, ``hami.io/bind-time``; the API server writes the Binding's annotations onto the pod
 with its node, so there is no moment where one is there without the other). A 409 (bound meanwhile)
 reads the pod again and keeps what it says instead of ours. A ``Scheduled`` event follows each binding.
+Before it, the pod gets the label ``hami.io/vgpu-node=<node>`` (HAMi's vGPUmonitor selects pods by it) and,
+on a node whose device plugin is HAMi's, HAMi's node lock (``bind_mode``, :mod:`hami_ray.k8s.nodelock`;
+the calls: :mod:`hami_ray.k8s.binder`):
+placement then passes over nodes with a bind in flight for the best node without one, and a pod waits
+for a lock only when no other node fits it; a lock found taken at bind time sends the pod back to be
+placed again at once. A pod whose requests are read with HAMi's meaning rather than as written
+(``gpumem: 0``, memory in MiB and percent together) gets a ``HAMiRequestReinterpreted`` event, once.
 Cycles run when something changed (a pod arrived, a slice was freed, a node, a namespace or the queue
 definitions changed) and every minute anyway; nothing stops the loop. Events and conditions are written
 off the binding path.
@@ -45,11 +52,14 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from hami_ray.core.errors import HamiRayError, TemporaryError, Unschedulable
-from hami_ray.core.hami import HamiConfig, pod_requests
-from hami_ray.core.model import DEFAULT_QUEUE
+from hami_ray.core.hami import ContainerRequest, HamiConfig, pod_requests
+from hami_ray.core.model import DEFAULT_QUEUE, Allocation, SliceRequest
+from hami_ray.k8s import nodelock
 from hami_ray.k8s.annotations import NODE_ANNOTATION, allocated, binding_annotations
+from hami_ray.k8s.binder import Binder
 from hami_ray.k8s.inventory import AnnotationInventory, Inventory
-from hami_ray.k8s.kubeapi import Informer, KubeApi, follow_all, pod_path, timestamp
+from hami_ray.k8s.kubeapi import Informer, KubeApi, follow_all, owner_of, pod_path, timestamp
+from hami_ray.k8s.nodelock import LOCKED, BindMode, NodeLocks
 from hami_ray.k8s.nodefit import NodeInfo
 from hami_ray.k8s.podqueue import Call, PodQueue
 from hami_ray.k8s.queueing import QueueFile, held_since, pod_terms, with_terms
@@ -59,6 +69,7 @@ log = logging.getLogger(__name__)
 SCHEDULER_NAME = "hami-scheduler"
 COMPONENT = "hami-ray-scheduler"
 CHANGES_POLL_S = 1.0  # how often the inventory is asked whether somebody else freed slices (Ray tasks)
+REINTERPRETED = "HAMiRequestReinterpreted"  # the event a pod read with HAMi's meaning gets
 
 
 @dataclass
@@ -76,13 +87,17 @@ class PodScheduler:
     :meth:`run_once` is one pass (list, one scheduling cycle, bind and evict in this thread); :meth:`run`
     follows the cluster by watch until stopped, binding and evicting from a pool of threads. ``queues``:
     the team queue definitions (read again when the file changes); without it only ``default`` exists.
-    ``changes``, :meth:`changed`, :meth:`wake`, :meth:`placed`, :meth:`note`, :meth:`event` and
-    :meth:`condition` are for its :attr:`podqueue`, under :attr:`lock`.
+    ``changes``, :meth:`changed`, :meth:`wake`, :meth:`placed`, :meth:`place`, :meth:`note`, :meth:`event`
+    and :meth:`condition` are for its :attr:`podqueue`, under :attr:`lock`. ``bind_mode``: whether binds
+    take HAMi's node lock (:class:`~hami_ray.k8s.nodelock.BindMode`; ``hami-ray k8s scheduler`` says
+    ``auto``, this class ``direct``: a test cluster's nodes carry HAMi's register annotation with no device
+    plugin to release a lock); ``lock_timeout_s``: HAMi's node lock timeout.
     """
 
     def __init__(self, api: client.ApiClient, *, scheduler_name: str = SCHEDULER_NAME,
                  config: HamiConfig | None = None, inventory: Inventory | None = None, quiet: bool = False,
-                 queue: bool = True, queues: QueueFile | None = None) -> None:
+                 queue: bool = True, queues: QueueFile | None = None, bind_mode: BindMode | str = BindMode.DIRECT,
+                 lock_timeout_s: float = nodelock.LOCK_TIMEOUT_S) -> None:
         self.kube = KubeApi(api)
         self.scheduler_name = scheduler_name
         self.config = config or HamiConfig()
@@ -103,6 +118,11 @@ class PodScheduler:
         self._in_flight: set[str] = set()  # uids whose binding call is under way
         self._bound_on: dict[str, str] = {}  # uid -> node, for every bound live pod (spreads device-less pods)
         self._per_node: Counter[str] = Counter()
+        self.locks = NodeLocks(BindMode(bind_mode), lock_timeout_s)  # HAMi's node locks, as placement sees them
+        self._names: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid, for every live pod seen
+        self._waits_for_lock: set[str] = set()  # uids that fit only nodes with a bind in flight
+        self._reinterpreted: set[str] = set()  # uids told how HAMi's meaning read their requests
+        self.binder = Binder(self)
         self._dirty = False  # a cycle is due
         self._outside = self.inventory.changes()
         self._outside_at = time.monotonic()
@@ -156,9 +176,12 @@ class PodScheduler:
                 self.nodes.pop(name, None)
                 self._open = None
                 self._skipped.pop(name, None)
+                self.locks.forget(name)
                 self.inventory.remove_node(name)
                 self.changed()
                 return
+            if self.locks.observe(name, meta):  # a lock came or went: pods waiting for it may go now
+                self.changed()
             annotations = meta.get("annotations") or {}
             old = self.nodes.get(name)
             try:
@@ -190,6 +213,11 @@ class PodScheduler:
             if kind == "DELETED" or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 if kind == "DELETED":
                     self.pods.pop(uid, None)
+                    self._names.pop((meta.get("namespace"), meta.get("name")), None)
+                    self._reinterpreted.discard(uid)
+                    self._waits_for_lock.discard(uid)
+                    if self.locks.names(meta.get("namespace"), meta.get("name")):
+                        self.changed()  # its node's lock is dangling now: free for others
                 else:
                     self.pods[uid] = pod
                 self.podqueue.forget(uid)
@@ -202,6 +230,7 @@ class PodScheduler:
                     self.changed()
                 return
             self.pods[uid] = pod
+            self._names[(meta.get("namespace"), meta.get("name"))] = uid
             node = spec.get("nodeName")
             if node:
                 self.podqueue.forget(uid)
@@ -270,10 +299,50 @@ class PodScheduler:
         if now - self._swept_at >= 0.2:
             self._swept_at = now
             self.podqueue.sweep(now)
+            if self.locks.expired():  # a lock older than HAMi's timeout is free now
+                self.changed()
         if self.podqueue.tick(now):
             self.changed()
 
     # --- placing and binding ---------------------------------------------------------------------
+    def reinterpreted(self, pod: dict[str, Any], containers: Sequence[ContainerRequest]) -> None:
+        """Tell the pod, once, where its requests were read with HAMi's meaning rather than as written."""
+        notes = [note for c in containers for note in c.notes]
+        uid = pod["metadata"]["uid"]
+        if notes and uid not in self._reinterpreted:
+            self._reinterpreted.add(uid)
+            self.note(self.event, pod, "Normal", REINTERPRETED, "; ".join(notes))
+
+    def place(self, uid: str, owner: str, requests: Sequence[SliceRequest], nodes: Sequence[str]) -> Allocation:
+        """Hold a pod's slices on one of ``nodes`` (:meth:`Inventory.place`), passing over the nodes with a
+        bind in flight (HAMi's lock) for the best of the others. A pod that fits only those waits for their
+        locks: Unschedulable with them counted, and no preemption is planned for it (:meth:`waits_for_lock`).
+
+        Raises:
+            Unschedulable, TemporaryError, InvalidRequest: as :meth:`Inventory.place`.
+        """
+        self._waits_for_lock.discard(uid)
+        namespace, _, name = owner.partition("/")
+        free, busy = self.locks.split(nodes, self.has_pod, pod=(namespace, name))
+        try:
+            if not free and busy:
+                raise Unschedulable(0, {})
+            allocation = self.inventory.place(uid, owner, requests, free)
+        except Unschedulable as exc:
+            if not busy or exc.never:
+                raise
+            if self.inventory.fits(requests, busy):
+                self._waits_for_lock.add(uid)
+                raise Unschedulable(exc.total_nodes + len(busy), {**exc.reasons, LOCKED: len(busy)}) from None
+            allocation = self.inventory.place(uid, owner, requests, nodes)  # raises, with every node's reason
+        if self.locks.needs_lock(allocation.node):
+            self.locks.claim(allocation.node, uid)
+        return allocation
+
+    def waits_for_lock(self, uid: str) -> bool:
+        """Whether the pod did not fit now only because of binds in flight (no preemption for it)."""
+        return uid in self._waits_for_lock
+
     def reserve(self, pod: dict[str, Any], nodes: Sequence[str]) -> tuple[str, dict[str, str]]:
         """Place the pod's containers (HAMi's requests, in its namespace's queue) on one of ``nodes`` and
         hold them; the pod is then in flight until :meth:`bind` says how its binding went (what it held
@@ -292,6 +361,7 @@ class PodScheduler:
             if self.inventory.holds(uid):  # placed before (its annotations) and never bound: place it again
                 self.inventory.release(uid)
             containers = pod_requests(pod, self.config)
+            self.reinterpreted(pod, containers)
             requests = [c.request for c in containers if c.request is not None]
             if not requests:
                 if not nodes:
@@ -302,7 +372,7 @@ class PodScheduler:
                 priority, preemptible = pod_terms(pod)
                 requests = with_terms(requests, self.podqueue.queue_of(pod["metadata"].get("namespace")),
                                       priority, preemptible)
-                allocation = self.inventory.place(uid, owner_of(pod), requests, nodes)
+                allocation = self.place(uid, owner_of(pod), requests, nodes)
                 node = allocation.node
                 annotations = binding_annotations(node, containers, allocation)
             self._in_flight.add(uid)
@@ -310,69 +380,21 @@ class PodScheduler:
 
     def bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None, *,
              explain: bool = True) -> str | None:
-        """One ``pods/binding`` call, with HAMi's annotations on it; a 409 (bound meanwhile) keeps what the
-        pod says; any other failure frees the slice and the pod waits its back-off. None when the pod is
-        bound on ``node``, else why not. ``explain=False`` (extender mode: kube-scheduler writes them):
-        no events, no conditions, no back-off here."""
-        meta = pod["metadata"]
-        uid = meta["uid"]
-        body = {"apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": uid,
-                             "annotations": annotations or {}},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
-        try:
-            self.kube.post(pod_path(pod, "/binding"), body)
-        except ApiException as exc:
-            if exc.status == 409:
-                return self._refresh(pod, node, explain)
-            return self._not_bound(pod, f"binding to {node} failed: {exc.status} {exc.reason}",
-                                   explain and exc.status != 404)
-        except Exception as exc:  # noqa: BLE001 - the API server went away: free it, try again later
-            return self._not_bound(pod, f"binding to {node} failed: {exc}", explain)
-        with self._lock:
-            self._in_flight.discard(uid)
-            self.stats.bound += 1
-            self.podqueue.told.pop(uid, None)
-        if explain:
-            self.note(self.event, pod, "Normal", "Scheduled",
-                      f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
-        return None
+        """Bind the pod to ``node`` (:meth:`Binder.bind <hami_ray.k8s.binder.Binder.bind>`: HAMi's lock where
+        the node takes it, the label, the Binding); None when it is bound there, else why not."""
+        return self.binder.bind(pod, node, annotations, explain=explain)
 
-    def _not_bound(self, pod: dict[str, Any], error: str, explain: bool) -> str:
-        uid = pod["metadata"]["uid"]
-        with self._lock:
-            self._in_flight.discard(uid)
-            if self.inventory.holds(uid):
-                self.inventory.release(uid)
-                self.changed()
-            if explain and uid in self.pods:
-                self.podqueue.park(pod, "BindingRejected", error)
-        return error
+    def landed(self, uid: str) -> None:
+        """The pod's binding call is over (bound or not): it is no longer in flight. Under :attr:`lock`."""
+        self._in_flight.discard(uid)
 
-    def _refresh(self, pod: dict[str, Any], node: str, explain: bool = True) -> str | None:
-        """The binding was refused with 409: read the pod; if it is bound, what it says wins over what
-        this bridge chose (our slice is freed, its annotations' are held). None if it is bound on ``node``."""
-        uid = pod["metadata"]["uid"]
-        fresh: dict[str, Any] | None
-        try:
-            fresh = self.kube.get(pod_path(pod))
-        except ApiException as exc:
-            fresh = None if exc.status == 404 else pod
-        with self._lock:
-            self._in_flight.discard(uid)
-            if self.inventory.holds(uid):
-                self.inventory.release(uid)
-                self.changed()
-            if fresh is None or fresh["metadata"].get("uid") != uid:
-                return "binding refused (409): the pod is gone"
-            self.pods[uid] = fresh
-            bound_on = (fresh.get("spec") or {}).get("nodeName")
-            if bound_on:
-                self._adopt(fresh, bound_on)
-                return None if bound_on == node else f"binding refused (409): the pod is bound to {bound_on}"
-            if explain:
-                self.podqueue.park(fresh, "BindingRejected", "binding refused (409); tried again")
-            return "binding refused (409)"
+    def adopt(self, pod: dict[str, Any], node: str) -> None:
+        """Hold what a bound pod's allocation annotations say (:meth:`_adopt`). Under :attr:`lock`."""
+        self._adopt(pod, node)
+
+    def has_pod(self, namespace: str, name: str) -> bool:
+        """Whether a pod of that name is in the cache (placement: no API call under the lock)."""
+        return (namespace, name) in self._names
 
     # --- events and conditions -------------------------------------------------------------------
     def condition(self, pod: dict[str, Any], reason: str, message: str) -> None:
@@ -494,8 +516,3 @@ def _logged(call: Call) -> None:
         call()
     except Exception:  # noqa: BLE001 - one failed call never stops the pool's thread
         log.exception("API call failed")
-
-
-def owner_of(pod: dict[str, Any]) -> str:
-    meta = pod["metadata"]
-    return f"{meta.get('namespace')}/{meta.get('name')}"

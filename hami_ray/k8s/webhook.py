@@ -6,8 +6,10 @@ answer allows it with a JSONPatch, or denies it with a reason (hami.md §2.2):
 - a pod that asks for devices of any vendor HAMi knows gets ``spec.schedulerName`` (unless it names
   another scheduler than ``default-scheduler``);
 - NVIDIA, per container (init containers too): ``nvidia.com/gpu: 1`` added when only memory or cores
-  are given; ``nvidia.com/gpucores: 100`` when whole GPUs are asked without cores (no ``gpumem``, or a
-  percentage of 100); ``CUDA_TASK_PRIORITY`` from ``nvidia.com/priority``;
+  are given; ``nvidia.com/gpucores: 100`` when whole GPUs are asked without cores (a percentage of 100,
+  or, without a percentage, no ``gpumem``); ``CUDA_TASK_PRIORITY`` from ``nvidia.com/priority``. A
+  ``gpumem`` or percentage of ``0`` is allowed: the scheduler reads it as HAMi does (no memory asked: the
+  whole device) and tells the pod so in an event;
 - denied: a ``gpumem-percentage`` outside 0-100, a privileged container in a pod that asks for
   devices, a pod that already names its node, a resource value that is not a number;
 - with team queues (``--queues FILE``, a :class:`~hami_ray.k8s.quota.QueueQuota`), a pod with devices for
@@ -160,8 +162,12 @@ def _container_patch(container: Mapping[str, Any], path: str) -> list[dict[str, 
     if nv.count not in managed and any(k in managed for k in (nv.memory, nv.cores, nv.memory_percentage)):
         add[nv.count] = "1"  # HAMi's defaultGPUNum
     asks_gpu = nv.count in managed or nv.count in add
-    whole = nv.memory not in managed and (nv.memory_percentage not in managed
-                                          or _number(managed[nv.memory_percentage], "", name) == 100)
+    # defaultExclusiveCoreIfNeeded: a percentage, when given, says whether the memory is exclusive (100);
+    # else the memory is exclusive when no gpumem is given (gpumem: 0 is given: not exclusive)
+    if nv.memory_percentage in managed:
+        whole = _number(managed[nv.memory_percentage], nv.memory_percentage, name) == 100
+    else:
+        whole = nv.memory not in managed
     if asks_gpu and nv.cores not in managed and whole:
         add[nv.cores] = "100"  # defaultExclusiveCoreIfNeeded
     ops: list[dict[str, Any]] = []

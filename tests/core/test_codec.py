@@ -298,3 +298,30 @@ def test_devices_from_legacy_register_are_indexed_by_position() -> None:
     devices = devices_from_register("GPU-a,10,1024,100,T,0,true:GPU-b,10,1024,100,T,0,true:")
     assert [d.index for d in devices] == [0, 1]
     assert all(d.links == {} for d in devices)
+
+
+# --- bytes as Go writes them (issue 16) ------------------------------------------------------------
+# Produced once by Go 1.26.8's encoding/json (json.Marshal, printed with %q) from HAMi's DeviceInfo as
+# ../shared/reference/hami.md §1.3 lists its JSON tags (id, index,omitempty, count, devmem, devcore, type,
+# numa,omitempty, mode, migProfiles,omitempty, health,omitempty) and []struct{uuid; score map[string]int}:
+#   devs := []DeviceInfo{
+#       {ID: "GPU-<a>&b", Index: 1, Count: 10, Devmem: 16384, Devcore: 100, Type: "NVIDIA <T4> & \u2028co\u2029",
+#        Numa: 1, Mode: "hami-core", Health: true},
+#       {ID: "GPU-\"q\"\\\t\n\r\b\f\x01\x7f", Count: 4, Devmem: 81920, Devcore: 100,
+#        Type: "NVIDIA A100 é 日本 😀", Mode: "hami-core"}}
+#   json.Marshal(devs); json.Marshal([]PairScore{{ID: "GPU-<a>", Scores: {"GPU->c": 100, "GPU-&b": 600}}})
+GO_REGISTER = ("[{\"id\":\"GPU-\\u003ca\\u003e\\u0026b\",\"index\":1,\"count\":10,\"devmem\":16384,\"devcore\":100,"
+               "\"type\":\"NVIDIA \\u003cT4\\u003e \\u0026 \\u2028co\\u2029\",\"numa\":1,\"mode\":\"hami-core\","
+               "\"health\":true},{\"id\":\"GPU-\\\"q\\\"\\\\\\t\\n\\r\\b\\f\\u0001\x7f\",\"count\":4,\"devmem\":81920,"
+               "\"devcore\":100,\"type\":\"NVIDIA A100 é 日本 😀\",\"mode\":\"hami-core\"}]").encode()
+GO_SCORES = "[{\"uuid\":\"GPU-\\u003ca\\u003e\",\"score\":{\"GPU-\\u0026b\":600,\"GPU-\\u003ec\":100}}]".encode()
+
+
+def test_register_and_scores_are_the_bytes_go_writes() -> None:
+    from hami_ray.core.codec import encode_node_scores  # noqa: PLC0415
+
+    devices = [RegisteredDevice("GPU-<a>&b", 10, 16384, 100, "NVIDIA <T4> & \u2028co\u2029", index=1, numa=1),
+               RegisteredDevice("GPU-\"q\"\\\t\n\r\b\f\x01\x7f", 4, 81920, 100, "NVIDIA A100 é 日本 😀", health=False)]
+    assert encode_node_register(devices).encode() == GO_REGISTER
+    assert encode_node_scores({"GPU-<a>": {"GPU->c": 100, "GPU-&b": 600}}).encode() == GO_SCORES
+    assert [d.type for d in decode_node_register(GO_REGISTER.decode())] == [d.type for d in devices]  # and back

@@ -230,19 +230,17 @@ def test_vendor_table() -> None:
         ({GPU: None}, GPU),  # null value
         ({GPU: True}, GPU),
         ({GPU: "0", MEM: "1000"}, GPU),  # zero devices but memory
-        ({GPU: "1", MEM: "0"}, MEM),  # zero memory
         ({GPU: "1", MEM: "-5"}, MEM),
         ({GPU: "1", MEM: "lots"}, MEM),
         ({GPU: "1", MEM: "8Gi"}, MEM),  # gpumem is MiB: a binary suffix is a mistake
-        ({GPU: "1", MEM: "3T"}, MEM),  # 3e12 MiB: past int32, as HAMi rejects
+        ({GPU: "1", MEM: "3T"}, MEM),  # 3e12 MiB: past int32, HAMi drops the request without a word
+        ({GPU: "1", MEM: "8589934592"}, MEM),  # 8 GiB in bytes: past int32, dropped by HAMi
         ({GPU: "1", PCT: "101"}, PCT),
-        ({GPU: "1", PCT: "0"}, PCT),  # 0 % would be zero memory
         ({GPU: "1", PCT: "-10"}, PCT),
         ({GPU: "1", PCT: "50.5"}, PCT),
         ({GPU: "1", CORES: "101"}, CORES),
         ({GPU: "1", CORES: "-1"}, CORES),
         ({GPU: "1", CORES: "abc"}, CORES),
-        ({GPU: "1", MEM: "1000", PCT: "50"}, PCT),  # both memory forms
         ({GPU: "1", PRIO: "high"}, PRIO),
         ({GPU: "1", "cpu": "abc"}, "cpu"),
         ({GPU: "1", "cpu": "-1"}, "cpu"),
@@ -255,6 +253,53 @@ def test_bad_resources(limits: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         pod_requests(make_pod(limits))
     assert info.value.field == field
+
+
+# HAMi's meaning where the letter says otherwise (issue 16): expected (count, memory_mib, memory_percent,
+# cores) and the words of the note the pod's event carries.
+@pytest.mark.parametrize(
+    ("limits", "config", "expected", "note"),
+    [
+        # GenerateResourceRequests reads gpumem 0 as unset: the whole device; the webhook sees a gpumem, so no
+        # exclusive cores
+        ({GPU: "1", MEM: "0"}, HamiConfig(), (1, None, None, 0), "nvidia.com/gpumem=0 is read as not given, as "
+                                                                 "HAMi reads it: the whole device's memory"),
+        ({GPU: "1", MEM: "0"}, HamiConfig(default_memory=2048), (1, 2048, None, 0), "the default of 2048 MiB"),
+        ({GPU: "1", PCT: "0"}, HamiConfig(), (1, None, None, 0), "nvidia.com/gpumem-percentage=0 is read as not given"),
+        ({MEM: "0"}, HamiConfig(), (1, None, None, 0), "the whole device's memory"),  # count added by the webhook
+        ({GPU: "1", MEM: "0", PCT: "40"}, HamiConfig(), (1, None, 40.0, 0), "nvidia.com/gpumem-percentage=40 is used"),
+        ({GPU: "1", MEM: "3000", PCT: "0"}, HamiConfig(), (1, 3000, None, 0), "nvidia.com/gpumem=3000 is used"),
+        ({GPU: "1", MEM: "3000", PCT: "50"}, HamiConfig(), (1, 3000, None, 0),
+         "nvidia.com/gpumem=3000 and nvidia.com/gpumem-percentage=50 both given: the MiB are used"),
+        # the webhook's exclusive-core rule reads the percentage when there is one: 100 → gpucores 100
+        ({GPU: "1", MEM: "3000", PCT: "100"}, HamiConfig(), (1, 3000, None, 100), "the MiB are used"),
+        ({GPU: "1", MEM: "1000", PCT: "50"}, HamiConfig(memory_factor=4), (1, 4000, None, 0), "the MiB are used"),
+    ],
+)
+def test_hami_meaning_is_read_and_noted(limits: dict[str, Any], config: HamiConfig,
+                                        expected: tuple[int, int | None, float | None, int], note: str) -> None:
+    (container,) = pod_requests(make_pod(limits), config)
+    request = container.request
+    assert request is not None
+    assert (request.count, request.memory_mib, request.memory_percent, request.cores) == expected
+    assert len(container.notes) >= 1 and any(note in n for n in container.notes), container.notes
+    assert all(n.startswith("container 'main': ") for n in container.notes)
+
+
+def test_plain_requests_carry_no_note() -> None:
+    (container,) = pod_requests(make_pod({GPU: "1", MEM: "3000", CORES: "30"}))
+    assert container.notes == ()
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("8Gi", "is a plain number of MiB (8Gi is 8192), got '8Gi'; HAMi would silently drop"),
+    ("8589934592", "'8589934592' is more than HAMi's int32 holds (a size in bytes? 8 GiB is 8192)"),
+    ("8G", "'8G' is more than HAMi's int32 holds"),
+])
+def test_what_hami_drops_in_silence_is_refused_saying_so(value: str, words: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        pod_requests(make_pod({GPU: "1", MEM: value}))
+    assert info.value.field == MEM and words in str(info.value), str(info.value)
 
 
 def test_memory_factor_overflow() -> None:

@@ -166,7 +166,8 @@ def test_two_replicas_with_leader_election(admin: client.ApiClient, api: client.
     _node(admin, "elect-node", {NVIDIA: _gpus("GPU-elect", 1)})
     config_path = sa_kubeconfig(api, tmp_path / "sa.kubeconfig")
     command = [sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--kubeconfig", str(config_path),
-               "--scheduler-name", "elect-sched", "--leader-elect", "--lease-seconds", "4"]
+               "--scheduler-name", "elect-sched", "--leader-elect", "--lease-seconds", "4",
+               "--bind-mode", "direct"]  # HAMi's register annotation, no device plugin to release a lock
     logs = [(tmp_path / f"replica-{i}.log").open("wb") for i in range(2)]
     procs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
     coordination = client.CoordinationV1Api(admin)

@@ -1,8 +1,11 @@
 """Extender mode against the real kube-scheduler (built from the same Kubernetes module as the API server,
-``.k8s/bin/kube-scheduler``): its KubeSchedulerConfiguration is deploy/k8s/extender.yaml's, with a
-unique profile, this test's extender URL and leader election off. The extender runs with the rights of
-deploy/k8s/rbac.yaml's ServiceAccount: in this process (``nodeCacheCapable: true``, HTTP) or as the
-``hami-ray k8s extender`` command (``nodeCacheCapable: false``, HTTPS with the test's CA).
+into the test cluster's binary: ``hami-k8s-cluster kube-scheduler``): its KubeSchedulerConfiguration is
+deploy/k8s/extender.yaml's, with a unique profile, this test's extender URL and leader election off. The
+extender runs with the rights of deploy/k8s/rbac.yaml's ServiceAccount: in this process
+(``nodeCacheCapable: true``, HTTP) or as the ``hami-ray k8s extender`` command (``nodeCacheCapable:
+false``, HTTPS with the test's CA). HAMi's own chart configuration (filter and bind only,
+``nodeCacheCapable: true``) is run too: every request carries node names, never Node objects, and the
+extender answers from its own watch of the nodes.
 
 kube-scheduler, not hami-ray, decides when a pod is scheduled: a pod with HAMi resources is bound
 through the extender with HAMi's annotations to the node that fits, never to the one with too little
@@ -31,13 +34,14 @@ import yaml
 from kubernetes import client
 
 from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
-from hami_ray.k8s.extender import ExtenderServer, start
 from hami_ray.k8s.annotations import NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.extender import Extender, ExtenderServer, make_server, start
+from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig, stop_process, tls_files, wait_for
 
 pytestmark = pytest.mark.k8s
 REPO = Path(__file__).resolve().parents[2]
-KUBE_SCHEDULER = REPO / ".k8s" / "bin" / "kube-scheduler"
+CLUSTER = REPO / ".k8s" / "bin" / "hami-k8s-cluster"  # `hami-k8s-cluster kube-scheduler ARGS`: kube-scheduler
 DEPLOY = REPO / "deploy" / "k8s" / "extender.yaml"
 REGISTER = "hami.io/node-nvidia-register"
 HAMI_POD = {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"}
@@ -126,15 +130,18 @@ def _extender_command(api: client.ApiClient, tmp_path: Path, cert: Path, key: Pa
 
 @contextmanager
 def _kube_scheduler(tmp_path: Path, kubeconfig: Path, name: str, url: str, cache_capable: bool,
-                    ca: bytes | None = None) -> Iterator[None]:
+                    ca: bytes | None = None, extender: dict[str, Any] | None = None) -> Iterator[None]:
     """The real kube-scheduler with deploy/k8s/extender.yaml's configuration (profile ``name``, the
-    extender at ``url``, no leader election, no serving port), stopped by its pid."""
-    if not KUBE_SCHEDULER.exists():
-        pytest.fail(f"{KUBE_SCHEDULER} is missing: `make k8s-bin` builds it")
+    extender at ``url``, no leader election, no serving port), stopped by its pid. ``extender``: this
+    extenders stanza instead of the deployed one (``urlPrefix`` and ``nodeCacheCapable`` still set here)."""
+    if not CLUSTER.exists():
+        pytest.fail(f"{CLUSTER} is missing: `make k8s-bin` builds it")
     config = _deployed_config()
     config["clientConnection"] = {"kubeconfig": str(kubeconfig)}
     config["leaderElection"] = {"leaderElect": False}
     config["profiles"] = [{"schedulerName": name}]
+    if extender is not None:
+        config["extenders"] = [dict(extender)]
     ext = config["extenders"][0]
     ext.update(urlPrefix=url, nodeCacheCapable=cache_capable, httpTimeout="10s")
     if ca is not None:
@@ -143,7 +150,7 @@ def _kube_scheduler(tmp_path: Path, kubeconfig: Path, name: str, url: str, cache
     path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "kube-scheduler.log"
     log = log_path.open("wb")
-    proc = subprocess.Popen([str(KUBE_SCHEDULER), "--config", str(path), "--secure-port", "0", "-v", "2"],
+    proc = subprocess.Popen([str(CLUSTER), "kube-scheduler", "--config", str(path), "--secure-port", "0", "-v", "2"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         yield
@@ -238,6 +245,61 @@ def test_kube_scheduler_schedules_through_the_extender(cache_capable: bool, kube
                 sched.ledger.check_invariants()
                 calls = served.extender.calls  # type: ignore[union-attr]
                 assert calls["bind"] == 5 and calls["prioritize"] >= 1 and calls["filter"] >= 6, calls
+
+
+# HAMi's Helm chart (charts/hami/templates/scheduler/configmap.yaml, ../shared/reference/hami.md 2.1): filter
+# and bind, no prioritize, node names only; bench/k8s_bind.py's extender mode runs the same
+HAMI_CHART_EXTENDER = {"filterVerb": "filter", "bindVerb": "bind", "weight": 1, "nodeCacheCapable": True,
+                       "httpTimeout": "30s", "ignorable": False, "managedResources": [
+                           {"name": r, "ignoredByScheduler": True} for r in (*HAMI_POD, "nvidia.com/priority")]}
+
+
+class _RecordingExtender(Extender):
+    """The extender, keeping the arguments of every filter request as kube-scheduler sent them."""
+
+    def __init__(self, sched: PodScheduler) -> None:
+        super().__init__(sched)
+        self.filtered: list[Any] = []
+
+    def filter(self, args: Any) -> dict[str, Any]:
+        self.filtered.append(args)
+        return super().filter(args)
+
+
+def test_hami_chart_configuration_sends_node_names_only(kubeconfig: Path, admin: client.ApiClient,
+                                                        api: client.ApiClient, namespace: str,
+                                                        nodes: dict[str, str], tmp_path: Path) -> None:
+    """kube-scheduler configured as HAMi's chart configures HAMi's extender: every filter request is
+    ``{"Pod": ..., "Nodes": null, "NodeNames": [...]}``, no Node object ever comes, and the extender places
+    from its own watch of the nodes: both pods on the node with room, none on the one without."""
+    stop = threading.Event()
+    sched = PodScheduler(api, queue=False)
+    sched.follow(stop)
+    recorder = _RecordingExtender(sched)
+    server = make_server(recorder, "127.0.0.1:0")
+    threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True).start()
+    core = client.CoreV1Api(admin)
+    name = f"hami-chart-{namespace}"
+    try:
+        assert wait_for(recorder.ready, timeout=30)
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        with _kube_scheduler(tmp_path, kubeconfig, name, url, True, extender=HAMI_CHART_EXTENDER):
+            for pod in ("chart-a", "chart-b"):
+                _pod(admin, namespace, pod, name, HAMI_POD)
+            bound = lambda pod: core.read_namespaced_pod(pod, namespace).spec.node_name  # noqa: E731
+            assert wait_for(lambda: bound("chart-a") and bound("chart-b"), timeout=30), (
+                (tmp_path / "kube-scheduler.log").read_text()[-3000:])
+            assert bound("chart-a") == bound("chart-b") == nodes["big"]
+        assert recorder.filtered, "kube-scheduler never called filter"
+        for args in recorder.filtered:
+            assert set(args) == {"Pod", "Nodes", "NodeNames"} and args["Nodes"] is None, sorted(args)
+            assert isinstance(args["NodeNames"], list) and all(isinstance(n, str) for n in args["NodeNames"])
+        assert any(nodes["small"] in args["NodeNames"] for args in recorder.filtered)  # asked about, by name only
+        assert recorder.calls["bind"] == 2 and recorder.calls["prioritize"] == 0, recorder.calls
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
 
 
 def _call(url: str, verb: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:

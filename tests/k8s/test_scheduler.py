@@ -153,7 +153,9 @@ def test_a_restart_in_the_middle_of_500_pods(admin: client.ApiClient, api: clien
         _node(admin, f"node-{n}", register.replace("{n}", str(n)))
     capacity = {d.uuid: d for n in range(10) for d in devices_from_register(register.replace("{n}", str(n)))}
     config_path = sa_kubeconfig(api, tmp_path / "scheduler.kubeconfig")
-    command = [sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--kubeconfig", str(config_path)]
+    # direct: the nodes carry HAMi's register annotation but no device plugin runs to release HAMi's lock
+    command = [sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--kubeconfig", str(config_path),
+               "--bind-mode", "direct"]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shapes = [{"nvidia.com/gpu": "1", "nvidia.com/gpumem": m, "nvidia.com/gpucores": c}
               for m, c in (("1024", "10"), ("2048", "20"), ("4096", "0"))]

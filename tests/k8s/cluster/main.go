@@ -11,6 +11,12 @@
 //
 // It writes <dir>/kubeconfig (cluster-admin, by bearer token; the API server's self-signed certificate
 // as the authority) once the API server answers /readyz, then starts the controller-manager and kwok.
+//
+// Only when asked (-scheduler-config FILE, a KubeSchedulerConfiguration), it also runs the real
+// kube-scheduler of the same module as a supervised child (bench/k8s_bind.py's kube-scheduler and
+// extender modes, issue 16), with the rights of the bootstrap user system:kube-scheduler. A default start
+// runs no scheduler and costs nothing more. `hami-k8s-cluster kube-scheduler ARGS` runs kube-scheduler
+// alone with its own flags (tests/k8s/test_extender.py starts one per test).
 // Built by `make k8s-bin`; started by the pytest fixture and `make k8s-up`.
 package main
 
@@ -53,20 +59,24 @@ func main() {
 	dir := flag.String("dir", "", "state directory (etcd data, keys, certificates, kubeconfig, pids, logs)")
 	port := flag.Int("port", 0, "API server port on 127.0.0.1 (0: a free one)")
 	kwok := flag.String("kwok", defaultKwok(), "kwok binary for simulated nodes (empty: none)")
+	schedulerConfig := flag.String("scheduler-config", "",
+		"a KubeSchedulerConfiguration: run kube-scheduler with it (empty: no scheduler); an empty "+
+			"clientConnection.kubeconfig is filled with the cluster's, leader election is off")
 	flag.Parse()
 	if *dir == "" {
 		fmt.Fprintln(os.Stderr, "-dir is required")
 		os.Exit(2)
 	}
-	if err := run(*dir, *port, *kwok); err != nil {
+	if err := run(*dir, *port, *kwok, *schedulerConfig); err != nil {
 		fmt.Fprintln(os.Stderr, "hami-k8s-cluster:", err)
 		os.Exit(1)
 	}
 }
 
 // run prepares the state directory, starts the children in order (etcd, the API server, then the
-// controller-manager and kwok once the kubeconfig is written) and supervises them until a signal.
-func run(dir string, port int, kwok string) error {
+// controller-manager, kwok and, with schedulerConfig, kube-scheduler once the kubeconfig is written) and
+// supervises them until a signal.
+func run(dir string, port int, kwok, schedulerConfig string) error {
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
@@ -86,9 +96,9 @@ func run(dir string, port int, kwok string) error {
 		return err
 	}
 	// tokens are made once per run of this program: a restarted API server reads the same file
-	adminToken, managerToken := randomHex(24), randomHex(24)
-	tokens := fmt.Sprintf("%s,admin,admin,system:masters\n%s,%s,%s\n",
-		adminToken, managerToken, managerUser, managerUser)
+	adminToken, managerToken, schedulerToken := randomHex(24), randomHex(24), randomHex(24)
+	tokens := fmt.Sprintf("%s,admin,admin,system:masters\n%s,%s,%s\n%s,%s,%s\n",
+		adminToken, managerToken, managerUser, managerUser, schedulerToken, schedulerUser, schedulerUser)
 	if err := os.WriteFile(filepath.Join(dir, "tokens.csv"), []byte(tokens), 0o600); err != nil {
 		return err
 	}
@@ -125,6 +135,20 @@ func run(dir string, port int, kwok string) error {
 	}
 	if err := sup.start(sup.add("controller-manager", self, "controller-manager", "-dir", dir)); err != nil {
 		return err
+	}
+	if schedulerConfig != "" {
+		kubeconfig := filepath.Join(dir, "kube-scheduler.kubeconfig")
+		if err := writeKubeconfig(kubeconfig, server, ca, schedulerUser, schedulerToken); err != nil {
+			return err
+		}
+		config, err := schedulerConfigFile(schedulerConfig, dir, kubeconfig)
+		if err != nil {
+			return err
+		}
+		if err := sup.start(sup.add("kube-scheduler", self, append([]string{"kube-scheduler"},
+			schedulerArgs(config)...)...)); err != nil {
+			return err
+		}
 	}
 	if kwok != "" {
 		args, err := kwokArgs(kwok, dir)
