@@ -21,8 +21,9 @@ def test_two_minutes_of_faults_lose_nothing_and_break_no_invariant(tmp_path: Pat
                          capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-5000:]
     result = json.loads(out.read_text())
-    assert result["invariant_violations"] == 0, result["violations"]
-    assert result["lost"] == 0, result["lost_detail"]
+    log = run.stdout[-4000:] + run.stderr[-6000:]  # what the bench logged: which fault, which probe failed
+    assert result["invariant_violations"] == 0, (result["violations"], log)
+    assert result["lost"] == 0, (result["lost_detail"], log)
     faults = result["faults"]
     expected = {"kill_placement_actor", "kill_node_actor", "kill_task_process", "kill_lane_worker", "kill_driver",
                 "remove_node", "add_node", "blackhole_fast_path", "nvml_error", "process_over_slice",

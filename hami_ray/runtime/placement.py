@@ -24,7 +24,14 @@ from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from hami_ray.core.errors import HamiRayError, JournalUnwritable, SlicePreempted, SliceQuotaExceeded, Unschedulable
+from hami_ray.core.errors import (
+    HamiRayError,
+    JournalUnwritable,
+    ReservationRefused,
+    SlicePreempted,
+    SliceQuotaExceeded,
+    Unschedulable,
+)
 from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.core.queues import Preemption, QueueTree
 from hami_ray.observe.metrics import DecisionLatency, StatusCollector
@@ -320,8 +327,9 @@ class PlacementShell(GangCalls, PodLeases):
     async def _reserve_planned(self, planner: Callable[[frozenset[str]], Plan]) -> tuple[Lease, dict[str, str]] | None:
         """Plan (``planner``: the ledger holds the slice as reserved), then have the node actor confirm it;
         a refusal (its ledger still holds a release not told yet, or it is restarting) plans again. A node
-        actor that cannot write its journal (a full state disk) is left out of the next plans
-        (``planner``'s argument)."""
+        actor that cannot write its journal (a full state disk) or did not answer (it is restarting) is left
+        out of this request's next plans (``planner``'s argument); a plain refusal (a release not told yet)
+        may pick the same node again."""
         avoid: frozenset[str] = frozenset()
         for _ in range(RESERVE_TRIES):
             t0 = time.perf_counter()
@@ -344,8 +352,8 @@ class PlacementShell(GangCalls, PodLeases):
                     self._flush(plan.node_id)
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
-                if isinstance(exc, JournalUnwritable):
-                    avoid |= {plan.node_id}
+                if isinstance(exc, JournalUnwritable) or not isinstance(exc, ReservationRefused):
+                    avoid |= {plan.node_id}  # it cannot hold slices now (a full disk, (re)starting): go elsewhere
                 continue
             finally:
                 self._reserving.discard(plan.lease.lease_id)
