@@ -82,3 +82,15 @@ def webhook(admin: client.ApiClient, namespace: str, tmp_path: Path) -> Iterator
         registrations.delete_mutating_webhook_configuration(name)
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def nodes(admin: client.ApiClient) -> Iterator[list[str]]:
+    """Names of nodes a test creates (append each); every one is deleted at the end."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        try:
+            client.CoreV1Api(admin).delete_node(name)
+        except client.ApiException:
+            pass

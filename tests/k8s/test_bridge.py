@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,18 +48,6 @@ def _pod(admin: client.ApiClient, namespace: str, name: str, *containers: dict[s
             client.V1Container(name=f"c{i}", image="busybox", resources=client.V1ResourceRequirements(limits=limits))
             for i, limits in enumerate(containers)])))
 
-
-
-@pytest.fixture
-def nodes(admin: client.ApiClient) -> Iterator[list[str]]:
-    """Node names to create; deleted at the end."""
-    made: list[str] = []
-    yield made
-    for name in made:
-        try:
-            client.CoreV1Api(admin).delete_node(name)
-        except client.ApiException:
-            pass
 
 
 def test_a_binding_refused_with_409_keeps_what_the_pod_says(admin: client.ApiClient, api: client.ApiClient,

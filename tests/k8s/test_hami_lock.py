@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,19 +31,6 @@ def _register(node: str, gpus: int = 8) -> str:
     """HAMi's JSON register of ``gpus`` 16 GiB T4s, as its device plugin writes it."""
     return encode_node_register([RegisteredDevice(f"GPU-{node}-{i}", 10, 16384, 100, "NVIDIA-Tesla T4", index=i)
                                  for i in range(gpus)])
-
-
-@pytest.fixture
-def nodes(admin: client.ApiClient) -> Iterator[list[str]]:
-    """Nodes made by :func:`_make` (no kwok: their pods stay Pending, as HAMi's list lookup needs),
-    deleted at the end."""
-    made: list[str] = []
-    yield made
-    for name in made:
-        try:
-            client.CoreV1Api(admin).delete_node(name)
-        except client.ApiException:
-            pass
 
 
 def _make(admin: client.ApiClient, nodes: list[str], name: str, annotations: dict[str, str]) -> None:
