@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,6 +63,7 @@ from hami_ray.k8s.kubeapi import KubeApi
 REPO = Path(__file__).resolve().parents[1]
 BINARY = REPO / ".k8s" / "bin" / "hami-k8s-cluster"
 MODES = ("scheduler", "hami-lock", "extender", "kube-scheduler")
+STAND_IN_THREADS = 16  # HAMi's device plugins, Allocate by Allocate (one per node in a real cluster)
 SCHEDULER = "hami-scheduler"  # the pods' schedulerName: the bridge's, and the kube-scheduler profile's
 SHAPES = [{"nvidia.com/gpu": "1", "nvidia.com/gpumem": m, "nvidia.com/gpucores": c}
           for m, c in (("1024", "10"), ("2048", "20"), ("4096", "0"), ("8000", "30"))]
@@ -120,9 +122,9 @@ def component_pids(state: Path) -> dict[str, int]:
 
 
 @functools.cache
-def has_bind_mode() -> bool:
-    """Whether ``hami-ray k8s scheduler`` takes ``--bind-mode`` (issue 16's HAMi-compatible bind mode)."""
-    out = subprocess.run([sys.executable, "-m", "hami_ray.cli", "k8s", "scheduler", "--help"], capture_output=True,
+def has_bind_mode(command: str = "scheduler") -> bool:
+    """Whether ``hami-ray k8s COMMAND`` takes ``--bind-mode`` (issue 16's HAMi-compatible bind mode)."""
+    out = subprocess.run([sys.executable, "-m", "hami_ray.cli", "k8s", command, "--help"], capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
     return "--bind-mode" in out.stdout
 
@@ -142,11 +144,13 @@ def pod_body(name: str, mode: str, i: int) -> dict[str, Any]:
 class PluginStandIn:
     """What HAMi's device plugin does to the lock in Allocate, for ``hami-lock`` mode: the pod the node's
     lock names gets ``bind-phase: success`` and the lock goes (a JSON patch that tests the value first, so
-    a newer lock of another pod stays). Runs on 4 threads, one call per pod seen bound."""
+    a newer lock of another pod stays). HAMi's plugin runs on every node, each Allocate independent of the
+    other nodes'; here ``STAND_IN_THREADS`` threads play them, one call per pod seen bound (the CPU they
+    take is counted in ``bench``)."""
 
     def __init__(self, kube: KubeApi) -> None:
         self.kube = kube
-        self.pool = ThreadPoolExecutor(4)
+        self.pool = ThreadPoolExecutor(STAND_IN_THREADS)
         self.released = 0
         self.errors = 0
 
@@ -181,6 +185,8 @@ def start_bridge(mode: str, kubeconfig: Path, state: Path, extender_port: int) -
     if mode == "extender":
         cmd = base + ["extender", "--kubeconfig", str(kubeconfig), "--bind", f"127.0.0.1:{extender_port}",
                       "--scheduler-name", SCHEDULER]
+        if has_bind_mode("extender"):  # as the scheduler mode: nodes of hami-ray's plugin, no lock
+            cmd += ["--bind-mode", "direct"]
     else:
         cmd = base + ["scheduler", "--kubeconfig", str(kubeconfig)]
         if mode == "hami-lock":
@@ -201,6 +207,21 @@ def start_bridge(mode: str, kubeconfig: Path, state: Path, extender_port: int) -
                 pass
             time.sleep(0.2)
     return proc
+
+
+def api_requests(kube: KubeApi) -> dict[str, int]:
+    """The API server's requests so far (``apiserver_request_total``), per ``VERB resource[/subresource]``:
+    what each mode asks of the API server, read from its own metrics."""
+    text = kube._send("GET", "/metrics").read().decode()  # noqa: SLF001 - plain text, not JSON
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        key = f"{labels.get('verb')} {labels.get('resource')}" + (
+            f"/{labels['subresource']}" if labels.get("subresource") else "")
+        out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def wait(what: str, done: Callable[[], bool], timeout: float, step: float = 0.2) -> None:
@@ -247,7 +268,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         bound: dict[str, float] = {}
         warm = threading.Event()
         running: set[str] = set()
-        plugin = PluginStandIn(kube) if mode == "hami-lock" else None
+        plugin = None
+        if mode == "hami-lock":  # its own connections: a pool the creators share would open and drop more
+            plugin_api = config.new_client_from_config(config_file=str(kubeconfig))
+            plugin_api.configuration.connection_pool_maxsize = STAND_IN_THREADS + 2
+            plugin = PluginStandIn(KubeApi(plugin_api))
         _, version = kube.list("/api/v1/namespaces/bench/pods")
 
         def watch_pods() -> None:
@@ -285,6 +310,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         pids = component_pids(state)
         if bridge is not None:
             pids["hami-ray"] = bridge.pid
+        requests0 = api_requests(kube)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         bench0 = time.process_time()
         t0 = time.monotonic()
@@ -308,9 +334,19 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         wall = time.monotonic() - t0
         cpu = {name: round(cpu_seconds(pid) - cpu0[name], 1) for name, pid in pids.items()}
         cpu["bench"] = round(time.process_time() - bench0, 1)
+        requests = {k: v - requests0.get(k, 0) for k, v in api_requests(kube).items()}
+        requests = {k: v for k, v in sorted(requests.items()) if v >= args.pods // 100}
         time.sleep(2.0)  # kwok starts the last pods
         events, _ = kube.list("/api/v1/namespaces/bench/events")
         failed = sum(int(e.get("count") or 1) for e in events if e.get("reason") == "FailedScheduling")
+        why: dict[str, int] = {}
+        for e in events:
+            if e.get("reason") == "FailedScheduling":
+                text = re.sub(r"\d+", "N", str(e.get("message") or e.get("note") or ""))[:200]
+                why[text] = why.get(text, 0) + int(e.get("count") or 1)
+        pods, _ = kube.list("/api/v1/namespaces/bench/pods")
+        labelled = sum(1 for p in pods if (p.get("spec") or {}).get("nodeName") and
+                       (p["metadata"].get("labels") or {}).get("hami.io/vgpu-node") == p["spec"]["nodeName"])
         stop.set()
         latencies = [bound[n] - created[n] for n in bound if n in created]
         span = max(bound.values()) - min(created.values()) if bound else float("nan")
@@ -322,8 +358,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "p50_s": round(float(np.percentile(latencies, 50)), 3) if latencies else None,
             "p99_s": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
             "seconds": round(span, 1), "wall_s": round(wall, 1), "failed_scheduling": failed,
+            "failed_scheduling_why": dict(sorted(why.items(), key=lambda kv: -kv[1])[:5]),
             "cpu_s": cpu, "cpus": os.cpu_count(),
+            # API calls during the run, per verb and resource (those made at least once per 100 pods)
+            "api_requests": requests,
         }
+        if mode != "kube-scheduler":
+            result["labelled"] = labelled  # bound pods with hami.io/vgpu-node naming their node
         if mode in ("extender", "kube-scheduler"):
             result["kube_scheduler_qps"] = args.qps
         if plugin is not None:
@@ -337,6 +378,10 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             if p is not None and p.poll() is None:
                 os.kill(p.pid, signal.SIGTERM)
                 p.wait(timeout=60)
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in state.glob("*.log"):
+                shutil.copy(log, args.keep_logs / f"{mode}-{log.name}")
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -350,6 +395,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="pods created per second at most (0: no limit)")
     parser.add_argument("--qps", type=int, default=500, help="kube-scheduler's client QPS (burst: twice)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a mode waits for its pods to be bound")
+    parser.add_argument("--keep-logs", type=Path, help="copy each mode's logs (hami-ray's, the cluster's) here")
     args = parser.parse_args()
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

@@ -695,6 +695,12 @@ def k8s_extender(
     tls_cert: Path | None = typer.Option(None, help="serve HTTPS with this certificate (with --tls-key)"),
     tls_key: Path | None = typer.Option(None, help="the certificate's key"),
     scheduler_name: str = typer.Option("hami-scheduler", help="the kube-scheduler profile's schedulerName"),
+    bind_mode: str = typer.Option("auto", help="'hami-lock': take HAMi's node lock (hami.io/mutex.lock) before "
+                                  "binding, for HAMi's device plugin; 'direct': no lock (hami-ray's device plugin); "
+                                  "'auto': per node, from its device plugin's annotations (docs/kubernetes.md)"),
+    filter_answers: str = typer.Option("best", help="'best': filter answers the one node the policy ranks first "
+                                       "and holds it for the bind (as HAMi's extender); 'fitting': every node "
+                                       "that fits, for kube-scheduler's scores and prioritize"),
 ) -> None:
     """A kube-scheduler extender: filter, prioritize and bind with HAMi's annotations
     (deploy/k8s/extender.yaml: kube-scheduler and this side by side)."""
@@ -703,9 +709,16 @@ def k8s_extender(
     import threading  # noqa: PLC0415
 
     from hami_ray.k8s import extender  # noqa: PLC0415
+    from hami_ray.k8s.nodelock import BindMode  # noqa: PLC0415
 
     if (tls_cert is None) != (tls_key is None):
         console.print("[red]--tls-cert and --tls-key go together[/]")
+        raise typer.Exit(2)
+    if bind_mode not in {m.value for m in BindMode}:
+        console.print(f"[red]--bind-mode is one of {', '.join(m.value for m in BindMode)}, not {bind_mode!r}[/]")
+        raise typer.Exit(2)
+    if filter_answers not in {a.value for a in extender.FilterAnswers}:
+        console.print(f"[red]--filter-answers is 'best' or 'fitting', not {filter_answers!r}[/]")
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api = _kube_client(kubeconfig)
@@ -713,7 +726,8 @@ def k8s_extender(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         extender.run(api, stop, bind=bind, tls_cert=str(tls_cert) if tls_cert else None,
-                     tls_key=str(tls_key) if tls_key else None, scheduler_name=scheduler_name)
+                     tls_key=str(tls_key) if tls_key else None, scheduler_name=scheduler_name,
+                     bind_mode=bind_mode, answers=filter_answers)
     except (OSError, ValueError) as exc:  # the address is taken, a certificate that does not load
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None

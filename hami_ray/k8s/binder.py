@@ -8,9 +8,12 @@ ledger, the pod queue) is the scheduler's, under its lock, the API calls outside
 - The lock (:mod:`hami_ray.k8s.nodelock`): on a node that takes it (``--bind-mode``), for a pod with
   devices, taken before anything else. Found held by another bind: the slice is freed and the pod placed
   again at once, the node counted as locked. Released again when the pod does not end up bound there.
-- The label: HAMi's vGPUmonitor lists the pods of its node by ``hami.io/vgpu-node``; a Binding carries
-  annotations only, so the label is a merge patch before it. A pod another binder bound elsewhere first
-  (the Binding's 409) gets its label put right.
+- The label: HAMi's vGPUmonitor lists the pods of its node by ``hami.io/vgpu-node``. The Binding carries
+  it: an API server of Kubernetes 1.35 or later (1.33 and 1.34 with the ``PodTopologyLabelsAdmission``
+  feature gate on) copies a Binding's labels onto the pod in the same write. An older one drops them:
+  the pod watch sees a pod bound here without the label (:meth:`Binder.seen_bound`), patches it on, and
+  from then on every bind sends the label as a merge patch before its Binding (two writes per pod). A pod
+  another binder bound elsewhere first (the Binding's 409) gets its label put right.
 - The Binding: a 409 (bound meanwhile) reads the pod and keeps what it says; any other failure frees the
   slice and the pod waits its back-off.
 """
@@ -38,6 +41,9 @@ class Binder:
 
     def __init__(self, sched: PodScheduler) -> None:
         self.sched = sched
+        # whether the API server copies a Binding's labels onto the pod (see the module); the watch says
+        self.labels_in_binding = True
+        self._labelled: dict[str, str] = {}  # pod uid -> the node its Binding carried the label for (sched.lock)
 
     def bind(self, pod: dict[str, Any], node: str, annotations: dict[str, str] | None, *,
              explain: bool = True) -> str | None:
@@ -63,14 +69,19 @@ class Binder:
                 with sched.lock:
                     sched.locks.mine(node, uid, value)  # held until the watch shows it
             labels = node_label(node)
+            in_binding = False
             if labels is None:
                 log.warning("pod %s: node name %s cannot be a label value: no %s label", owner_of(pod), node,
                             NODE_ANNOTATION)
+            elif self.labels_in_binding:
+                in_binding = True
+                with sched.lock:
+                    self._labelled[uid] = node
             else:
                 sched.kube.patch(pod_path(pod), {"metadata": {"labels": labels}})
             body = {"apiVersion": "v1", "kind": "Binding",
                     "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": uid,
-                                 "annotations": annotations or {}},
+                                 "annotations": annotations or {}, **({"labels": labels} if in_binding else {})},
                     "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
             sched.kube.post(pod_path(pod, "/binding"), body)
         except NodeLocked as exc:
@@ -100,6 +111,32 @@ class Binder:
                       f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
         return None
 
+    def seen_bound(self, pod: dict[str, Any], node: str | None) -> None:
+        """The pod watch saw the pod bound (``node``) or deleted (None). A bind of ours whose Binding carried
+        the label and the pod came without it: this API server drops a Binding's labels. The label is
+        patched on (from the events thread) and later binds patch it before their Binding. Under sched.lock."""
+        uid = pod["metadata"]["uid"]
+        ours = self._labelled.pop(uid, None)
+        if ours is None or node is None or node != ours:
+            return
+        if (pod["metadata"].get("labels") or {}).get(NODE_LABEL) == node:
+            return
+        if self.labels_in_binding:
+            log.info("the API server dropped the labels of a Binding (Kubernetes before 1.35, or the "
+                     "PodTopologyLabelsAdmission feature gate off): %s goes on as a patch before each Binding",
+                     NODE_LABEL)
+            self.labels_in_binding = False
+        self.sched.note(self._label, pod, node)
+
+    def _label(self, pod: dict[str, Any], node: str) -> None:
+        labels = node_label(node)
+        if labels is None:
+            return
+        try:
+            self.sched.kube.patch(pod_path(pod), {"metadata": {"labels": labels}})
+        except ApiException as exc:
+            log.info("pod %s: label not set: %s", owner_of(pod), exc.reason)
+
     def _lock_taken(self, pod: dict[str, Any], node: str, exc: NodeLocked, explain: bool) -> str:
         """Another bind holds ``node``'s lock: the slice is freed and the pod placed again at once, the
         node counted as locked until the watch says otherwise."""
@@ -108,6 +145,7 @@ class Binder:
         log.info("pod %s: %s; placed again", owner_of(pod), exc)
         with sched.lock:
             sched.landed(uid)
+            self._labelled.pop(uid, None)
             sched.locks.unclaim(node, uid)
             if exc.value is not None:
                 sched.locks.saw(node, exc.value)
@@ -147,6 +185,7 @@ class Binder:
         uid = pod["metadata"]["uid"]
         with sched.lock:
             sched.landed(uid)
+            self._labelled.pop(uid, None)
             if node is not None:
                 sched.locks.unclaim(node, uid)
             if sched.inventory.holds(uid):

@@ -6,22 +6,34 @@ in ``extenders`` (``filterVerb: filter``, ``prioritizeVerb: prioritize``, ``bind
 requests HAMi's resources and never counts those resources itself. The wire shapes are
 ``k8s.io/kube-scheduler/extender/v1`` (structs without json tags: capitalised keys).
 
-- ``POST <prefix>/filter`` (``ExtenderArgs`` -> ``ExtenderFilterResult``): the candidate nodes where the
-  pod's HAMi requests (:func:`hami_ray.core.hami.pod_requests`) fit now, each node tried alone and
-  nothing held; every other node in ``FailedNodes`` with its reason (``insufficient device memory``...:
+- ``POST <prefix>/filter`` (``ExtenderArgs`` -> ``ExtenderFilterResult``). Two answers (``--filter-answers``):
+  - ``best`` (the default, as HAMi's extender answers): the one candidate node the pod's node policy
+    ranks first among those where its HAMi requests fit now (:meth:`PodScheduler.reserve`), its slices
+    held there for the bind that follows (:class:`Choice`; freed when the pod is filtered again, deleted,
+    or not bound within :data:`CHOICE_TTL_S`). kube-scheduler scores nothing when one node is left, so
+    binpack and spread mean what they mean in HAMi with HAMi's chart configuration (no prioritize verb),
+    and two pods of one cycle never count the same room. Nodes with a bind in flight (HAMi's node lock,
+    ``--bind-mode``) are passed over for the best of the others; a pod that fits only those is held on
+    the best of them, and its bind waits there for the lock (:data:`LOCK_WAIT_S`) instead of failing
+    into kube-scheduler's back-off.
+  - ``fitting``: every candidate node where the requests fit now, each tried alone and nothing held, for
+    kube-scheduler to weigh with its own scores and ``prioritize``.
+  Where nothing fits, every node is in ``FailedNodes`` with its reason (``insufficient device memory``...:
   kube-scheduler counts equal reasons into its ``0/N nodes are available`` message), or in
   ``FailedAndUnresolvableNodes`` when no eviction could help (no device of the vendor or type, a
   request larger than any device, a node without a valid register annotation). Both ways of
-  ``nodeCacheCapable``: ``NodeNames`` in, ``NodeNames`` out; full ``Nodes`` in, the fitting items of that
+  ``nodeCacheCapable``: ``NodeNames`` in, ``NodeNames`` out; full ``Nodes`` in, the chosen items of that
   list out. A pod without HAMi resources passes every node. Bad input (no Pod, garbage resources)
   answers 200 with ``Error``; a body that is not JSON, 400.
 - ``POST <prefix>/prioritize`` (``ExtenderArgs`` -> ``HostPriorityList``): 0-10 per node from the node
   policy (binpack: fuller nodes higher; ``hami.io/node-scheduler-policy: spread`` reverses it), weighed
   by kube-scheduler with its own scores. HAMi's extender has no such verb (its filter answers one node).
-- ``POST <prefix>/bind`` (``ExtenderBindingArgs`` -> ``ExtenderBindingResult``): places the pod on exactly
-  that node and holds the slices in the ledger, then one ``pods/binding`` call that carries HAMi's
-  annotations (:meth:`PodScheduler.reserve` and :meth:`PodScheduler.bind`). No node lock: the Binding
-  writes the annotations and the node at once.
+- ``POST <prefix>/bind`` (``ExtenderBindingArgs`` -> ``ExtenderBindingResult``): the slices the filter
+  held on that node (else the pod is placed on exactly that node now), then the ``hami.io/vgpu-node``
+  label and one ``pods/binding`` call that carries HAMi's annotations (:meth:`PodScheduler.bind`), after
+  HAMi's node lock on nodes whose device plugin needs it (``--bind-mode``, as ``hami-ray k8s scheduler``:
+  ``auto`` locks nodes HAMi's plugin registered, not those of hami-ray's). A lock found held answers
+  the bind with an error (kube-scheduler tries the pod again) once it has waited :data:`LOCK_WAIT_S` for it.
 - ``GET /healthz``; ``GET /readyz`` (200 once nodes and pods are listed).
 
 The caches and the ledger are a :class:`PodScheduler`'s, following nodes and pods by watch (a bound
@@ -37,8 +49,11 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -46,7 +61,7 @@ import numpy as np
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from hami_ray.core.errors import HamiRayError, InvalidRequest
+from hami_ray.core.errors import HamiRayError, InvalidRequest, TemporaryError, Unschedulable
 from hami_ray.core.hami import pod_requests
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.policies.framework import CycleState
@@ -55,6 +70,7 @@ from hami_ray.k8s import jsonhttp
 from hami_ray.k8s.inventory import AnnotationInventory
 from hami_ray.k8s.jsonhttp import NO_BODY, JsonHandler
 from hami_ray.k8s.kubeapi import pod_path
+from hami_ray.k8s.nodelock import LOCKED, BindMode
 from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler
 
 log = logging.getLogger(__name__)
@@ -69,22 +85,50 @@ NOT_REGISTERED = "no valid HAMi register annotation"
 # 16: 488 handshakes for 3,000 pods, CPU on both sides). Bounded, with a pool that holds them all, 10.
 BINDERS = 16
 POOL = BINDERS + 4  # the binders, the node and pod watches, a spare
+# how long the slices a filter chose wait for their bind: kube-scheduler binds within its httpTimeout (HAMi's
+# chart: 30 s) of the filter's answer unless the pod failed a later step of its cycle (then it is filtered
+# again, which frees them at once) or was deleted (its watch event frees them)
+CHOICE_TTL_S = 60.0
+# how long a bind waits for another bind's lock on its node (HAMi's node lock, held until that pod's Allocate)
+# before it answers kube-scheduler an error: below kube-scheduler's httpTimeout (HAMi's chart: 30 s)
+LOCK_WAIT_S = 20.0
+
+
+class FilterAnswers(StrEnum):
+    """What the filter verb answers (see the module)."""
+
+    BEST = "best"
+    FITTING = "fitting"
 
 
 class BadInput(ValueError):
     """The request's JSON is not an ExtenderArgs / ExtenderBindingArgs (answered with ``Error``)."""
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The node a filter answered for a pod, and the annotations of the slices held there for its bind."""
+
+    node: str
+    annotations: dict[str, str]
+    at: float  # time.monotonic() of the filter
+    pod: tuple[str, str]  # its namespace and name
+
+
 class Extender:
     """The three verbs over a following :class:`PodScheduler` (annotation inventory)."""
 
-    def __init__(self, sched: PodScheduler, binders: int = BINDERS) -> None:
+    def __init__(self, sched: PodScheduler, binders: int = BINDERS,
+                 answers: FilterAnswers | str = FilterAnswers.BEST) -> None:
         if not isinstance(sched.inventory, AnnotationInventory):
             raise TypeError("the extender needs the annotation inventory (HAMi's node register annotations)")
         self.sched = sched
         self.engine = sched.inventory.scheduler
+        self.answers = FilterAnswers(answers)
         self.calls: Counter[str] = Counter()  # requests served, per verb
         self._binders = threading.BoundedSemaphore(binders)  # the others wait here, in their request's thread
+        self._choices: dict[str, Choice] = {}  # pod uid -> what its last filter held (under sched.lock)
+        self._swept = time.monotonic()
 
     def ready(self) -> bool:
         return self.sched.node_informer.synced.is_set() and self.sched.pod_informer.synced.is_set()
@@ -93,9 +137,12 @@ class Extender:
     def filter(self, args: Any) -> dict[str, Any]:
         """``ExtenderArgs`` -> ``ExtenderFilterResult`` (never raises: errors go into ``Error``)."""
         self.calls["filter"] += 1
+        chosen: str | TemporaryError | None = None
         try:
             pod, names, items = _extender_args(args)
             requests = self._requests(pod)
+            if requests and self.answers is FilterAnswers.BEST:
+                chosen = self._choose(pod, names)
         except (BadInput, HamiRayError) as exc:
             return {"Nodes": None, "NodeNames": None, "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
                     "Error": str(exc)}
@@ -105,13 +152,20 @@ class Extender:
         if not requests:
             fit = list(names)
         else:
-            for name, (reason, static) in self.verdicts(requests, names).items():
-                if reason is None:
-                    fit.append(name)
-                elif static:
-                    unresolvable[name] = reason
-                else:
-                    failed[name] = reason
+            if isinstance(chosen, str):
+                fit = [chosen]
+                with self.sched.lock:  # the others that fit are left out; the unknown ones said so (cheap)
+                    unresolvable = {n: NOT_REGISTERED for n in names if n not in self.sched.nodes}
+            elif isinstance(chosen, TemporaryError):  # its queue holds it back, or HAMi's node locks
+                failed = dict.fromkeys(names, str(chosen))
+            else:
+                for name, (reason, static) in self.verdicts(requests, names).items():
+                    if reason is None:
+                        fit.append(name)
+                    elif static:
+                        unresolvable[name] = reason
+                    else:
+                        failed[name] = reason
         result: dict[str, Any] = {"Nodes": None, "NodeNames": None, "FailedNodes": failed,
                                   "FailedAndUnresolvableNodes": unresolvable, "Error": ""}
         if items is None:
@@ -120,6 +174,56 @@ class Extender:
             keep = set(fit)
             result["Nodes"] = {"metadata": {}, "items": [n for n in items if _name(n) in keep]}
         return result
+
+    def _choose(self, pod: dict[str, Any], names: Sequence[str]) -> str | TemporaryError | None:
+        """Place the pod on the best of ``names`` and hold its slices there for the bind (:class:`Choice`):
+        the node; the error when its queue holds it back; None when no node fits now (the caller asks
+        every node why). What an earlier filter of the pod held is freed first.
+
+        Raises:
+            InvalidRequest: the pod's requests or annotations.
+        """
+        uid = str(pod["metadata"].get("uid") or "")
+        if not uid:  # nothing to hold it by: the fitting nodes, each tried alone
+            return None
+        with self.sched.lock:
+            self._sweep()
+            self._drop(uid)
+            known = [n for n in names if n in self.sched.nodes]
+        try:
+            node, annotations = self.sched.reserve(pod, known, wait_for_locks=True)
+        except Unschedulable as exc:
+            if self.sched.waits_for_lock(uid):  # it fits only where a bind is in flight: it waits for a lock
+                return TemporaryError(LOCKED)
+            return None
+        except TemporaryError as exc:  # its queue's limit, or a bind of it in flight
+            return exc
+        meta = pod["metadata"]
+        with self.sched.lock:
+            self._choices[uid] = Choice(node, annotations, time.monotonic(),
+                                        (str(meta.get("namespace")), str(meta.get("name"))))
+        return node
+
+    def _drop(self, uid: str) -> None:
+        """Free what a filter held for the pod and its bind never took. Under sched.lock."""
+        choice = self._choices.pop(uid, None)
+        if choice is None:
+            return
+        self.sched.landed(uid)
+        self.sched.locks.unclaim(choice.node, uid)
+        if self.sched.inventory.holds(uid):
+            self.sched.inventory.release(uid)
+            self.sched.changed()
+
+    def _sweep(self) -> None:
+        """Free the choices whose bind did not come within :data:`CHOICE_TTL_S`. Under sched.lock."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for uid in [u for u, c in self._choices.items() if now - c.at > CHOICE_TTL_S]:
+            log.info("pod %s: not bound within %.0f s of its filter: its slices are freed", uid, CHOICE_TTL_S)
+            self._drop(uid)
 
     def verdicts(self, requests: Sequence[SliceRequest], names: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
         """Per node: None if the requests fit there now, else (the reason, whether it is static). Holds nothing."""
@@ -169,10 +273,29 @@ class Extender:
         """``ExtenderBindingArgs`` -> ``ExtenderBindingResult``: hold the pod's slices on ``Node`` and bind
         it there with HAMi's annotations (never raises: errors go into ``Error``)."""
         self.calls["bind"] += 1
+        uid = args.get("PodUID") if isinstance(args, Mapping) else None
+        with self.sched.lock:  # taken before waiting for a binder: the sweep leaves it alone
+            choice = self._choices.pop(uid, None) if isinstance(uid, str) and uid else None
+        if choice is not None and choice.node == args.get("Node"):
+            self._await_node(choice, str(uid))
         with self._binders:
-            return self._bind(args)
+            return self._bind(args, choice)
 
-    def _bind(self, args: Any) -> dict[str, str]:
+    def _await_node(self, choice: Choice, uid: str) -> None:
+        """Wait (at most :data:`LOCK_WAIT_S`) until no other bind is in flight on the chosen node, and claim
+        it: a pod that fitted only nodes with a bind in flight was held on the best of them, and waits here
+        instead of in kube-scheduler's back-off (which grows to 10 s a try: HAMi's own binds fail at once on
+        a locked node). Past the wait the bind finds the lock and answers why."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            with self.sched.lock:
+                if self.sched.claim_when_free(choice.node, uid, choice.pod):
+                    return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+    def _bind(self, args: Any, choice: Choice | None) -> dict[str, str]:
         try:
             if not isinstance(args, Mapping):
                 raise BadInput("ExtenderBindingArgs must be a JSON object")
@@ -183,14 +306,29 @@ class Extender:
             pod = self._pod(str(namespace), str(name), uid)
             bound_on = (pod.get("spec") or {}).get("nodeName")
             if bound_on:
+                if choice is not None:
+                    self._forget(uid, choice)
                 return {"Error": "" if bound_on == node else f"pod {namespace}/{name} is bound to {bound_on} already"}
-            node, annotations = self.sched.reserve(pod, [str(node)])
+            if choice is not None and choice.node == node:
+                annotations = choice.annotations  # held since the filter, still in flight
+            else:
+                if choice is not None:  # kube-scheduler chose another node than the filter's answer
+                    self._forget(uid, choice)
+                node, annotations = self.sched.reserve(pod, [str(node)])
         except (BadInput, HamiRayError, ApiException) as exc:
+            if choice is not None:
+                self._forget(str(uid), choice)
             return {"Error": _text(exc)}
         error = self.sched.bind(pod, node, annotations, explain=False)
         if error is None:
             log.info("bound %s/%s to %s", namespace, name, node)
         return {"Error": error or ""}
+
+    def _forget(self, uid: str, choice: Choice) -> None:
+        """Free the slices a filter held for a bind that will not use them."""
+        with self.sched.lock:
+            self._choices[uid] = choice
+            self._drop(uid)
 
     def _pod(self, namespace: str, name: str, uid: str) -> dict[str, Any]:
         """The pod as the watch has it, else as the API server has it (the watch may lag the scheduler)."""
@@ -290,13 +428,16 @@ def make_server(extender: Extender, bind: str = "127.0.0.1:8888", *, tls_cert: s
 
 def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.1:8888",
           tls_cert: str | None = None, tls_key: str | None = None,
-          scheduler_name: str = SCHEDULER_NAME) -> ExtenderServer:
+          scheduler_name: str = SCHEDULER_NAME, bind_mode: BindMode | str = BindMode.AUTO,
+          answers: FilterAnswers | str = FilterAnswers.BEST) -> ExtenderServer:
     """List nodes and pods and follow them by watch (the ledger is rebuilt from the pods' annotations
     before the first answer), then serve the verbs on ``bind`` from a thread until ``stop``; the server
-    (``server_address`` says the port when ``bind`` asks for port 0)."""
-    sched = PodScheduler(pooled(api, POOL), scheduler_name=scheduler_name, queue=False)
+    (``server_address`` says the port when ``bind`` asks for port 0). ``bind_mode``: which nodes take
+    HAMi's node lock (:class:`~hami_ray.k8s.nodelock.BindMode`); ``answers``: what the filter answers."""
+    own = pooled(api, POOL)
+    sched = PodScheduler(own, scheduler_name=scheduler_name, queue=False, bind_mode=bind_mode)
     sched.follow(stop)
-    server = make_server(Extender(sched), bind, tls_cert=tls_cert, tls_key=tls_key)
+    server = make_server(Extender(sched, answers=answers), bind, tls_cert=tls_cert, tls_key=tls_key)
 
     def serve() -> None:
         try:
@@ -307,6 +448,8 @@ def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.
     def stopper() -> None:
         stop.wait()
         server.shutdown()
+        # its idle connections now, the watches' once they end (never left to the garbage collector)
+        own.close()  # type: ignore[no-untyped-call]
 
     threading.Thread(target=serve, name="hami-ray-extender", daemon=True).start()
     threading.Thread(target=stopper, name="hami-ray-extender-stop", daemon=True).start()

@@ -323,6 +323,23 @@ class NodeLocks:
                 out.add(node)
         return out
 
+    def free_for(self, node: str, uid: str, exists: Callable[[str, str], bool], pod: tuple[str, str]) -> bool:
+        """Whether ``node`` has no bind in flight but ``uid``'s own (``pod`` is its namespace and name): no
+        other bind of ours placed there, no lock held there by another pod (see :meth:`busy`)."""
+        claim = self._claims.get(node)
+        if claim is not None and claim.uid != uid and (claim.written is None or
+                                                       time.monotonic() - claim.at < CLAIM_TTL_S):
+            return False
+        if claim is not None and claim.uid == uid:
+            return True
+        if node not in self._locked or node not in self._parsed:
+            return True
+        lock = self._parsed[node]
+        if lock is None:
+            return False
+        return not (lock.age_s(now_utc()) <= self.timeout_s and (lock.namespace, lock.name) != pod
+                    and (not lock.name or exists(lock.namespace, lock.name)))
+
     def names(self, namespace: str, name: str) -> bool:
         """Whether some node's lock names this pod (its deletion frees that node)."""
         return any(lock is not None and (lock.namespace, lock.name) == (namespace, name) for lock in self._parsed.values())

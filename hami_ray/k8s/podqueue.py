@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 10.0)  # kube-scheduler's pod back-off: initial, most
 RESYNC_WAITING_S = 60.0  # a waiting pod is tried again at least this often, cluster change or not
+# a pod that fits only nodes with a bind in flight (HAMi's node lock, held until its plugin's Allocate) is not
+# unschedulable: it is told so (FailedScheduling, PodScheduled=False) only once it has waited this long
+LOCK_WAIT_QUIET_S = 10.0
 Call = Callable[[], object]  # an API call a cycle leaves to be made outside the lock
 Placed = tuple[dict[str, Any], str, dict[str, str]]  # pod, node, the Binding's annotations
 
@@ -106,6 +109,8 @@ class PodQueue:
         self.told: dict[str, str] = {}  # uid -> the last FailedScheduling message (never repeated)
         self._tried: dict[str, _Tried] = {}  # uid -> when it last did not fit, and why
         self._planned: dict[str, int] = {}  # uid -> changes when no preemption could be planned for it
+        self._lock_wait: dict[str, float] = {}  # uid -> since when it fits only nodes with a bind in flight
+        self._lock_waited: set[str] = set()  # those whose quiet time ran out (a cycle tells them)
         self._resynced_at = time.monotonic()
         self._can_preempt = True
         self._again = False  # a cycle set a head aside: serve once more
@@ -178,6 +183,8 @@ class PodQueue:
         self._direct.discard(uid)
         self._tried.pop(uid, None)
         self._planned.pop(uid, None)
+        self._lock_wait.pop(uid, None)
+        self._lock_waited.discard(uid)
 
     def forget(self, uid: str) -> None:
         """The pod was bound or left: nothing of it is kept."""
@@ -247,7 +254,10 @@ class PodQueue:
         waiting pods may be served differently now."""
         tree = self.file.poll(now, QUEUES_POLL_S) if self.file is not None else None
         applied = tree is not None and self.apply(tree)
-        return self.preemptions.expire(now) or applied
+        told = [uid for uid, since in self._lock_wait.items()
+                if now - since >= LOCK_WAIT_QUIET_S and uid not in self._lock_waited]
+        self._lock_waited.update(told)  # a cycle now tells them why they wait
+        return self.preemptions.expire(now) or applied or bool(told)
 
     # --- telling why -------------------------------------------------------------------------------
     def park(self, pod: dict[str, Any], reason: str, message: str, invalid: bool = False) -> None:
@@ -305,8 +315,20 @@ class PodQueue:
             if uid in self.waitlist:  # (one set aside meanwhile was told its own reason)
                 if uid in why:  # it was tried: the reclaim under way for it, or why it did not fit
                     reason = self.preemptions.describe(uid) or why[uid]
+                if self._waits_quietly(uid):
+                    continue
                 self.explain(self.sched.pods[uid], "Unschedulable", reason)
         return calls
+
+    def _waits_quietly(self, uid: str) -> bool:
+        """Whether the pod waits only for binds in flight, for less than :data:`LOCK_WAIT_QUIET_S` so far:
+        no FailedScheduling for it yet (each would be two more writes while the locks turn over)."""
+        if not self.sched.waits_for_lock(uid):
+            self._lock_wait.pop(uid, None)
+            self._lock_waited.discard(uid)
+            return False
+        now = time.monotonic()
+        return now - self._lock_wait.setdefault(uid, now) < LOCK_WAIT_QUIET_S
 
     def _bind_direct(self, uid: str, entry: _Entry) -> list[Call]:
         """A pod without devices (to the node with the fewest pods) or one placed before (to its node)."""

@@ -212,6 +212,7 @@ class PodScheduler:
         with self._lock:
             if kind == "DELETED" or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 if kind == "DELETED":
+                    self.binder.seen_bound(pod, None)
                     self.pods.pop(uid, None)
                     self._names.pop((meta.get("namespace"), meta.get("name")), None)
                     self._reinterpreted.discard(uid)
@@ -233,6 +234,7 @@ class PodScheduler:
             self._names[(meta.get("namespace"), meta.get("name"))] = uid
             node = spec.get("nodeName")
             if node:
+                self.binder.seen_bound(pod, node)
                 self.podqueue.forget(uid)
                 if uid not in self._bound_on:
                     self._bound_on[uid] = node
@@ -313,10 +315,13 @@ class PodScheduler:
             self._reinterpreted.add(uid)
             self.note(self.event, pod, "Normal", REINTERPRETED, "; ".join(notes))
 
-    def place(self, uid: str, owner: str, requests: Sequence[SliceRequest], nodes: Sequence[str]) -> Allocation:
+    def place(self, uid: str, owner: str, requests: Sequence[SliceRequest], nodes: Sequence[str], *,
+              wait_for_locks: bool = False) -> Allocation:
         """Hold a pod's slices on one of ``nodes`` (:meth:`Inventory.place`), passing over the nodes with a
         bind in flight (HAMi's lock) for the best of the others. A pod that fits only those waits for their
-        locks: Unschedulable with them counted, and no preemption is planned for it (:meth:`waits_for_lock`).
+        locks: Unschedulable with them counted, and no preemption is planned for it (:meth:`waits_for_lock`);
+        with ``wait_for_locks`` (the extender, whose bind waits for the lock) it is held on the best of them,
+        unclaimed (:meth:`claim_when_free` takes the node when its bind in flight is over).
 
         Raises:
             Unschedulable, TemporaryError, InvalidRequest: as :meth:`Inventory.place`.
@@ -332,6 +337,8 @@ class PodScheduler:
             if not busy or exc.never:
                 raise
             if self.inventory.fits(requests, busy):
+                if wait_for_locks:
+                    return self.inventory.place(uid, owner, requests, busy)
                 self._waits_for_lock.add(uid)
                 raise Unschedulable(exc.total_nodes + len(busy), {**exc.reasons, LOCKED: len(busy)}) from None
             allocation = self.inventory.place(uid, owner, requests, nodes)  # raises, with every node's reason
@@ -339,15 +346,28 @@ class PodScheduler:
             self.locks.claim(allocation.node, uid)
         return allocation
 
+    def claim_when_free(self, node: str, uid: str, pod: tuple[str, str]) -> bool:
+        """Claim ``node`` for the bind of pod ``uid`` (``pod``: its namespace and name) if no other bind is
+        in flight there (:meth:`NodeLocks.free_for`): True then, or where the node takes no lock. Under
+        :attr:`lock`."""
+        if not self.locks.needs_lock(node):
+            return True
+        if not self.locks.free_for(node, uid, self.has_pod, pod):
+            return False
+        self.locks.claim(node, uid)
+        return True
+
     def waits_for_lock(self, uid: str) -> bool:
         """Whether the pod did not fit now only because of binds in flight (no preemption for it)."""
         return uid in self._waits_for_lock
 
-    def reserve(self, pod: dict[str, Any], nodes: Sequence[str]) -> tuple[str, dict[str, str]]:
+    def reserve(self, pod: dict[str, Any], nodes: Sequence[str], *,
+                wait_for_locks: bool = False) -> tuple[str, dict[str, str]]:
         """Place the pod's containers (HAMi's requests, in its namespace's queue) on one of ``nodes`` and
         hold them; the pod is then in flight until :meth:`bind` says how its binding went (what it held
         before, never bound, is freed first). A pod without devices goes to the node of ``nodes`` with the
-        fewest pods. Returns the node and HAMi's annotations for the Binding.
+        fewest pods. Returns the node and HAMi's annotations for the Binding. ``wait_for_locks``: see
+        :meth:`place`.
 
         Raises:
             TemporaryError: the pod is in flight already; its queue's limit holds it back.
@@ -372,7 +392,7 @@ class PodScheduler:
                 priority, preemptible = pod_terms(pod)
                 requests = with_terms(requests, self.podqueue.queue_of(pod["metadata"].get("namespace")),
                                       priority, preemptible)
-                allocation = self.place(uid, owner_of(pod), requests, nodes)
+                allocation = self.place(uid, owner_of(pod), requests, nodes, wait_for_locks=wait_for_locks)
                 node = allocation.node
                 annotations = binding_annotations(node, containers, allocation)
             self._in_flight.add(uid)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.k8s
 
 
-def _api(kubeconfig: Path) -> client.ApiClient:
-    return config.new_client_from_config(config_file=str(kubeconfig))
-
-
-def test_objects_round_trip_and_rbac_decides(kubeconfig: Path) -> None:
-    admin = _api(kubeconfig)
+def test_objects_round_trip_and_rbac_decides(admin: client.ApiClient) -> None:
+    # the session's client: one made here and never closed would leave its TLS socket to the garbage
+    # collector, and pytest turns that ResourceWarning into some later test's error
     core = client.CoreV1Api(admin)
     rbac = client.RbacAuthorizationV1Api(admin)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="rbac-check")))

@@ -33,11 +33,13 @@ import pytest
 import yaml
 from kubernetes import client
 
-from hami_ray.core.codec import ALLOCATED_ANNOTATION, decode_pod_devices
-from hami_ray.k8s.annotations import NODE_ANNOTATION, TO_ALLOCATE_ANNOTATION
-from hami_ray.k8s.extender import Extender, ExtenderServer, make_server, start
+from hami_ray.core.codec import ALLOCATED_ANNOTATION, RegisteredDevice, decode_pod_devices, encode_node_register
+from hami_ray.k8s.annotations import NODE_ANNOTATION, NODE_LABEL, TO_ALLOCATE_ANNOTATION
+from hami_ray.k8s.extender import Extender, ExtenderServer, FilterAnswers, make_server, start
+from hami_ray.k8s.nodelock import LOCK_ANNOTATION, PLUGIN_ANNOTATION
 from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig, stop_process, tls_files, wait_for
+from tests.k8s.hami_plugin import Kubelet, wait_admitted
 
 pytestmark = pytest.mark.k8s
 REPO = Path(__file__).resolve().parents[2]
@@ -72,9 +74,10 @@ def nodes(admin: client.ApiClient, namespace: str) -> Iterator[dict[str, str]]:
     taint (TaintNodesByCondition stays off on its API server: nodes start schedulable)."""
     core = client.CoreV1Api(admin)
     made = {"big": f"ext-big-{namespace}", "small": f"ext-small-{namespace}"}
-    for size, name in made.items():
+    for size, name in made.items():  # registered by hami-ray's device plugin: `--bind-mode auto` takes no lock
         core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, annotations={
-            "kwok.x-k8s.io/node": "fake", REGISTER: _gpu(f"GPU-{name}", 16384 if size == "big" else 2048)})))
+            "kwok.x-k8s.io/node": "fake", REGISTER: _gpu(f"GPU-{name}", 16384 if size == "big" else 2048),
+            PLUGIN_ANNOTATION: "nvidia.com/gpu"})))
 
     def ready(name: str) -> bool:
         status = core.read_node(name).status
@@ -232,7 +235,7 @@ def test_kube_scheduler_schedules_through_the_extender(cache_capable: bool, kube
             [[device]] = decode_pod_devices(
                 core.read_namespaced_pod("too-big", namespace).metadata.annotations[ALLOCATED_ANNOTATION])
             assert device.memory_mib == 12000
-            # both nodes fit 1000 MiB: prioritize (binpack) makes kube-scheduler prefer the busier one
+            # both nodes fit 1000 MiB: the filter answers the one binpack ranks first, the busier one
             _pod(admin, namespace, "packed", name, {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"})
             assert wait_for(lambda: bound("packed"), timeout=30)
             assert bound("packed") == nodes["big"]
@@ -244,7 +247,9 @@ def test_kube_scheduler_schedules_through_the_extender(cache_capable: bool, kube
                 assert wait_for(lambda: sched.ledger.usage(uuids[0]).memory_mib == 13000, timeout=10)
                 sched.ledger.check_invariants()
                 calls = served.extender.calls  # type: ignore[union-attr]
-                assert calls["bind"] == 5 and calls["prioritize"] >= 1 and calls["filter"] >= 6, calls
+                # one node in each filter's answer: kube-scheduler scores nothing, prioritize is never asked
+                assert calls["bind"] == 5 and calls["prioritize"] == 0 and calls["filter"] >= 6, calls
+                assert not served.extender._choices  # type: ignore[union-attr]  # every choice was bound
 
 
 # HAMi's Helm chart (charts/hami/templates/scheduler/configmap.yaml, ../shared/reference/hami.md 2.1): filter
@@ -302,6 +307,58 @@ def test_hami_chart_configuration_sends_node_names_only(kubeconfig: Path, admin:
         server.server_close()
 
 
+def test_beside_hamis_device_plugin_every_allocate_serves_its_pod(kubeconfig: Path, admin: client.ApiClient,
+                                                                   api: client.ApiClient, namespace: str,
+                                                                   tmp_path: Path) -> None:
+    """The swap the issue asks for: HAMi's chart configuration of kube-scheduler, hami-ray's extender in place of
+    HAMi's (``--bind-mode auto``), nodes HAMi's device plugin registered (its JSON register, no hami-ray mark:
+    the lock is taken). 2 kwok nodes of 8 GPUs, 16 pods of one GPU created at once (exactly 8 per node), a
+    kubelet per node admitting through HAMi's emulated plugin (tests/k8s/hami_plugin.py). Every Allocate
+    serves the pod the kubelet admitted with that pod's devices; a node never has two pods between binding
+    and Allocate; every pod carries the label; no lock is left; kube-scheduler bound them all."""
+    core = client.CoreV1Api(admin)
+    names = [f"ext-hami-{i}-{namespace}" for i in range(2)]
+    for name in names:
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, annotations={
+            "kwok.x-k8s.io/node": "fake", REGISTER: encode_node_register([
+                RegisteredDevice(f"GPU-{name}-{g}", 10, 16384, 100, "NVIDIA-Tesla T4", index=g) for g in range(8)])})))
+    kubelets = [Kubelet(admin, name) for name in names]
+    scheduler = f"hami-chart-lock-{namespace}"
+    try:
+        assert wait_for(lambda: all(any(c.type == "Ready" and c.status == "True" for c in
+                                        core.read_node(n).status.conditions or []) for n in names), timeout=30)
+        with _extender_in_process(api) as server:
+            url = "http://127.0.0.1:%d" % server.server_address[1]
+            for kubelet in kubelets:
+                kubelet.start()
+            with _kube_scheduler(tmp_path, kubeconfig, scheduler, url, True, extender=HAMI_CHART_EXTENDER):
+                ours = {"nvidia.com/use-gpuuuid": ",".join(f"GPU-{n}-{g}" for n in names for g in range(8))}
+                for i in range(16):
+                    _pod(admin, namespace, f"p{i:02d}", scheduler,
+                         {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "10000"}, annotations=ours)
+                assert wait_admitted(kubelets, 16, timeout=120), (
+                    [len(k.admitted) for k in kubelets], (tmp_path / "kube-scheduler.log").read_text()[-3000:])
+            assert not server.extender._choices  # every pod the filter chose was bound
+        assert wait_for(lambda: all(LOCK_ANNOTATION not in (core.read_node(n).metadata.annotations or {})
+                                    for n in names), timeout=30)  # each Allocate released its lock
+    finally:
+        for kubelet in kubelets:
+            kubelet.stop()
+        for name in names:
+            try:
+                core.delete_node(name)
+            except client.ApiException:
+                pass
+    served = [s for k in kubelets for s in k.served]
+    wrong = [s for s in served if not s.right]
+    assert len(served) == 16 and not wrong, wrong
+    assert [len(k.admitted) for k in kubelets] == [8, 8]
+    assert max(k.most_waiting for k in kubelets) == 1  # the lock: one bind -> Allocate in flight per node
+    pods = core.list_namespaced_pod(namespace).items
+    assert len(pods) == 16 and all(p.metadata.labels.get(NODE_LABEL) == p.spec.node_name in names for p in pods)
+    assert all(p.metadata.annotations["hami.io/bind-phase"] == "success" for p in pods)
+
+
 def _call(url: str, verb: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else json.dumps(body).encode()
     request = urllib.request.Request(f"{url}/{verb}", data=data, headers={"Content-Type": "application/json"})
@@ -325,14 +382,25 @@ def test_the_verbs_on_the_wire(admin: client.ApiClient, api: client.ApiClient, n
         pod = {"metadata": {"name": "p", "namespace": namespace, "uid": "u-1"},
                "spec": {"containers": [{"name": "c", "resources": {"limits": HAMI_POD}}]}}
 
+        # `best` (the default): the one node, held for the bind; the nodes that are not there at all said so
+        extender = server.extender
         status, answer = _call(url, "filter", {"Pod": pod, "NodeNames": [big, small, "ghost"], "Nodes": None})
         assert status == 200 and answer == {
-            "Nodes": None, "NodeNames": [big], "FailedNodes": {small: "insufficient device memory"},
+            "Nodes": None, "NodeNames": [big], "FailedNodes": {},
             "FailedAndUnresolvableNodes": {"ghost": "no valid HAMi register annotation"}, "Error": ""}
+        assert extender._choices["u-1"].node == big and extender.sched.inventory.holds("u-1")
         items = [admin.sanitize_for_serialization(core.read_node(n)) for n in (big, small)]
         status, answer = _call(url, "filter", {"Pod": pod, "Nodes": {"metadata": {}, "items": items}, "NodeNames": None})
         assert status == 200 and answer["NodeNames"] is None and answer["Nodes"]["items"] == items[:1]
-        assert answer["FailedNodes"] == {small: "insufficient device memory"} and answer["Error"] == ""
+        assert answer["FailedNodes"] == {} and answer["Error"] == ""
+        assert extender.sched.ledger.usage(f"GPU-{big}-0").memory_mib == 3000  # filtered again: held once
+        # `fitting`: every node that fits, the others with their reasons, nothing held
+        fitting = Extender(extender.sched, answers=FilterAnswers.FITTING)
+        other = {**pod, "metadata": {**pod["metadata"], "uid": "u-2"}}
+        assert fitting.filter({"Pod": other, "NodeNames": [big, small, "ghost"]}) == {
+            "Nodes": None, "NodeNames": [big], "FailedNodes": {small: "insufficient device memory"},
+            "FailedAndUnresolvableNodes": {"ghost": "no valid HAMi register annotation"}, "Error": ""}
+        assert not extender.sched.inventory.holds("u-2")
         no_devices = {"metadata": {"name": "q", "namespace": namespace}, "spec": {"containers": [{"name": "c"}]}}
         assert _call(url, "filter", {"Pod": no_devices, "NodeNames": [big, small]})[1]["NodeNames"] == [big, small]
 

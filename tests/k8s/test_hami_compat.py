@@ -6,7 +6,9 @@ Go's JSON does and marks its node."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -15,9 +17,11 @@ from hami_ray.core.codec import RegisteredDevice, decode_pod_devices, encode_nod
 from hami_ray.core.model import Device
 from hami_ray.k8s.annotations import NODE_LABEL
 from hami_ray.k8s.deviceplugin import DevicePlugin
-from hami_ray.k8s.nodelock import LOCK_ANNOTATION, PLUGIN_ANNOTATION
+from hami_ray.k8s.kubeapi import KubeApi
+from hami_ray.k8s.nodelock import LOCK_ANNOTATION, PLUGIN_ANNOTATION, BindMode
 from hami_ray.k8s.scheduler import REINTERPRETED, PodScheduler
 from hami_ray.k8s.webhook import WebhookServer
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.k8s
 REGISTER = "hami.io/node-nvidia-register"
@@ -114,10 +118,12 @@ def test_the_device_plugin_writes_gos_bytes_and_marks_its_node(admin: client.Api
     assert annotations[PLUGIN_ANNOTATION] == "nvidia.com/gpu"
 
 
-def test_a_pod_another_binder_bound_first_keeps_a_label_naming_its_node(admin: client.ApiClient,
+@pytest.mark.parametrize("in_binding", [True, False], ids=["label-in-binding", "label-patched-first"])
+def test_a_pod_another_binder_bound_first_keeps_a_label_naming_its_node(in_binding: bool, admin: client.ApiClient,
                                                                         api: client.ApiClient, namespace: str) -> None:
-    """The bridge labels the pod for its node A, then its Binding gets 409: another binder bound it to B
-    first. The label is put right: it names B."""
+    """The bridge binds the pod to node A, and its Binding gets 409: another binder bound it to B first. With
+    the label in the Binding, nothing of A was written; where the label goes as a patch before the Binding
+    (an API server that drops a Binding's labels), it is put right: it names B."""
     core = client.CoreV1Api(admin)
     for name in ("label-a", "label-b"):
         try:
@@ -132,13 +138,62 @@ def test_a_pod_another_binder_bound_first_keeps_a_label_naming_its_node(admin: c
             spec=client.V1PodSpec(scheduler_name="label-sched", containers=[client.V1Container(
                 name="c", image="busybox", resources=client.V1ResourceRequirements(limits={GPU: "1", MEM: "1000"}))])))
         sched = PodScheduler(api, scheduler_name="label-sched")
+        sched.binder.labels_in_binding = in_binding
         sched.sync()  # seen pending
         core.create_namespaced_pod_binding("raced", namespace, client.V1Binding(
             metadata=client.V1ObjectMeta(name="raced"),
             target=client.V1ObjectReference(api_version="v1", kind="Node", name="label-b")), _preload_content=False)
-        sched.schedule_pending()  # its stale view: label for label-a, then a 409
+        sched.schedule_pending()  # its stale view: bound to label-a (the label patched first or not), then a 409
         pod = core.read_namespaced_pod("raced", namespace)
-        assert (pod.spec.node_name, pod.metadata.labels[NODE_LABEL]) == ("label-b", "label-b")
+        assert pod.spec.node_name == "label-b"
+        assert (pod.metadata.labels or {}).get(NODE_LABEL) == (None if in_binding else "label-b")
     finally:
         for name in ("label-a", "label-b"):
             core.delete_node(name)
+
+
+class _DropsBindingLabels(KubeApi):
+    """An API server before Kubernetes 1.35 (or with ``PodTopologyLabelsAdmission`` off): a Binding's labels
+    never reach the pod. Played here by leaving them out of the Binding this client sends."""
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if path.endswith("/binding"):
+            body = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "labels"}}
+        return super().post(path, body)
+
+
+@pytest.mark.parametrize("drops", [False, True], ids=["copies-labels", "drops-labels"])
+def test_the_label_rides_in_the_binding_or_follows_it(drops: bool, admin: client.ApiClient, api: client.ApiClient,
+                                                      namespace: str, compat_node: str) -> None:
+    """The test cluster's API server copies a Binding's labels onto the pod (as Kubernetes 1.35 and later): every
+    pod is labelled by its one Binding. One that drops them: the watch sees the first pod bound without the
+    label, the bridge patches it on and patches it before each later Binding; every pod ends up labelled."""
+    core = client.CoreV1Api(admin)
+    sched = PodScheduler(api, scheduler_name="label-follow", bind_mode=BindMode.DIRECT)  # no plugin to unlock
+    if drops:
+        sched.kube = _DropsBindingLabels(api)
+    stop = threading.Event()
+    thread = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        for i in range(4):
+            core.create_namespaced_pod(namespace, client.V1Pod(
+                metadata=client.V1ObjectMeta(name=f"l{i}", annotations={
+                    "nvidia.com/use-gpuuuid": ",".join(f"GPU-compat-{g}" for g in range(4))}),
+                spec=client.V1PodSpec(scheduler_name="label-follow", containers=[client.V1Container(
+                    name="c", image="busybox",
+                    resources=client.V1ResourceRequirements(limits={GPU: "1", MEM: "1000"}))])))
+            if i == 0:  # the first one seen bound first: the bridge learns what this API server does
+                assert wait_for(lambda: core.read_namespaced_pod("l0", namespace).spec.node_name, timeout=30)
+                assert wait_for(lambda: sched.binder.labels_in_binding is not drops, timeout=30)
+
+        def labelled() -> bool:
+            pods = core.list_namespaced_pod(namespace).items
+            return len(pods) == 4 and all(p.spec.node_name == compat_node and
+                                          (p.metadata.labels or {}).get(NODE_LABEL) == compat_node for p in pods)
+
+        assert wait_for(labelled, timeout=30)
+        assert sched.binder.labels_in_binding is not drops
+    finally:
+        stop.set()
+        thread.join(timeout=30)

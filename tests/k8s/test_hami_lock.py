@@ -171,7 +171,8 @@ def test_placement_passes_over_locked_nodes_and_waits_only_when_none_else_fits(
         admin: client.ApiClient, api: client.ApiClient, namespace: str, nodes: list[str]) -> None:
     """Node ``busy`` holds a fresh lock of a live pod (another scheduler's bind in flight). A pod that fits
     both goes to ``free`` at once (binpack would rank them equal); a pod held to ``busy`` (use-gpuuuid)
-    waits, told why, with no preemption; deleting the lock's pod frees the lock (HAMi's dangling check) and
+    waits, told why once it has waited ``LOCK_WAIT_QUIET_S`` (a lock turns over in seconds), with no
+    preemption; deleting the lock's pod frees the lock (HAMi's dangling check) and
     it is bound there, taking the lock. A node marked by hami-ray's device plugin gets no lock (``auto``)."""
     _pod(admin, namespace, "holder", "someone-else", {"cpu": "1m"})
     lock = NodeLock(nodelock.now_utc(), namespace, "holder").value()

@@ -9,6 +9,7 @@ Tests that need a node of their own (node removal) add and remove it themselves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ from tests.helpers import wait_for as wait_until  # noqa: F401 - the runtime tes
 
 SPEC = "2xA100-80GB,1xT4-16GB"
 WORKER_SPEC = "2xV100-32GB"
+# Ray Serve's controller gives a new HTTP proxy 5 s to answer its ready check and a running one 10 s for each
+# health check, then restarts it. Next to a CPU hog on 2 cores a proxy's start (uvicorn, starlette) takes
+# longer, and the Serve tests saw their proxy restarted until their own waits ran out (issue 15). Read by the
+# controller when it is imported, in the cluster's processes, which inherit this environment.
+SERVE_ON_A_LOADED_MACHINE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                             "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 @dataclass
@@ -39,6 +46,8 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def hami(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     pin_ray_to_loopback()
+    for key, value in SERVE_ON_A_LOADED_MACHINE.items():
+        os.environ.setdefault(key, value)
     state = tmp_path_factory.mktemp("hami-state")
     cluster = Cluster(initialize_head=True, head_node_args={
         "node_ip_address": LOOPBACK, "num_cpus": 4, "include_dashboard": False})

@@ -109,6 +109,9 @@ func runAPIServer(args []string) error {
 		// nodes once Ready, but the tests' inventory-only nodes (no kubelet, no Ready condition) would keep
 		// it, and a test that saw Ready could race the lifting
 		"--disable-admission-plugins=TaintNodesByCondition",
+		// as Kubernetes 1.35 and later by default (beta there): a Binding's labels are copied onto the pod, so
+		// hami-ray's binds carry hami.io/vgpu-node in their one write (hami_ray/k8s/binder.py)
+		"--feature-gates=PodTopologyLabelsAdmission=true",
 		"--v=0",
 	})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
