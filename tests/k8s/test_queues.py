@@ -169,7 +169,9 @@ def test_a_queue_under_its_guarantee_reclaims_a_borrowers_pod(admin: client.ApiC
         _pod(admin, team_a, "waiter", 8000)  # 4384 MiB free; org/team-a is owed 12 GiB
         assert wait_for(lambda: _bound(admin, team_a, "waiter"), timeout=60)
         assert _read(admin, team_b, "borrower") is None
-        assert wait_for(lambda: any(t == "DELETED" and n == "borrower" for t, n, _ in order.seen), timeout=10)
+        # the test's own watch lags the GETs above on a loaded machine: wait until it has shown both changes
+        assert wait_for(lambda: any(t == "DELETED" and n == "borrower" for t, n, _ in order.seen) and
+                        any(n == "waiter" and node for _, n, node in order.seen), timeout=30), order.seen
         # the victim was gone before the waiter was bound: never two slices on the room of one
         assert order.first("DELETED", "borrower") < order.first(None, "waiter", bound=True), order.seen
     finally:
