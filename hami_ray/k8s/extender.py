@@ -207,8 +207,11 @@ class Extender:
     def _drop(self, uid: str) -> None:
         """Free what a filter held for the pod and its bind never took. Under sched.lock."""
         choice = self._choices.pop(uid, None)
-        if choice is None:
-            return
+        if choice is not None:
+            self._free(uid, choice)
+
+    def _free(self, uid: str, choice: Choice) -> None:
+        """Free the slices and the node claim a filter held for the pod. Under sched.lock."""
         self.sched.landed(uid)
         self.sched.locks.unclaim(choice.node, uid)
         if self.sched.inventory.holds(uid):
@@ -327,8 +330,7 @@ class Extender:
     def _forget(self, uid: str, choice: Choice) -> None:
         """Free the slices a filter held for a bind that will not use them."""
         with self.sched.lock:
-            self._choices[uid] = choice
-            self._drop(uid)
+            self._free(uid, choice)
 
     def _pod(self, namespace: str, name: str, uid: str) -> dict[str, Any]:
         """The pod as the watch has it, else as the API server has it (the watch may lag the scheduler)."""
