@@ -9,7 +9,9 @@ A disk that stops taking writes (full, failing) never loses what the node actor 
 is kept in memory, in order, and written with the next one that succeeds (:meth:`Journal.flush` retries;
 the node actor calls it every tick). Only a new reservation insists (``must=True``): it raises
 :class:`~hami_ray.core.errors.JournalUnwritable`, and the node actor refuses the reservation rather than
-hold a slice its next restart would forget. :meth:`Journal.status` says which state it is in. Events kept
+hold a slice its next restart would forget. A node actor that restarts while its disk is full opens the
+journal read-only (its leases come back as usual) and opens it for writing again once the disk lets it.
+:meth:`Journal.status` says which state it is in. Events kept
 in memory are bounded (:data:`MAX_PENDING_EVENTS`, the oldest dropped and counted); lease rows are one per
 lease. A node actor killed while writes are pending restarts from what was written: leases whose end was
 pending come back and are reaped again (their processes are gone), reservations expire.
@@ -104,19 +106,70 @@ class Journal:
     """SQLite-backed lease store and event log of one node."""
 
     def __init__(self, state_dir: str | Path) -> None:
-        """Open (or create) ``<state_dir>/journal.sqlite3``."""
+        """Open (or create) ``<state_dir>/journal.sqlite3``. On a disk that takes no writes (a node actor
+        restarting while its state disk is full) the journal opens read-only: what was written is read as
+        usual, writes wait in memory (as on any refused write) and the database is opened for writing again
+        by the first write or :meth:`flush` that the disk lets through.
+
+        Raises:
+            JournalUnwritable: the journal can be neither opened for writing nor read.
+        """
         self.path = Path(state_dir) / JOURNAL_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
-        self._db.executescript(_SCHEMA)
         # writes the disk refused, in order: lease id -> (body, slot), or None to delete; events as rows
         self._pending_leases: dict[str, tuple[str, int] | None] = {}
         self._pending_events: deque[tuple[float, str, str | None, str]] = deque()
         self.dropped_events = 0
         self.error: str | None = None  # why the last write failed; None while writes succeed
+        self._read_only = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._open()
+        except (sqlite3.Error, OSError) as exc:
+            self._db = self._open_read_only(exc)
+            self._read_only = True
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("journal %s cannot be opened for writing (%s): read-only until the disk takes writes",
+                      self.path, exc)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, cause: BaseException) -> sqlite3.Connection:
+        """What was written, to read while the disk takes no writes: the database read-only (or, where
+        SQLite cannot set up its WAL index on the full disk and no WAL is left to replay, as an immutable
+        file); an empty one in memory where none was ever written."""
+        if not self.path.exists():
+            db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            db.executescript(_SCHEMA)
+            return db
+        wal = self.path.with_name(self.path.name + "-wal")
+        tries = ["mode=ro"] + (["immutable=1"] if not wal.exists() or wal.stat().st_size == 0 else [])
+        for query in tries:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, check_same_thread=False,
+                                 isolation_level=None)
+            try:
+                db.execute("SELECT count(*) FROM leases").fetchone()
+                return db
+            except sqlite3.Error as exc:
+                db.close()
+                log.debug("journal %s: read-only open (%s): %s", self.path, query, exc)
+        raise JournalUnwritable(f"{self.path}: the journal can be neither written nor read ({cause})") from cause
+
+    def _reopen_locked(self) -> None:
+        """Open the database for writing again after a read-only start; raises what SQLite raised."""
+        db = self._open()
+        self._db.close()
+        self._db, self._read_only = db, False
+        log.warning("journal %s: opened for writing again", self.path)
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -125,6 +178,8 @@ class Journal:
     # --- writing, and riding out a disk that refuses writes -----------------------------------
     def _flush_locked(self) -> None:
         """Write everything pending in one transaction; raises what SQLite raised (nothing is lost)."""
+        if self._read_only:
+            self._reopen_locked()
         if not self._pending_leases and not self._pending_events:
             return
         self._db.execute("BEGIN IMMEDIATE")

@@ -311,34 +311,37 @@ class NodeLocks:
         (fresh, by a pod ``exists`` says is there, or not readable), unless it names ``pod`` itself (a bind
         of it cut short: its own lock, taken again)."""
         now = now or now_utc()
-        mono = time.monotonic()
-        out = {n for n, c in self._claims.items() if c.written is None or mono - c.at < CLAIM_TTL_S}
-        for node, lock in self._parsed.items():
-            if node not in self._locked or node in out:
-                continue
-            if lock is None:
-                out.add(node)
-            elif (lock.age_s(now) <= self.timeout_s and (lock.namespace, lock.name) != pod
-                  and (not lock.name or exists(lock.namespace, lock.name))):
-                out.add(node)
+        out = {n for n, c in self._claims.items() if self._in_flight(c)}
+        out.update(node for node, lock in self._parsed.items()
+                   if node in self._locked and node not in out and self._held(lock, exists, now, pod))
         return out
 
     def free_for(self, node: str, uid: str, exists: Callable[[str, str], bool], pod: tuple[str, str]) -> bool:
         """Whether ``node`` has no bind in flight but ``uid``'s own (``pod`` is its namespace and name): no
         other bind of ours placed there, no lock held there by another pod (see :meth:`busy`)."""
         claim = self._claims.get(node)
-        if claim is not None and claim.uid != uid and (claim.written is None or
-                                                       time.monotonic() - claim.at < CLAIM_TTL_S):
-            return False
-        if claim is not None and claim.uid == uid:
-            return True
+        if claim is not None:
+            if claim.uid == uid:
+                return True
+            if self._in_flight(claim):
+                return False
         if node not in self._locked or node not in self._parsed:
             return True
-        lock = self._parsed[node]
+        return not self._held(self._parsed[node], exists, now_utc(), pod)
+
+    @staticmethod
+    def _in_flight(claim: _Claim) -> bool:
+        """A bind of ours placed there and not yet shown by the watch (for at most :data:`CLAIM_TTL_S`)."""
+        return claim.written is None or time.monotonic() - claim.at < CLAIM_TTL_S
+
+    def _held(self, lock: NodeLock | None, exists: Callable[[str, str], bool], now: datetime.datetime,
+              pod: tuple[str, str] | None) -> bool:
+        """Whether a lock keeps pods other than ``pod`` off its node: unreadable, or fresh and held by a
+        pod that is there (an anonymous lock counts until it expires)."""
         if lock is None:
-            return False
-        return not (lock.age_s(now_utc()) <= self.timeout_s and (lock.namespace, lock.name) != pod
-                    and (not lock.name or exists(lock.namespace, lock.name)))
+            return True
+        return (lock.age_s(now) <= self.timeout_s and (lock.namespace, lock.name) != pod
+                and (not lock.name or exists(lock.namespace, lock.name)))
 
     def names(self, namespace: str, name: str) -> bool:
         """Whether some node's lock names this pod (its deletion frees that node)."""

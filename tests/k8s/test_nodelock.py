@@ -86,3 +86,40 @@ def test_an_expiring_lock_is_noticed_once() -> None:
     later = now + datetime.timedelta(seconds=2)
     assert locks.expired(later) and not locks.expired(later + datetime.timedelta(seconds=1))
     assert locks.busy(lambda ns, n: True, now=later) == set()
+
+
+def test_a_waiting_bind_sees_what_placement_sees() -> None:
+    """``free_for`` (a bind held on a node waits until it is free) answers as ``busy`` does, except that a
+    claim of the same pod's own bind never holds it back."""
+    locks = NodeLocks(BindMode.AUTO)
+    pods = {("ns", "p"), ("ns", "q")}
+    exists = lambda ns, name: (ns, name) in pods  # noqa: E731
+    nodes = ("a", "b", "c", "direct")
+    for node in nodes[:3]:
+        locks.observe(node, {"resourceVersion": "1", "annotations": {REGISTER: "[]"}})
+    locks.observe("direct", {"resourceVersion": "1", "annotations": {LOCK_ANNOTATION: _ago(1)}})
+
+    def agree(pod: tuple[str, str], uid: str) -> None:
+        busy = locks.busy(exists, pod=pod)
+        for node in nodes:
+            claim = locks._claims.get(node)
+            own = claim is not None and claim.uid == uid
+            assert locks.free_for(node, uid, exists, pod) is (own or node not in busy), (node, pod, uid, busy)
+
+    agree(("ns", "q"), "uid-q")
+    locks.claim("a", "uid-p")
+    agree(("ns", "q"), "uid-q")  # another pod's bind in flight on a
+    agree(("ns", "p"), "uid-p")  # its own
+    now = datetime.datetime.now(datetime.timezone.utc)
+    value = NodeLock(now, "ns", "p").value()
+    locks.mine("a", "uid-p", value)
+    locks.observe("a", {"resourceVersion": "2", "annotations": {REGISTER: "[]", LOCK_ANNOTATION: value}})
+    agree(("ns", "q"), "uid-q")  # held by ns/p, which exists
+    agree(("ns", "p"), "uid-p")
+    pods.discard(("ns", "p"))
+    agree(("ns", "q"), "uid-q")  # its holder is gone
+    locks.observe("b", {"resourceVersion": "3", "annotations": {REGISTER: "[]", LOCK_ANNOTATION: "garbage"}})
+    locks.observe("c", {"resourceVersion": "3", "annotations": {REGISTER: "[]", LOCK_ANNOTATION: _ago(
+        LOCK_TIMEOUT_S + (now - NOW).total_seconds() + 1, name="q")}})
+    agree(("ns", "q"), "uid-q")  # b unreadable, c expired
+    assert not locks.free_for("b", "uid-q", exists, ("ns", "q")) and locks.free_for("c", "uid-q", exists, ("ns", "q"))

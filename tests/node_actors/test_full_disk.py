@@ -167,3 +167,42 @@ def test_a_full_state_disk_refuses_new_slices_frees_held_ones_and_catches_up(dis
     stored = {s.lease.lease_id for s in Journal(disk.path).leases()}
     assert stored == {"kept", "new"}  # the release written late; the refused reservation never
     assert kept.lease_id in stored
+
+
+@pytest.mark.parametrize("crashed", [False, True], ids=["closed", "crashed"])
+def test_a_node_actor_restarts_on_a_full_state_disk(disk: Disk, crashed: bool) -> None:
+    """It starts with the slices it journaled, refuses new ones while the disk is full and writes what it
+    kept in memory once the disk frees. ``crashed``: the first one never closed its journal (its WAL not
+    checkpointed, as after SIGKILL)."""
+    settings = AgentSettings(tolerance_mib=64, grace_s=10.0, reap_interval_s=5.0, reserve_grace_s=60.0)
+
+    def start() -> NodeAgent:
+        return NodeAgent(NODE, SimulatedBackend(SPEC, NODE, disk.path), disk.path, clock=FakeClock(),
+                         settings=settings)
+
+    first = start()
+    first.reserve(make_lease((0, 8192, 30), lease_id="held"))
+    if not crashed:
+        first.close()
+    disk.fill()
+
+    agent = start()
+    assert [x.lease_id for x in agent.leases()] == ["held"]
+    assert agent.journal_status()["writable"] is False
+    with pytest.raises(JournalUnwritable):
+        agent.reserve(make_lease((1, 1024, 0), lease_id="new"))
+    agent.tick()  # never raises on the full disk
+    disk.free()
+    agent.tick()
+    assert agent.journal_status() == {"writable": True, "pending": 0, "dropped_events": 0, "error": None}
+    assert agent.reserve(make_lease((1, 1024, 0), lease_id="new")).lease_id == "new"
+    agent.close()
+    if crashed:
+        first.close()
+    assert {s.lease.lease_id for s in Journal(disk.path).leases()} == {"held", "new"}
+
+
+def test_a_journal_that_can_be_neither_written_nor_read_says_so(tmp_path: Path) -> None:
+    (tmp_path / "journal.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(JournalUnwritable, match="neither written nor read"):
+        Journal(tmp_path)
