@@ -36,6 +36,14 @@ requests HAMi's resources and never counts those resources itself. The wire shap
   the bind with an error (kube-scheduler tries the pod again) once it has waited :data:`LOCK_WAIT_S` for it.
 - ``GET /healthz``; ``GET /readyz`` (200 once nodes and pods are listed).
 
+A pod the filter found no room for is tried again by kube-scheduler on the next cluster event it sees (a pod
+an extender refused is requeued on any event), but room this process frees is not always such an event: a
+deletion kube-scheduler's watch showed before this one's (kube-scheduler asked again at once and was refused
+again), a filter's hold let go, a lock released. Such a pod would wait for kube-scheduler's flush of
+unschedulable pods (5 minutes). So when room frees, each refused pod that fits now (at most once per
+:data:`RETRY_EVERY_S`) gets the annotation :data:`RETRY_ANNOTATION` (the time): an update of the pod,
+which kube-scheduler requeues it on.
+
 The caches and the ledger are a :class:`PodScheduler`'s, following nodes and pods by watch (a bound
 pod holds what its allocation annotations say, whoever bound it; a finished one frees it), without its
 scheduling loop. Requests are served from a thread per connection (``ThreadingHTTPServer``, HTTP/1.1
@@ -69,7 +77,7 @@ from hami_ray.core.verdict import Reason
 from hami_ray.k8s import jsonhttp
 from hami_ray.k8s.inventory import AnnotationInventory
 from hami_ray.k8s.jsonhttp import NO_BODY, JsonHandler
-from hami_ray.k8s.kubeapi import pod_path
+from hami_ray.k8s.kubeapi import pod_path, timestamp
 from hami_ray.k8s.nodelock import LOCKED, BindMode
 from hami_ray.k8s.scheduler import SCHEDULER_NAME, PodScheduler
 
@@ -89,6 +97,13 @@ POOL = BINDERS + 4  # the binders, the node and pod watches, a spare
 # chart: 30 s) of the filter's answer unless the pod failed a later step of its cycle (then it is filtered
 # again, which frees them at once) or was deleted (its watch event frees them)
 CHOICE_TTL_S = 60.0
+# a refused pod that fits again is marked so (its value: when), at most once per RETRY_EVERY_S; at most
+# RETRY_CHECKS refused pods are looked at per round (oldest first), REFUSED_MAX remembered
+RETRY_ANNOTATION = "hami.io/extender-retry"
+RETRY_EVERY_S = 5.0
+RETRY_CHECKS = 64
+REFUSED_MAX = 10_000
+RETRY_POLL_S = 0.2
 # how long a bind waits for another bind's lock on its node (HAMi's node lock, held until that pod's Allocate)
 # before it answers kube-scheduler an error: below kube-scheduler's httpTimeout (HAMi's chart: 30 s)
 LOCK_WAIT_S = 20.0
@@ -115,6 +130,15 @@ class Choice:
     pod: tuple[str, str]  # its namespace and name
 
 
+@dataclass
+class Refused:
+    """A pod the filter found no node for: what it asked, and when it was last looked at for a retry."""
+
+    pod: tuple[str, str]  # its namespace and name
+    requests: list[SliceRequest]
+    checked: float = 0.0  # time.monotonic()
+
+
 class Extender:
     """The three verbs over a following :class:`PodScheduler` (annotation inventory)."""
 
@@ -129,6 +153,7 @@ class Extender:
         self._binders = threading.BoundedSemaphore(binders)  # the others wait here, in their request's thread
         self._choices: dict[str, Choice] = {}  # pod uid -> what its last filter held (under sched.lock)
         self._swept = time.monotonic()
+        self._refused: dict[str, Refused] = {}  # pod uid -> its last filter found no node (under sched.lock)
 
     def ready(self) -> bool:
         return self.sched.node_informer.synced.is_set() and self.sched.pod_informer.synced.is_set()
@@ -166,6 +191,8 @@ class Extender:
                         unresolvable[name] = reason
                     else:
                         failed[name] = reason
+        if requests:
+            self._refusal(pod, requests, refused=not fit)
         result: dict[str, Any] = {"Nodes": None, "NodeNames": None, "FailedNodes": failed,
                                   "FailedAndUnresolvableNodes": unresolvable, "Error": ""}
         if items is None:
@@ -227,6 +254,87 @@ class Extender:
         for uid in [u for u, c in self._choices.items() if now - c.at > CHOICE_TTL_S]:
             log.info("pod %s: not bound within %.0f s of its filter: its slices are freed", uid, CHOICE_TTL_S)
             self._drop(uid)
+
+    # --- retries when room frees ---------------------------------------------------------------------
+    def _refusal(self, pod: Mapping[str, Any], requests: list[SliceRequest], refused: bool) -> None:
+        meta = pod["metadata"]
+        uid = str(meta.get("uid") or "")
+        if not uid:
+            return
+        with self.sched.lock:
+            if not refused:
+                self._refused.pop(uid, None)
+                return
+            self._refused.pop(uid, None)  # to the end: oldest first
+            self._refused[uid] = Refused((str(meta.get("namespace")), str(meta.get("name"))), requests)
+            while len(self._refused) > REFUSED_MAX:
+                del self._refused[next(iter(self._refused))]
+
+    def retries_due(self, now: float | None = None) -> list[tuple[str, str]]:
+        """The refused pods that fit some node now and were not looked at within :data:`RETRY_EVERY_S` (at
+        most :data:`RETRY_CHECKS` looked at); forgets those bound or gone."""
+        now = time.monotonic() if now is None else now
+        due: list[tuple[str, str]] = []
+        with self.sched.lock:
+            nodes = list(self.sched.nodes)
+            fits: dict[tuple[SliceRequest, ...], bool] = {}
+            checks = 0
+            for uid, refused in list(self._refused.items()):
+                pod = self.sched.pods.get(uid)
+                if (pod is None or (pod.get("spec") or {}).get("nodeName")
+                        or pod["metadata"].get("deletionTimestamp")):
+                    del self._refused[uid]
+                    continue
+                if now - refused.checked < RETRY_EVERY_S or uid in self._choices:
+                    continue
+                if checks >= RETRY_CHECKS:
+                    break
+                checks += 1
+                refused.checked = now
+                shape = tuple(refused.requests)
+                if shape not in fits:  # pods of one shape: one pass over the cluster
+                    fits[shape] = self.sched.inventory.fits(refused.requests, nodes)
+                if fits[shape]:
+                    due.append(refused.pod)
+        return due
+
+    def retry(self, pods: Sequence[tuple[str, str]]) -> int:
+        """Mark each pod (:data:`RETRY_ANNOTATION`), an update kube-scheduler requeues it on; how many were
+        marked (a pod gone meanwhile is skipped)."""
+        marked = 0
+        for namespace, name in pods:
+            path = pod_path({"metadata": {"namespace": namespace, "name": name}})
+            try:
+                self.sched.kube.patch(path, {"metadata": {"annotations": {RETRY_ANNOTATION: timestamp()}}})
+                marked += 1
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("pod %s/%s not marked for a retry: %s", namespace, name, _text(exc))
+            except OSError as exc:  # the API server restarting: the next room freed marks it
+                log.warning("pod %s/%s not marked for a retry: %s", namespace, name, exc)
+        if marked:
+            self.calls["retry"] += marked
+            log.info("room freed: %d refused pod(s) marked for kube-scheduler to try again", marked)
+        return marked
+
+    def follow_room(self, stop: threading.Event) -> None:
+        """Until ``stop`` (a thread's body): whenever room frees (the scheduler's change count moves, or a
+        lock times out), mark the refused pods that fit now (:meth:`retry`)."""
+        seen = -1
+        while not stop.wait(RETRY_POLL_S):
+            try:
+                with self.sched.lock:
+                    if self.sched.locks.expired():
+                        self.sched.changed()
+                    changes = self.sched.changes
+                    waiting = bool(self._refused)
+                if changes == seen or not waiting:
+                    seen = changes
+                    continue
+                seen = changes
+                self.retry(self.retries_due())
+            except Exception:  # noqa: BLE001 - one bad round never stops the retries
+                log.exception("retrying refused pods")
 
     def verdicts(self, requests: Sequence[SliceRequest], names: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
         """Per node: None if the requests fit there now, else (the reason, whether it is static). Holds nothing."""
@@ -454,6 +562,8 @@ def start(api: client.ApiClient, stop: threading.Event, *, bind: str = "127.0.0.
         own.close()  # type: ignore[no-untyped-call]
 
     threading.Thread(target=serve, name="hami-ray-extender", daemon=True).start()
+    threading.Thread(target=server.extender.follow_room, args=(stop,), name="hami-ray-extender-retry",
+                     daemon=True).start()
     threading.Thread(target=stopper, name="hami-ray-extender-stop", daemon=True).start()
     log.info("extender on %s://%s:%d", "https" if tls_cert else "http", *server.server_address[:2])
     return server

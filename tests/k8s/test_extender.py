@@ -35,7 +35,7 @@ from kubernetes import client
 
 from hami_ray.core.codec import ALLOCATED_ANNOTATION, RegisteredDevice, decode_pod_devices, encode_node_register
 from hami_ray.k8s.annotations import NODE_ANNOTATION, NODE_LABEL, TO_ALLOCATE_ANNOTATION
-from hami_ray.k8s.extender import Extender, ExtenderServer, FilterAnswers, make_server, start
+from hami_ray.k8s.extender import RETRY_ANNOTATION, Extender, ExtenderServer, FilterAnswers, make_server, start
 from hami_ray.k8s.nodelock import LOCK_ANNOTATION, PLUGIN_ANNOTATION
 from hami_ray.k8s.scheduler import PodScheduler
 from tests.helpers import sa_kubeconfig, stop_process, tls_files, wait_for
@@ -250,6 +250,42 @@ def test_kube_scheduler_schedules_through_the_extender(cache_capable: bool, kube
                 # one node in each filter's answer: kube-scheduler scores nothing, prioritize is never asked
                 assert calls["bind"] == 5 and calls["prioritize"] == 0 and calls["filter"] >= 6, calls
                 assert not served.extender._choices  # type: ignore[union-attr]  # every choice was bound
+
+
+def test_a_refused_pod_is_tried_again_when_room_frees_after_kube_scheduler_asked(
+        kubeconfig: Path, admin: client.ApiClient, api: client.ApiClient, namespace: str, nodes: dict[str, str],
+        tmp_path: Path) -> None:
+    """The extender's watch sees a deletion after kube-scheduler's does (here held back 3 s; a loaded
+    machine did the same): kube-scheduler asks again at once, is refused again, and has no further event to
+    try the pod on (it would wait for its 5-minute flush). The extender marks the pod once the room is
+    free in its own ledger, and kube-scheduler binds it."""
+    core = client.CoreV1Api(admin)
+    name = f"hami-retry-{namespace}"
+    with _extender_in_process(api) as served, _kube_scheduler(tmp_path, kubeconfig, name,
+                                                             "http://127.0.0.1:%d" % served.server_address[1], True):
+        extender = served.extender
+        bound = lambda pod: core.read_namespaced_pod(pod, namespace).spec.node_name  # noqa: E731
+        _pod(admin, namespace, "holder", name, {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "15000"})
+        assert wait_for(lambda: bound("holder"), timeout=30), (tmp_path / "kube-scheduler.log").read_text()[-3000:]
+        _pod(admin, namespace, "waiter", name, {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "12000"})
+        assert wait_for(lambda: _failed_scheduling(admin, namespace, "waiter"), timeout=20)
+        pods = extender.sched.pod_informer
+        handler, applied = pods.handler, threading.Event()
+
+        def lagging(kind: str, pod: dict[str, Any]) -> None:  # deletions reach the ledger 3 s late
+            if kind == "DELETED":
+                threading.Timer(3.0, lambda: (handler(kind, pod), applied.set())).start()
+            else:
+                handler(kind, pod)
+
+        pods.handler = lagging
+        core.delete_namespaced_pod("holder", namespace, grace_period_seconds=0)
+        assert wait_for(lambda: bound("waiter"), timeout=45), (tmp_path / "kube-scheduler.log").read_text()[-3000:]
+        assert applied.is_set() and bound("waiter") == nodes["big"]
+        assert extender.calls["retry"] >= 1, extender.calls
+        assert RETRY_ANNOTATION in core.read_namespaced_pod("waiter", namespace).metadata.annotations
+        assert not extender._refused  # type: ignore[attr-defined]  # bound: forgotten by the next round
+        pods.handler = handler
 
 
 # HAMi's Helm chart (charts/hami/templates/scheduler/configmap.yaml, ../shared/reference/hami.md 2.1): filter
