@@ -14,7 +14,9 @@ import logging
 import time
 from typing import Any
 
-from hami_ray.core.errors import Unschedulable
+from ray.exceptions import RayError
+
+from hami_ray.core.errors import HamiRayError, JournalUnwritable, ReservationRefused, Unschedulable
 from hami_ray.core.model import Lease, SliceRequest
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,13 @@ class GangCalls:
     async def _reserve_group(self, reqs: list[SliceRequest], strategy: str, owner: str, holder: str,
                              job: str) -> list[tuple[Lease, dict[str, str]]] | None:
         """Plan the whole gang in the ledger, then have every node actor confirm its part; one refusal undoes
-        all of it (and plans again). None: it does not fit now."""
+        all of it (and plans again, without the nodes whose actor cannot hold slices now: a full state disk,
+        or (re)starting; as :meth:`PlacementShell._reserve_planned`). None: it does not fit now."""
         shell: Any = self
+        avoid: frozenset[str] = frozenset()
         for _ in range(RESERVE_TRIES):
             try:
-                plans = shell.svc.plan_group(reqs, strategy, owner, time.time(), holder, job)
+                plans = shell.svc.plan_group(reqs, strategy, owner, time.time(), holder, job, avoid=avoid)
             except Unschedulable as exc:
                 if exc.never:
                     raise
@@ -71,6 +75,9 @@ class GangCalls:
                 return [(shell.svc.confirm(p.lease), dict(env)) for p, env in zip(plans, answers)]  # type: ignore[arg-type]
             for plan, answer in zip(plans, answers):  # all or none: undo the parts that were confirmed
                 shell.svc.abort(plan.lease.lease_id)
+                if isinstance(answer, JournalUnwritable) or (isinstance(answer, (RayError, HamiRayError))
+                                                              and not isinstance(answer, ReservationRefused)):
+                    avoid |= {plan.node_id}
                 if not isinstance(answer, BaseException):
                     shell._outbox.setdefault(plan.node_id, []).append((plan.lease.lease_id, plan.lease.token))
                     shell._flush(plan.node_id)

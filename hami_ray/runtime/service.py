@@ -426,9 +426,11 @@ class PlacementService:
 
     # --- gangs --------------------------------------------------------------------------------
     def plan_group(self, requests: Sequence[SliceRequest], strategy: str, owner: str, created_at: float,
-                   holder: Literal["process", "pod", "driver"] = "driver", job: str = "") -> list[Plan]:
+                   holder: Literal["process", "pod", "driver"] = "driver", job: str = "",
+                   avoid: Collection[str] = ()) -> list[Plan]:
         """Hold every slice of a gang as ``reserved`` in the ledger, or none (all or nothing, in one step:
-        no other request can take a slice between two of its bundles).
+        no other request can take a slice between two of its bundles). ``avoid``: nodes none of it may go to
+        (node actors that just refused, as :meth:`plan`'s).
 
         ``PACK``: one node if any holds them all, else wherever each fits; ``STRICT_PACK``: one node;
         ``SPREAD``: a node not used yet by this gang where one fits, else any; ``STRICT_SPREAD``: a different
@@ -449,7 +451,7 @@ class PlacementService:
                          holder=holder, job=job, queue=queue, preemptible=requests[index].preemptible)
 
         with self.others_nominated(None):
-            leases = self._place_group(self.scheduler, self.ledger, requests, strategy, lease_for)
+            leases = self._place_group(self.scheduler, self.ledger, requests, strategy, lease_for, avoid)
         whole = Allocation(node=leases[0].allocation.node, slices=tuple(s for x in leases for s in x.allocation.slices))
         why = self.book.over_limit(queue, whole)  # the gang counts against its queue as one request
         if why is not None:
@@ -492,7 +494,7 @@ class PlacementService:
 
     @staticmethod
     def _place_group(scheduler: Scheduler, ledger: Ledger, requests: Sequence[SliceRequest], strategy: str,
-                     lease_for: Callable[[int, Allocation], Lease]) -> list[Lease]:
+                     lease_for: Callable[[int, Allocation], Lease], avoid: Collection[str] = ()) -> list[Lease]:
         if strategy not in GANG_STRATEGIES:
             raise InvalidRequest("strategy", f"unknown gang strategy {strategy!r} (known: {', '.join(GANG_STRATEGIES)})")
         if not requests:
@@ -505,7 +507,7 @@ class PlacementService:
         try:
             if strategy in ("PACK", "STRICT_PACK"):
                 try:
-                    together = scheduler.place(list(requests))
+                    together = scheduler.place(list(requests), avoid=avoid)
                 except Unschedulable:
                     if strategy == "STRICT_PACK":
                         raise
@@ -521,13 +523,13 @@ class PlacementService:
                     try:
                         if not unused:
                             raise Unschedulable(0, {"no node left for this gang's next slice": 1})
-                        allocation = scheduler.place(request, nodes=unused)
+                        allocation = scheduler.place(request, nodes=unused, avoid=avoid)
                     except Unschedulable:
                         if strategy == "STRICT_SPREAD":
                             raise
-                        allocation = scheduler.place(request)
+                        allocation = scheduler.place(request, avoid=avoid)
                 else:
-                    allocation = scheduler.place(request)
+                    allocation = scheduler.place(request, avoid=avoid)
                 hold(i, allocation)
                 used.add(allocation.node)
             return held

@@ -82,6 +82,27 @@ def test_a_gang_is_one_request_of_one_queue_within_its_limit() -> None:
     assert svc.book.usage("a").memory_mib == 2 * 8192
 
 
+@pytest.mark.parametrize("strategy", ["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"])
+def test_a_gang_avoids_the_nodes_whose_actor_just_refused(strategy: str) -> None:
+    """A gang planned again after a node actor could not hold its part (a full state disk) goes around that
+    node, whatever the strategy; with no other room it waits (Unschedulable, not never)."""
+    svc = PlacementService()
+    for name in ("n1", "n2", "n3", "n4"):
+        svc.register_node(NodeBuilder(name).gpus(2, "16GiB", "T4").build(), f"actor-{name}")
+    gang = [slice_request({"gpu_memory": "4GiB"})] * 2
+    first = svc.plan_group(gang, strategy, "gang:g", 0.0)
+    used = {p.node_id for p in first}
+    for plan in first:
+        svc.abort(plan.lease.lease_id)
+    again = svc.plan_group(gang, strategy, "gang:g", 0.0, avoid=used)
+    assert not used & {p.node_id for p in again}, (used, [p.node_id for p in again])
+    for plan in again:
+        svc.abort(plan.lease.lease_id)
+    with pytest.raises(Unschedulable) as info:
+        svc.plan_group(gang, strategy, "gang:g", 0.0, avoid={"n1", "n2", "n3", "n4"})
+    assert not info.value.never and not svc.ledger.leases  # nothing held
+
+
 def test_a_node_sync_keeps_a_lease_confirmed_while_its_answer_travelled(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sync frees what the node actor no longer holds, but a reservation confirmed (over the fast path)
     after the node actor answered is not in that answer yet: dropping it would free room still held there."""
