@@ -103,6 +103,7 @@ class PodQueue:
         self.waitlist = WaitList("queues")  # keyed by pod uid
         self.preemptions = Preemptions()
         self.namespaces: dict[str, str] = {}  # namespace -> its pods' queue (those not in `default`)
+        self._seen_namespaces: set[str] = set()  # every namespace the watch (or a read) has shown
         self.entries: dict[str, _Entry] = {}  # uid -> a pending pod being served
         self._direct: set[str] = set()  # the entries bound without the wait list (a cycle need not scan them all)
         self.aside: dict[str, _Aside] = {}  # uid -> a pod set aside until its back-off is over
@@ -118,6 +119,22 @@ class PodQueue:
     def queue_of(self, namespace: str | None) -> str:
         """The queue of ``namespace``'s pods (``default`` for a namespace not seen)."""
         return self.namespaces.get(namespace or "", DEFAULT_QUEUE)
+
+    def queue_for(self, namespace: str | None) -> str:
+        """:meth:`queue_of`, after reading from the API server a namespace the namespace watch has not shown
+        yet: a namespace and its pods created together reach this process by two watches, and the pods'
+        can come first (a CPU hog showed it: a labelled namespace's pods were held in ``default``, and
+        its queue's priority preemption found none of them)."""
+        name = namespace or ""
+        sched = self.sched
+        if name and name not in self._seen_namespaces and sched.namespace_informer.synced.is_set():
+            try:
+                if self.on_namespace("ADDED", sched.kube.get(f"/api/v1/namespaces/{name}")):
+                    sched.changed()
+            except Exception as exc:  # noqa: BLE001 - not readable now: `default` until the watch shows it
+                log.info("namespace %s not read (%s): its pods are in queue %s until the watch shows it",
+                         name, exc, self.queue_of(name))
+        return self.queue_of(namespace)
 
     # --- membership ------------------------------------------------------------------------------
     def seen(self, pod: dict[str, Any]) -> None:
@@ -165,7 +182,7 @@ class PodQueue:
             self._direct.add(uid)
             return
         namespace = meta.get("namespace")
-        queue = self.queue_of(namespace)
+        queue = self.queue_for(namespace)
         book = sched.inventory.queue_book()
         why = None if book is None else (unknown_queue(str(namespace), queue, book.tree)
                                          or book.never_fits(queue, requests))
@@ -208,6 +225,10 @@ class PodQueue:
         move to the new queue's line; bound pods keep the queue they hold slices in)."""
         name = namespace["metadata"]["name"]
         queue = DEFAULT_QUEUE if kind == "DELETED" else namespace_queue(namespace)
+        if kind == "DELETED":
+            self._seen_namespaces.discard(name)
+        else:
+            self._seen_namespaces.add(name)
         if self.queue_of(name) == queue:
             return False
         if queue == DEFAULT_QUEUE:

@@ -279,7 +279,7 @@ class PodScheduler:
             except HamiRayError:  # a bad opt-out annotation: preemptible, as without one
                 priority, preemptible = pod_terms({"spec": pod.get("spec")})
             if not self.inventory.adopt(pod["metadata"]["uid"], owner_of(pod), node, slices,
-                                        queue=self.podqueue.queue_of(pod["metadata"].get("namespace")),
+                                        queue=self.podqueue.queue_for(pod["metadata"].get("namespace")),
                                         priority=priority, preemptible=preemptible, created_at=held_since(pod)):
                 log.warning("pod %s: node %s is not in the inventory; its slices are not counted", owner_of(pod), node)
         except HamiRayError as exc:
@@ -390,7 +390,7 @@ class PodScheduler:
                 annotations = binding_annotations(node, containers, None)
             else:
                 priority, preemptible = pod_terms(pod)
-                requests = with_terms(requests, self.podqueue.queue_of(pod["metadata"].get("namespace")),
+                requests = with_terms(requests, self.podqueue.queue_for(pod["metadata"].get("namespace")),
                                       priority, preemptible)
                 allocation = self.place(uid, owner_of(pod), requests, nodes, wait_for_locks=wait_for_locks)
                 node = allocation.node

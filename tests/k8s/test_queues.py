@@ -259,6 +259,26 @@ def test_priority_preempts_within_a_queue_but_never_an_opted_out_pod(admin: clie
     assert (leases["high"].queue, leases["high"].preemptible, leases["high"].priority) == ("team-c", True, 1000)
 
 
+def test_a_pod_seen_before_its_namespace_is_served_in_the_namespace_queue(admin: client.ApiClient, cluster: list[str],
+                                                                          bridge: tuple[PodScheduler, Path]) -> None:
+    """A namespace and its pod created together reach the bridge by two watches; here the namespace's comes
+    5 s late (a CPU hog once made it late enough that a labelled namespace's pods were held in ``default``).
+    The bridge reads the namespace it has not seen, and the pod's slice is held in the namespace's queue."""
+    sched, _ = bridge
+    informer = sched.namespace_informer
+    handler = informer.handler
+    informer.handler = lambda kind, ns: threading.Timer(5.0, handler, args=(kind, ns)).start()
+    try:
+        team_c = _namespace(admin, cluster, label="team-c")
+        _pod(admin, team_c, "early", 1000)
+        assert wait_for(lambda: _bound(admin, team_c, "early"), timeout=30)
+        with sched.lock:
+            queues = [lease.queue for lease in sched.ledger.leases.values() if lease.owner == f"{team_c}/early"]
+        assert queues == ["team-c"]
+    finally:
+        informer.handler = handler
+
+
 def test_namespaces_name_queues_and_the_definitions_reload(admin: client.ApiClient, cluster: list[str],
                                                            bridge: tuple[PodScheduler, Path]) -> None:
     """The annotation wins over the label; neither: ``default``. A queue not defined, or a request alone
