@@ -7,8 +7,8 @@ CPU hog. Each run: one ``python -c 'while True: pass'`` per core (``--hogs``) st
 a fresh clone of this repository's HEAD (``../shared`` linked beside it, as CI lays it out; ``make test``
 creates its own ``.venv`` the first time), then the hogs stopped by their pids. It stops at the first
 failed run (``--keep-going`` runs them all). pytest runs with ``-x --tb=native`` (the first failure, its
-plain traceback) and a ``--basetemp`` per run that is kept (the failing test's files: logs of the
-processes it started). The JSON is written after every run: per run the commit, exit code, seconds,
+plain traceback), a ``--basetemp`` per run that is kept (the failing test's files: logs of the
+processes it started) and the in-process components' INFO log (``pytest_N.log``). The JSON is written after every run: per run the commit, exit code, seconds,
 pytest's closing line and the log's path; ``passed_in_a_row``.
 """
 
@@ -49,7 +49,8 @@ def closing_line(log: Path) -> str:
 def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     log = out / f"run_{index}.log"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
-    env = {**os.environ, "PYTEST_ADDOPTS": f"-x --tb=native --basetemp={out / f'tmp_{index}'}"}
+    env = {**os.environ, "PYTEST_ADDOPTS": f"-x --tb=native --basetemp={out / f'tmp_{index}'} "
+                                           f"-o log_file={out / f'pytest_{index}.log'} -o log_file_level=INFO"}
     started = time.monotonic()
     try:
         with log.open("wb") as f:
@@ -79,7 +80,7 @@ def main() -> int:
     result: dict[str, object] = {"meta": {
         "command": " ".join(["python", "bench/suite_under_hog.py", *sys.argv[1:]]), "hogs": args.hogs,
         "cpu_count": os.cpu_count(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pytest_addopts": "-x --tb=native --basetemp=<per run>"}, "runs": [], "passed_in_a_row": 0}
+        "pytest_addopts": "-x --tb=native --basetemp=<per run> -o log_file=<per run>"}, "runs": [], "passed_in_a_row": 0}
     runs: list[dict[str, object]] = []
     for index in range(1, args.runs + 1):
         row = one_run(clone, index, args.hogs, out)
