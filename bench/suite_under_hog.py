@@ -8,8 +8,13 @@ a fresh clone of this repository's HEAD (``../shared`` linked beside it, as CI l
 creates its own ``.venv`` the first time), then the hogs stopped by their pids. It stops at the first
 failed run (``--keep-going`` runs them all). pytest runs with ``-x --tb=native`` (the first failure, its
 plain traceback), a ``--basetemp`` per run that is kept (the failing test's files: logs of the
-processes it started) and the in-process components' INFO log (``pytest_N.log``). The JSON is written after every run: per run the commit, exit code, seconds,
-pytest's closing line and the log's path; ``passed_in_a_row``.
+processes it started) and the in-process components' INFO log (``pytest_N.log``). The JSON is written
+after every run: per run the commit, exit code, seconds, pytest's closing line and the log's path;
+``passed_in_a_row``.
+
+Under the hog one run takes about 35 minutes on this 2-core machine, so five do not fit one 3-hour
+session. ``--resume`` goes on from the runs ``--json`` holds when nothing but documentation (``docs/``,
+``README.md``) and this bench's own scripts changed since their commit: runs of the same code, in a row.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +72,28 @@ def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
             "pytest": closing_line(log), "log": str(log)}
 
 
+UNTESTED = [":(exclude)docs", ":(exclude)README.md", ":(exclude)bench/suite_under_hog.py",
+            ":(exclude)bench/chaos_docs.py"]  # what a run's result does not depend on
+
+
+def resumable(previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of ``previous`` to go on from: all of them if they passed and the code is theirs (only
+    :data:`UNTESTED` paths changed since), else none (said why)."""
+    runs: list[dict[str, Any]] = list(previous.get("runs") or [])
+    if not runs:
+        return []
+    if any(r["rc"] != 0 for r in runs):
+        print("resume: the previous runs had a failure: starting over", file=sys.stderr)
+        return []
+    commit = str(runs[-1]["commit"])
+    same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", ".", *UNTESTED], cwd=REPO,
+                          check=False).returncode == 0
+    if not same:
+        print(f"resume: the code changed since {commit}: starting over", file=sys.stderr)
+        return []
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -73,16 +101,24 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="where clone and logs go (default: a new temp dir)")
     parser.add_argument("--keep-going", action="store_true", help="run them all, failed or not")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the passed runs in --json if only docs changed since (see the module)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="hami-ray-hog-"))
     out.mkdir(parents=True, exist_ok=True)
     clone = fresh_clone(out)
-    result: dict[str, object] = {"meta": {
+    meta: dict[str, Any] = {
         "command": " ".join(["python", "bench/suite_under_hog.py", *sys.argv[1:]]), "hogs": args.hogs,
         "cpu_count": os.cpu_count(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pytest_addopts": "-x --tb=native --basetemp=<per run> -o log_file=<per run>"}, "runs": [], "passed_in_a_row": 0}
-    runs: list[dict[str, object]] = []
-    for index in range(1, args.runs + 1):
+        "pytest_addopts": "-x --tb=native --basetemp=<per run> -o log_file=<per run>"}
+    result: dict[str, Any] = {"meta": meta, "runs": [], "passed_in_a_row": 0}
+    runs: list[dict[str, Any]] = []
+    if args.resume and args.json and args.json.exists():
+        previous = json.loads(args.json.read_text())
+        runs = resumable(previous)
+        if runs:
+            result["meta"] = {**previous["meta"], "resumed": [*previous["meta"].get("resumed", []), meta["started"]]}
+    for index in range(len(runs) + 1, args.runs + 1):
         row = one_run(clone, index, args.hogs, out)
         runs.append(row)
         streak = 0
@@ -94,7 +130,7 @@ def main() -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         if row["rc"] != 0 and not args.keep_going:
             break
-    return 0 if all(r["rc"] == 0 for r in runs) and len(runs) == args.runs else 1
+    return 0 if all(r["rc"] == 0 for r in runs) and len(runs) >= args.runs else 1
 
 
 if __name__ == "__main__":
