@@ -147,11 +147,13 @@ try:  # bench/suite_under_hog.py's runs: the whole suite next to a CPU hog
     H = json.load(open(REPO+'docs/suite_under_hog.json'))
     runs = H['runs']
     mins = [round(r['seconds'] / 60) for r in runs]
+    streak = H['passed_in_a_row']
+    bar = "" if streak >= 5 else " (issue 15 asks for 5: not there yet)"
     hog = f"""
 The whole suite (the two-minute chaos run included) next to a CPU hog, a busy loop on each of the
-{H['meta']['hogs']} cores, from a fresh clone (`{H['meta']['command']}`): **{H['passed_in_a_row']} of {len(runs)} runs
-passed in a row** at `{runs[-1]['commit']}` ({min(mins)}-{max(mins)} minutes each, against about 10
-unloaded); pytest's last line: `{runs[-1]['pytest']}`.
+{H['meta']['hogs']} cores, from a fresh clone (`{H['meta']['command']}`): **{streak} run(s) in a row
+passed**{bar}, at `{', '.join(sorted({str(r['commit']) for r in runs}))}`, {min(mins)}-{max(mins)} minutes each
+(about 10 unloaded); the last one: `{runs[-1]['pytest']}`.
 """
 except FileNotFoundError:
     pass
