@@ -692,22 +692,35 @@ class Load:
                 if pod is not None and pod.spec.node_name and name not in bound_at:
                     bound_at[name] = now
                 if name in bound_at and now - bound_at[name] > 2.0 or self.stop.is_set() and name in bound_at:
-                    with contextlib.suppress(Exception):
-                        kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0, _request_timeout=KUBE_TIMEOUT_S)
+                    if self._delete_pod(name):
                         live.pop(name)
                         self.record.ok("pods")
                 elif self.stop.is_set():  # the run is over: a pod still waiting is withdrawn, not lost
-                    with contextlib.suppress(Exception):
-                        kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0,
-                                                        _request_timeout=KUBE_TIMEOUT_S)
+                    if self._delete_pod(name):
                         live.pop(name)
                         self.record.ok("pods_withdrawn")
                 elif now - t0 > TASK_BOUND_S:
                     self.record.lose(f"pod {name} not bound in {TASK_BOUND_S:.0f} s")
-                    with contextlib.suppress(Exception):
-                        kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0, _request_timeout=KUBE_TIMEOUT_S)
+                    self._delete_pod(name)
                     live.pop(name)
             self.stop.wait(0.5)
+
+    def _delete_pod(self, name: str) -> bool:
+        """Delete one of the load's pods; True once it is gone (deleted now, or already: a 404, e.g. its
+        delete went through while the API server restarted and the answer was lost, or the node lifecycle
+        controller evicted it from a NotReady node). False: ask again next round."""
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        kube = self.cluster.kube
+        assert kube is not None
+        try:
+            kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0,
+                                            _request_timeout=KUBE_TIMEOUT_S)
+        except ApiException as exc:
+            return bool(exc.status == 404)
+        except Exception:  # noqa: BLE001 - the API server is down or slow: next round
+            return False
+        return True
 
 
 def second_driver(address: str) -> None:
