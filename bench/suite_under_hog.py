@@ -52,6 +52,12 @@ def closing_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def failed_tests(log: Path) -> list[str]:
+    """The tests pytest's summary names ``FAILED`` or ``ERROR``."""
+    return [line.split()[1] for line in log.read_text(errors="replace").splitlines()
+            if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1]
+
+
 def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     log = out / f"run_{index}.log"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
@@ -69,7 +75,7 @@ def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
                             check=True).stdout.strip()
     return {"run": index, "commit": commit, "rc": rc, "seconds": round(time.monotonic() - started, 1),
-            "pytest": closing_line(log), "log": str(log)}
+            "pytest": closing_line(log), "failed": failed_tests(log), "log": str(log)}
 
 
 UNTESTED = [":(exclude)docs", ":(exclude)README.md", ":(exclude)bench/suite_under_hog.py",
