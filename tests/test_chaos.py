@@ -19,6 +19,8 @@ def test_two_minutes_of_faults_lose_nothing_and_break_no_invariant(tmp_path: Pat
     run = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--minutes", "2", "--seed", "11",
                           "--rounds", "1", "--k8s", "--json", str(out)],
                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+    (tmp_path / "chaos.out").write_text(run.stdout)  # the bench's whole log, kept with pytest's --basetemp
+    (tmp_path / "chaos.err").write_text(run.stderr)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-5000:]
     result = json.loads(out.read_text())
     log = run.stdout[-4000:] + run.stderr[-6000:]  # what the bench logged: which fault, which probe failed
