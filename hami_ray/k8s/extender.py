@@ -262,13 +262,11 @@ class Extender:
         if not uid:
             return
         with self.sched.lock:
-            if not refused:
-                self._refused.pop(uid, None)
-                return
-            self._refused.pop(uid, None)  # to the end: oldest first
-            self._refused[uid] = Refused((str(meta.get("namespace")), str(meta.get("name"))), requests)
-            while len(self._refused) > REFUSED_MAX:
-                del self._refused[next(iter(self._refused))]
+            self._refused.pop(uid, None)  # refused again: to the end (oldest first); placed: forgotten
+            if refused:
+                self._refused[uid] = Refused((str(meta.get("namespace")), str(meta.get("name"))), requests)
+                while len(self._refused) > REFUSED_MAX:
+                    del self._refused[next(iter(self._refused))]
 
     def retries_due(self, now: float | None = None) -> list[tuple[str, str]]:
         """The refused pods that fit some node now and were not looked at within :data:`RETRY_EVERY_S` (at

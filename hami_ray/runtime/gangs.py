@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 RESERVE_TRIES = 3
 
 
+def cannot_hold_now(exc: BaseException) -> bool:
+    """Whether a node actor's answer to a reservation means it cannot hold slices now (a full state disk, or
+    it is (re)starting): plan again without that node. A plain refusal (a release not told yet) may pick it
+    again."""
+    return isinstance(exc, (RayError, HamiRayError)) and (isinstance(exc, JournalUnwritable)
+                                                          or not isinstance(exc, ReservationRefused))
+
+
 class GangCalls:
     """``acquire_group`` for the placement actor (whose queue, node calls and outbox it uses)."""
 
@@ -75,8 +83,7 @@ class GangCalls:
                 return [(shell.svc.confirm(p.lease), dict(env)) for p, env in zip(plans, answers)]  # type: ignore[arg-type]
             for plan, answer in zip(plans, answers):  # all or none: undo the parts that were confirmed
                 shell.svc.abort(plan.lease.lease_id)
-                if isinstance(answer, JournalUnwritable) or (isinstance(answer, (RayError, HamiRayError))
-                                                              and not isinstance(answer, ReservationRefused)):
+                if cannot_hold_now(answer):
                     avoid |= {plan.node_id}
                 if not isinstance(answer, BaseException):
                     shell._outbox.setdefault(plan.node_id, []).append((plan.lease.lease_id, plan.lease.token))

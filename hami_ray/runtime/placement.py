@@ -26,8 +26,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hami_ray.core.errors import (
     HamiRayError,
-    JournalUnwritable,
-    ReservationRefused,
     SlicePreempted,
     SliceQuotaExceeded,
     Unschedulable,
@@ -39,7 +37,7 @@ from hami_ray.observe.metrics import serve as serve_metrics
 from hami_ray.observe.model import ClusterStatus, status_from
 from hami_ray.runtime import fastpath
 from hami_ray.wire import AsyncClient, AsyncServer, WireError
-from hami_ray.runtime.gangs import GangCalls
+from hami_ray.runtime.gangs import GangCalls, cannot_hold_now
 from hami_ray.runtime.pods import PodLeases
 from hami_ray.runtime.service import PlacementService, Plan, Waiter
 from node_actors.actor import NAMESPACE, NodeActor, node_actor_name, node_state_dir
@@ -352,7 +350,7 @@ class PlacementShell(GangCalls, PodLeases):
                     self._flush(plan.node_id)
                 self.svc.abort(plan.lease.lease_id)
                 log.info("reservation refused on %s: %s", plan.node_id, exc)
-                if isinstance(exc, JournalUnwritable) or not isinstance(exc, ReservationRefused):
+                if cannot_hold_now(exc):
                     avoid |= {plan.node_id}  # it cannot hold slices now (a full disk, (re)starting): go elsewhere
                 continue
             finally:
