@@ -419,6 +419,10 @@ class Auditor(threading.Thread):
         self.stop = threading.Event()
         self.rounds = 0
         self._orphan_since: dict[str, float] = {}
+        self._orphan_holder: dict[str, str] = {}
+        # per holder kind, the longest a lease was held by nothing (freed or not; an episode ends at the first
+        # round that sees it freed, so an upper bound): how close the reaping came to ORPHAN_BOUND_S
+        self.orphan_max_s: dict[str, float] = {}
         self._diverged_since: dict[str, float] = {}
         self._bound: dict[str, str] = {}  # pod uid -> node it was bound to
         self._reported: set[tuple[str, str]] = set()
@@ -491,13 +495,20 @@ class Auditor(threading.Thread):
                 nothing = lease["owner"].split(":", 1)[-1] not in pods
             if nothing:
                 held_by_nothing.add(lease_id)
+                if lease_id not in self._orphan_since:
+                    log.info("lease %s (%s, %s) held by nothing from now on", lease_id, lease["owner"], holder)
                 since = self._orphan_since.setdefault(lease_id, now)
+                self._orphan_holder[lease_id] = holder
+                self.orphan_max_s[holder] = round(max(self.orphan_max_s.get(holder, 0.0), now - since), 1)
                 if now - since > ORPHAN_BOUND_S:
                     self._violate("orphan", lease_id, f"{lease_id} ({lease['owner']}, {holder}) held by nothing "
                                                       f"for {now - since:.0f} s")
         for lease_id in list(self._orphan_since):
             if lease_id not in held_by_nothing:
-                del self._orphan_since[lease_id]
+                gone_s = now - self._orphan_since.pop(lease_id)  # at most: freed since the last round
+                holder = self._orphan_holder.pop(lease_id, "?")
+                self.orphan_max_s[holder] = round(max(self.orphan_max_s.get(holder, 0.0), gone_s), 1)
+                log.info("lease %s (%s) freed within %.1f s held by nothing", lease_id, holder, gone_s)
 
     def _divergence(self, truth: dict[str, dict[str, Any]], answered: set[str], now: float) -> None:
         import ray  # noqa: PLC0415
@@ -1263,6 +1274,7 @@ def run(minutes: float, seed: int, rounds: int, in_flight: int, k8s: bool, state
         # per state_disk_full: whether the node actor's journal met the full disk (refused a write) while
         # it lasted; a node with nothing to write meanwhile (or a WAL with room left) never notices
         "state_disk_full_journal_refused": faults.disk_refusals,
+        "held_by_nothing_max_s": auditor.orphan_max_s,  # per holder kind (process, driver, pod): the bound's margin
         "slow_api_delay_s": SLOW_API_DELAY_S,
         "slow_api_proxy": ({"connections": cluster.kube.proxy.connections, "delayed_pieces": cluster.kube.proxy.delayed}
                            if cluster.kube is not None else None), "state_disk": cluster.disks.refused or f"tmpfs {STATE_DISK_SIZE}"})
@@ -1332,6 +1344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k8s", action=argparse.BooleanOptionalAction, default=None,
                         help="pods through the bridge on the Go test cluster (default: when .k8s/bin has it)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy the run's logs (the bridge's, the API server's, ...) into this directory")
     parser.add_argument("--driver", default=None, help=argparse.SUPPRESS)  # the second driver's process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -1343,6 +1357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.minutes, args.seed, args.rounds, args.in_flight, k8s, state)
     finally:
+        if args.logs is not None:
+            _keep_logs(state, args.logs)
         shutil.rmtree(state, ignore_errors=True)
     print_table(result)
     if args.json:
@@ -1350,6 +1366,14 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     return 0 if result["invariant_violations"] == 0 and result["lost"] == 0 else 1
+
+
+def _keep_logs(state: Path, into: Path) -> None:
+    """Copy every ``*.log`` under the run's state directory into ``into`` (path separators become ``__``)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in state.rglob("*.log"):
+        if path.is_file():
+            shutil.copyfile(path, into / "__".join(path.relative_to(state).parts))
 
 
 if __name__ == "__main__":

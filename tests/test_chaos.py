@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.k8s]
 def test_two_minutes_of_faults_lose_nothing_and_break_no_invariant(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     run = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--minutes", "2", "--seed", "11",
-                          "--rounds", "1", "--k8s", "--json", str(out)],
+                          "--rounds", "1", "--k8s", "--json", str(out), "--logs", str(tmp_path / "logs")],
                          capture_output=True, text=True, timeout=1200, cwd=REPO)
-    (tmp_path / "chaos.out").write_text(run.stdout)  # the bench's whole log, kept with pytest's --basetemp
+    (tmp_path / "chaos.out").write_text(run.stdout)  # the bench's whole log (and its cluster's, in logs/), kept with --basetemp
     (tmp_path / "chaos.err").write_text(run.stderr)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-5000:]
     result = json.loads(out.read_text())
