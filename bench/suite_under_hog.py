@@ -9,7 +9,8 @@ creates its own ``.venv`` the first time), then the hogs stopped by their pids. 
 failed run (``--keep-going`` runs them all). pytest runs with ``-x --tb=native`` (the first failure, its
 plain traceback), a ``--basetemp`` per run that is kept (the failing test's files: logs of the
 processes it started) and the in-process components' INFO log (``pytest_N.log``). The JSON is written
-after every run: per run the commit, exit code, seconds, pytest's closing line and the log's path;
+after every run: per run the commit, exit code, seconds, pytest's closing line, the end of the first
+failure's traceback (``why``) and the log's path;
 ``passed_in_a_row``.
 
 Under the hog one run takes about 35 minutes on this 2-core machine, so five do not fit one 3-hour
@@ -58,6 +59,19 @@ def failed_tests(log: Path) -> list[str]:
             if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1]
 
 
+def failure_excerpt(log: Path, lines: int = 30) -> str:
+    """The end of the first failure's traceback (its last ``lines`` lines: where it failed and the
+    assertion's message), so the JSON says why even when the run's logs are gone with the machine."""
+    text = log.read_text(errors="replace").splitlines()
+    start = next((i for i, ln in enumerate(text) if ln.startswith("=") and (" FAILURES " in ln or " ERRORS " in ln)),
+                 None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("=")
+                or (text[i].startswith("-") and " Captured " in text[i])), len(text))
+    return "\n".join(text[max(start + 1, end - lines):end])[-4000:]
+
+
 def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     log = out / f"run_{index}.log"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
@@ -75,7 +89,8 @@ def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
                             check=True).stdout.strip()
     return {"run": index, "commit": commit, "rc": rc, "seconds": round(time.monotonic() - started, 1),
-            "pytest": closing_line(log), "failed": failed_tests(log), "log": str(log)}
+            "pytest": closing_line(log), "failed": failed_tests(log), "why": failure_excerpt(log) if rc else "",
+            "log": str(log)}
 
 
 UNTESTED = [":(exclude)docs", ":(exclude)README.md", ":(exclude)bench/suite_under_hog.py",
