@@ -80,7 +80,8 @@ class NodeActorShell:
         self._actions: dict[str, int] = {}  # enforcement action -> count
         self.wire: dict[str, Any] | None = None  # the fast path to reserve and release (hami_ray.wire)
         try:
-            ops: dict[str, Callable[..., Any]] = {"reserve": self.reserve, "release_many": self.release_many, "preempt": self.preempt}
+            ops: dict[str, Callable[..., Any]] = {"reserve": self.reserve, "release_many": self.release_many,
+                                                  "preempt": self.preempt, "activate": self.activate}
             server = ThreadServer(ops, ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
             self.wire = {"host": server.address[0], "port": server.address[1], "secret": server.secret}
         except OSError as exc:  # Ray calls still work
@@ -189,17 +190,19 @@ class NodeActorShell:
         with self._lock:
             return self.agent.isolation_env(lease_id)
 
-    def activate(self, lease_id: str, pid: int, pidns: int | None = None, starting: bool = False) -> bool:
+    def activate(self, lease_id: str, pid: int, pidns: int | None = None, starting: bool = False,
+                 start: int | None = None) -> bool:
         """``pid`` (numbered in PID namespace ``pidns``) holds the lease now; False when the lease is not live
         here (a fast task ended it). ``starting``: ``pid`` is about to start work in the slice (a task's
         worker, :func:`hami_ray.runtime.worker.enter_slice`): False too, and ``pid`` not taken, while the slice
         is under a preemption notice, so that no work starts on a slice being taken back (a process that
-        comes during the grace is told only at a tick, and stopped at the deadline, told or not)."""
+        comes during the grace is told only at a tick, and stopped at the deadline, told or not). ``start``:
+        the process's start time as it read it (the placement actor binds a requester that may be gone)."""
         with self._lock:
             if starting and lease_id in self.agent.preempting():
                 return False
             try:
-                self.agent.activate(lease_id, pid, pidns)
+                self.agent.activate(lease_id, pid, pidns, start)
             except Exception:  # noqa: BLE001 - the lease may already be gone (a fast task)
                 return False
             return True

@@ -199,7 +199,7 @@ class NodeAgent:
         self._journal.append_event(now, EventKind.RESERVED, lease.lease_id, {"owner": lease.owner})
         return lease
 
-    def activate(self, lease_id: str, pid: int, pidns: int | None = None) -> Lease:
+    def activate(self, lease_id: str, pid: int, pidns: int | None = None, start: int | None = None) -> Lease:
         """The holder process ``pid`` started: the lease becomes active.
 
         Args:
@@ -207,12 +207,15 @@ class NodeAgent:
             pid: the process as it numbers itself (``os.getpid()``).
             pidns: the inode of its PID namespace (``/proc/self/ns/pid``); a namespace other than this node
                 actor's is mapped through ``NSpid`` (a worker in a container of its own).
+            start: the process's start time as it read it itself (``start_ticks``), for a process that may
+                be gone by now (it asked for the slice and died while it waited): a reused pid is then not
+                taken for it. Default: read now.
 
         Raises:
             LeaseNotFound: the lease is not live here.
             InvalidRequest: ``pid`` is not positive.
         """
-        return self._add_pid(lease_id, pid, EventKind.ACTIVATED, pidns)
+        return self._add_pid(lease_id, pid, EventKind.ACTIVATED, pidns, start)
 
     def claim(self, lease_id: str, pid: int | None = None, pidns: int | None = None) -> Lease:
         """A driver holds the lease (``holder="driver"``): it becomes active. ``pid`` only when the driver
@@ -251,7 +254,8 @@ class NodeAgent:
             return pid
         return mapped
 
-    def _add_pid(self, lease_id: str, pid: int, kind: EventKind, pidns: int | None = None) -> Lease:
+    def _add_pid(self, lease_id: str, pid: int, kind: EventKind, pidns: int | None = None,
+                 start: int | None = None) -> Lease:
         if pid <= 0:
             raise InvalidRequest("pid", f"must be a positive process id, got {pid}")
         lease = self._live(lease_id)
@@ -259,7 +263,7 @@ class NodeAgent:
         pids = lease.pids if local in lease.pids else (*lease.pids, local)
         starts = dict(lease.pid_starts)
         if local not in starts:
-            start = start_ticks(local)
+            start = start if start is not None else start_ticks(local)
             if start is not None:
                 starts[local] = start
         lease = self._ledger.update(lease_id, pids=pids, pid_starts=starts, state=LeaseState.ACTIVE)

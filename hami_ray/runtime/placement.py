@@ -388,12 +388,17 @@ class PlacementShell(GangCalls, PodLeases):
 
     # --- API ---------------------------------------------------------------------------------
     async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None,
-                      wait: bool = True, holder: str = "process", job: str = "") -> dict[str, Any] | None:
+                      wait: bool = True, holder: str = "process", job: str = "",
+                      process: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Wait for a slice; returns the lease, the node actor's name and the isolation environment.
         ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now.
         ``wait=False``: a slice now, never ahead of anyone waiting (a driver opening a lane), or
         ``{"waiting": n}``: how many requests wait (0: it just does not fit now).
-        ``holder="driver"`` with the driver's Ray ``job``: the lease lives as long as that job."""
+        ``holder="driver"`` with the driver's Ray ``job``: the lease lives as long as that job.
+        ``process`` (:func:`hami_ray.runtime.worker.this_process`): the calling process asks for itself;
+        a slice granted on its node is bound to it before the answer, so that one granted after the process
+        died while it waited (Ray Data ending a pool whose actors were starting) is reaped with it, not held
+        by nothing until the reservation's grace ends."""
         req = self._request(request)
         who: dict[str, Any] = {"holder": holder, "job": job} if holder != "process" else {}
         if not wait:
@@ -404,7 +409,18 @@ class PlacementShell(GangCalls, PodLeases):
             placed = await self._try_place(req, owner, **who)
             return {"waiting": 0} if placed is None else self._grant(*placed)
         lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted, **who)
+        if process is not None and process.get("node") == lease.allocation.node:
+            await self._bind(lease, process)
         return self._grant(lease, env)
+
+    async def _bind(self, lease: Lease, process: dict[str, Any]) -> None:
+        """``process`` (on the lease's node) holds ``lease`` from now on; if the node actor cannot be told,
+        the process claims it itself when it enters the slice, as before."""
+        try:
+            await self._node_call(lease.allocation.node, "activate", lease_id=lease.lease_id, pid=int(process["pid"]),
+                                  pidns=process.get("pidns"), start=process.get("start"))
+        except (RayError, HamiRayError, KeyError, TypeError, ValueError) as exc:
+            log.info("lease %s not bound to its requester %s: %s", lease.lease_id, process, exc)
 
     async def lane_nodes(self, request: dict[str, Any]) -> list[tuple[str, list[str], dict[str, str]]]:
         """Where a driver may start a worker for requests of this shape that have to wait: the nodes

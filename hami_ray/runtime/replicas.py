@@ -31,7 +31,7 @@ from hami_ray.core.errors import HamiRayError, InvalidRequest
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.placement import PLACEMENT_NAME, slice_meta
-from hami_ray.runtime.worker import NAMESPACE, PROCESS_START_KEYS, enter_slice, job_queue
+from hami_ray.runtime.worker import NAMESPACE, PROCESS_START_KEYS, enter_slice, job_queue, this_process
 
 log = logging.getLogger(__name__)
 GIVE_BACK_TIMEOUT_S = 5.0
@@ -77,7 +77,7 @@ def take_slice(request: dict[str, Any], owner: str) -> dict[str, Any]:
         if uuids is None:
             raise NodeCannotHold(node, owner, _describe(request), [name for name, _, _ in able])
         grant: dict[str, Any] = ray.get(placement.acquire.remote({**request, "include_uuids": uuids}, owner,
-                                                                 time.time()))
+                                                                 time.time(), process=this_process()))
         try:
             enter_slice(slice_meta(grant, grant["state_root"]), _started_env(grant["env"], owner), lane=True)
         except BaseException:

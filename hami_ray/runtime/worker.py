@@ -32,6 +32,7 @@ from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceede
 from hami_ray.core.model import DeviceGrant
 from hami_ray.runtime import framework_caps
 from node_actors import interrupt
+from node_actors.processes import start_ticks
 
 log = logging.getLogger(__name__)
 NAMESPACE = "hami-ray"
@@ -234,6 +235,13 @@ def enter_slice(meta: dict[str, Any], env: dict[str, str] | None = None, *, lane
 
 
 _pidns: list[int | None] = []
+
+
+def this_process() -> dict[str, Any]:
+    """This process as the placement actor binds a slice it asks for itself (``acquire(process=...)``):
+    its Ray node, pid, PID namespace and start time."""
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "pidns": pid_namespace(),
+            "start": start_ticks(os.getpid())}
 
 
 def pid_namespace() -> int | None:
@@ -468,7 +476,8 @@ class SliceWorkerShell:
             own = None
             self._place = time.time()  # renewing: behind those waiting now
         if own is None:
-            grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, self._place)))
+            grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, self._place,
+                                                                          process=this_process())))
             grant["meta"] = slice_meta(grant, grant["state_root"])
             with self._lock:
                 self._own, self._own_key = grant, key

@@ -162,6 +162,28 @@ def test_reap_drops_dead_pids_but_keeps_lease_with_a_live_one(agent: NodeAgent, 
     assert agent.leases()[0].pids == (live.pid,)
 
 
+def test_a_holder_bound_with_its_start_time_is_reaped_when_gone_or_when_its_pid_names_another_process(
+        agent: NodeAgent, spawn: Spawn) -> None:
+    """The placement actor binds a requester that may have died while it waited (``start`` as the process
+    read it): a dead one is reaped at the next reap, and a live pid that started at another time (the
+    requester's pid reused) is not taken for it."""
+    from node_actors.processes import start_ticks  # noqa: PLC0415
+
+    gone, other = spawn("sleep", "30"), spawn("sleep", "30")
+    started = start_ticks(gone.pid)
+    assert started is not None
+    os.kill(gone.pid, signal.SIGKILL)
+    gone.wait(timeout=10)
+    first = agent.reserve(make_lease((0, 1024, 0)))
+    agent.activate(first.lease_id, gone.pid, start=started)
+    real = start_ticks(other.pid)
+    assert real is not None
+    second = agent.reserve(make_lease((1, 1024, 0)))
+    agent.activate(second.lease_id, other.pid, start=real - 1)  # as if the requester had this pid before
+    assert sorted(l.lease_id for l in agent.reap()) == sorted([first.lease_id, second.lease_id])
+    assert agent.leases() == []
+
+
 def test_unclaimed_reservation_expires_after_grace(agent: NodeAgent, clock: FakeClock) -> None:
     lease = agent.reserve(make_lease((0, 1024, 0)))
     clock.advance(59)

@@ -70,3 +70,30 @@ def test_an_actor_pool_larger_than_the_gpus_runs_to_completion_on_slices(hami: R
         assert r["visible"] == r["uuids"]  # the actor saw its slice's devices, nothing else
         assert seen[str(r["lease"])].allocation.slices[0][0].memory_mib == 8 * 1024
     assert wait_until(lambda: not _data_leases(), timeout=60), _data_leases()  # the pool's end frees them
+
+
+class Stuck:
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_slice_granted_after_its_requester_died_is_freed_with_it(hami: RayCluster) -> None:
+    """A pool actor that asks for its slice and is killed while the request waits (Ray Data cancels the
+    actors still starting when a dataset ends): the placement actor grants the request all the same, later.
+    The slice is bound to the dead process at the grant, so the node actor reaps it at once; it was held by
+    nothing until the reservation's grace (10 minutes) ended (a CPU hog run, issue 15)."""
+    import ray  # noqa: PLC0415
+    from ray.exceptions import RayActorError  # noqa: PLC0415
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+    (t4_node,) = [n.name for n in api.status().nodes if any("T4" in d.model for d in n.devices)]
+    holder = ray.remote(num_cpus=0)(hami_ray.sliced(Stuck, gpus=1, gpu_type="T4"))
+    with api.lease(gpus=1, gpu_type="T4", preemptible=False):  # the T4 held whole: the actor's request waits
+        stuck = holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(t4_node, soft=False)).remote()
+        assert wait_until(lambda: api.queue_depth() == 1, timeout=60)
+        ray.kill(stuck)
+        with pytest.raises(RayActorError):
+            ray.get(stuck.ready.remote(), timeout=60)
+        assert api.queue_depth() == 1  # its request still waits: it is granted once the T4 frees
+    assert wait_until(lambda: api.queue_depth() == 0, timeout=60)
+    assert wait_until(lambda: not api.status().leases, timeout=30), api.status().leases
