@@ -5,6 +5,7 @@ taken back before the worker got to it (issue 15: the lane-order flake and the l
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -38,14 +39,17 @@ class Placement:
     state_root: str
     waiting_now: int = 0
     asked: list[float] = field(default_factory=list)
+    processes: list[dict[str, Any] | None] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     granted: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.acquire, self.release, self.waiting = _Call(self._acquire), _Call(self._release), _Call(lambda: self.waiting_now)
 
-    def _acquire(self, request: dict[str, Any], owner: str, submitted: float) -> dict[str, Any]:
+    def _acquire(self, request: dict[str, Any], owner: str, submitted: float,
+                 process: dict[str, Any] | None = None) -> dict[str, Any]:
         self.asked.append(submitted)
+        self.processes.append(process)
         lease_id = f"lease-{len(self.asked)}"
         self.granted.append(lease_id)
         return grant(lease_id, request["include_uuids"], self.state_root)
@@ -98,7 +102,8 @@ def stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stage]:
     def get(value: Any, timeout: float | None = None) -> Any:
         return value() if callable(value) else value  # a function's ObjectRef is the function itself here
 
-    monkeypatch.setattr(worker, "ray", SimpleNamespace(get_actor=get_actor, get=get))
+    context = SimpleNamespace(get_node_id=lambda: NODE)
+    monkeypatch.setattr(worker, "ray", SimpleNamespace(get_actor=get_actor, get=get, get_runtime_context=lambda: context))
     for name, value in (("_actors", {}), ("_fns", {}), ("_held", None), ("_current", None), ("_devices", ("", ())),
                         ("_bound", None),
                         ("_armed", "not in this test process")):  # _armed: no quota-verdict handler installed here
@@ -129,6 +134,9 @@ def test_a_waiting_lane_queues_at_its_own_place_whichever_worker_serves_it(stage
     shell._give_back()
     shell._hold(REQUEST, "task:f", 105.0)  # back from the idle pool for a lane opened at 105.0
     assert stage.placement.asked == [100.0, 100.0, 105.0]
+    # each ask names this process, so that a slice granted after it died is reaped with it
+    assert {(p or {}).get("node") for p in stage.placement.processes} == {NODE}
+    assert {(p or {}).get("pid") for p in stage.placement.processes} == {os.getpid()}
     shell._give_back()
 
 
