@@ -10,7 +10,8 @@ failed run (``--keep-going`` runs them all). pytest runs with ``-x --tb=native``
 plain traceback), a ``--basetemp`` per run that is kept (the failing test's files: logs of the
 processes it started) and the in-process components' INFO log (``pytest_N.log``). The JSON is written
 after every run: per run the commit, exit code, seconds, pytest's closing line, the end of the first
-failure's traceback (``why``) and the log's path;
+failure's traceback (``why``; for a run stopped after ``--run-limit-min``, rc 124, its last log line) and
+the log's path;
 ``passed_in_a_row``.
 
 Under the hog one run takes about 35 minutes on this 2-core machine, so five do not fit one 3-hour
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,16 +74,25 @@ def failure_excerpt(log: Path, lines: int = 30) -> str:
     return "\n".join(text[max(start + 1, end - lines):end])[-4000:]
 
 
-def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
+def one_run(clone: Path, index: int, hogs: int, out: Path, limit_s: float) -> dict[str, object]:
     log = out / f"run_{index}.log"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
     env = {**os.environ, "PYTEST_ADDOPTS": f"-x --tb=native --basetemp={out / f'tmp_{index}'} "
                                            f"-o log_file={out / f'pytest_{index}.log'} -o log_file_level=INFO"}
     started = time.monotonic()
+    hung = ""
     try:
         with log.open("wb") as f:
-            rc = subprocess.run(["make", "test"], cwd=clone, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                check=False).returncode
+            proc = subprocess.Popen(["make", "test"], cwd=clone, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=limit_s)
+            except subprocess.TimeoutExpired:  # a hang (a teardown that never returns): stop its process group
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = 124
+                tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+                hung = f"no end in {limit_s / 60:.0f} min; the log's last line: {tail[0][-200:] if tail else ''}"
     finally:
         for proc in busy:
             proc.kill()
@@ -89,7 +100,7 @@ def one_run(clone: Path, index: int, hogs: int, out: Path) -> dict[str, object]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
                             check=True).stdout.strip()
     return {"run": index, "commit": commit, "rc": rc, "seconds": round(time.monotonic() - started, 1),
-            "pytest": closing_line(log), "failed": failed_tests(log), "why": failure_excerpt(log) if rc else "",
+            "pytest": closing_line(log), "failed": failed_tests(log), "why": (failure_excerpt(log) or hung) if rc else "",
             "log": str(log)}
 
 
@@ -122,6 +133,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="where clone and logs go (default: a new temp dir)")
     parser.add_argument("--keep-going", action="store_true", help="run them all, failed or not")
+    parser.add_argument("--run-limit-min", type=float, default=90.0,
+                        help="a run with no end after this long is stopped (its process group killed) and recorded, rc 124")
     parser.add_argument("--resume", action="store_true",
                         help="go on from the passed runs in --json if only docs changed since (see the module)")
     args = parser.parse_args()
@@ -140,7 +153,7 @@ def main() -> int:
         if runs:
             result["meta"] = {**previous["meta"], "resumed": [*previous["meta"].get("resumed", []), meta["started"]]}
     for index in range(len(runs) + 1, args.runs + 1):
-        row = one_run(clone, index, args.hogs, out)
+        row = one_run(clone, index, args.hogs, out, args.run_limit_min * 60)
         runs.append(row)
         streak = 0
         for r in runs:
