@@ -157,7 +157,8 @@ try:  # bench/suite_under_hog.py's runs: the whole suite next to a CPU hog
 The whole suite (the two-minute chaos run included) next to a CPU hog, a busy loop on each of the
 {H['meta']['hogs']} cores, from a fresh clone (`{H['meta']['command']}`): **{streak} run(s) in a row
 passed**{bar}, at `{', '.join(sorted({str(r['commit']) for r in runs}))}`, {span} minutes each
-(about 10 unloaded); the last one: `{runs[-1]['pytest']}`.
+(about 10 unloaded); the last one: `{runs[-1]['pytest']}`. Every failure so far, its cause and its fix:
+[docs/suite_under_hog.md](docs/suite_under_hog.md).
 """
 except FileNotFoundError:
     pass
