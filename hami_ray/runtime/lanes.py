@@ -110,6 +110,7 @@ class LaneClient:
         self._nodes: dict[str, tuple[float, list[Any]]] = {}  # per shape: (when asked, lane_nodes answer)
         self.contended = False  # others wait in the placement actor's queue (as last heard)
         self._idle: dict[tuple[str, str], list[_IdleWorker]] = {}
+        self._doomed: list[Any] = []  # workers to kill, handed over by Ray's callbacks to the lanes thread
         self._wake = threading.Event()
         self._stopped = False
         self.stats = LaneStats()
@@ -254,7 +255,8 @@ class LaneClient:
 
     # --- completion and closing --------------------------------------------------------------
     def _finished(self, lane: Lane, result: Any) -> None:
-        """A task of ``lane`` ended (``result`` is its value or its error); runs on a Ray thread."""
+        """A task of ``lane`` ended (``result`` is its value or its error); runs on Ray's io thread (never
+        blocks there: see :meth:`_park`)."""
         with self._lock:
             now = time.monotonic()
             lane.in_flight -= 1
@@ -299,10 +301,11 @@ class LaneClient:
             stale = [w for pool in self._idle.values() for w in pool if now - w.since > WORKER_IDLE_S]
             for pool in self._idle.values():
                 pool[:] = [w for w in pool if w not in stale]
+            doomed, self._doomed = [*self._doomed, *(w.handle for w in stale)], []
         for lane in due:
             self._close(lane)
-        for w in stale:
-            ray.kill(w.handle)
+        for handle in doomed:
+            ray.kill(handle)
 
     def _close(self, lane: Lane) -> None:
         if lane.grant is not None:  # a pending lane's worker gives its own back when asked its binding, below
@@ -323,11 +326,16 @@ class LaneClient:
             return  # it died meanwhile
         with self._lock:
             pool = self._idle.setdefault(lane.pool_key, [])
-            kept = not self._stopped and len(pool) < MAX_IDLE_WORKERS
-            if kept:
+            if not self._stopped and len(pool) < MAX_IDLE_WORKERS:
                 pool.append(_IdleWorker(lane.worker, json.dumps(bound, sort_keys=True) if bound is not None else None))
-        if not kept:
-            ray.kill(lane.worker)
+                return
+            # Killed by another thread: this one is Ray's io thread (an _on_completed callback), and a
+            # ray.kill here would wait for ever for the GCS's answer, which only this thread delivers.
+            if not self._stopped:
+                self._doomed.append(lane.worker)
+        if self._stopped:
+            threading.Thread(target=ray.kill, args=(lane.worker,), name="hami-ray-lane-kill", daemon=True).start()
+        self._wake.set()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until no lane is open (each closes once idle); False if some still are after ``timeout``."""
@@ -349,9 +357,10 @@ class LaneClient:
         with self._lock:
             self._stopped = True
             lanes = [x for v in self._lanes.values() for x in v]
-            idle = [w for pool in self._idle.values() for w in pool]
+            idle = [*(w.handle for pool in self._idle.values() for w in pool), *self._doomed]
             self._lanes.clear()
             self._idle.clear()
+            self._doomed.clear()
         self._wake.set()
         for lane in lanes:
             try:
@@ -363,8 +372,8 @@ class LaneClient:
             except Exception:  # noqa: BLE001 - shutting down: the node actors reap what is left
                 pass
         self._calls.close()
-        for w in idle:
+        for handle in idle:
             try:
-                ray.kill(w.handle)
+                ray.kill(handle)
             except Exception:  # noqa: BLE001
                 pass

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import ray
@@ -155,4 +158,43 @@ def test_tasks_with_ray_options_take_the_queue_path(hami: RayCluster) -> None:
 
     assert ray.get([own.remote() for _ in range(3)], timeout=120) == ["1024m"] * 3
     assert _lanes().stats.tasks == before
+    assert wait_until(lambda: live_leases() == 0)
+
+
+PARKER = """
+import sys, ray, hami_ray
+from hami_ray.runtime import api, lanes
+from hami_ray.runtime.loopback import pin_ray_to_loopback
+lanes.MAX_IDLE_WORKERS = 0  # every closed lane's worker is stopped, none kept idle
+pin_ray_to_loopback()
+ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+hami_ray.init()
+
+@hami_ray.remote(gpu_memory="1GiB", gpu_type="T4")
+def one(i):
+    return i
+
+for round in range(3):
+    assert ray.get([one.remote(i) for i in range(4)], timeout=120) == list(range(4))
+    assert api._lanes.drain(timeout=60), "lanes not closed"
+print("closed", api._lanes.stats.closed, flush=True)
+print("alive", ray.get(one.remote(7), timeout=60), flush=True)
+hami_ray.shutdown()
+print("done", flush=True)
+"""
+
+
+def test_a_closed_lanes_worker_is_stopped_off_rays_callback_thread(hami: RayCluster) -> None:
+    """A lane's worker that the idle pool has no room for is stopped, by the lanes thread: ``_park`` runs
+    as a Ray completion callback, on the driver's io thread, and a ``ray.kill`` there waits for ever for an
+    answer only that thread delivers. The driver then hung, every ``ray.get`` and its shutdown with it
+    (the 1,000-task test next to a CPU hog, where closed lanes overflowed the pool). A driver of its own,
+    so a hang here stops that driver alone."""
+    driver = subprocess.run([sys.executable, "-c", PARKER, hami.cluster.address], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parents[2], check=False)
+    said = dict(line.split(" ", 1) if " " in line else (line, "") for line in driver.stdout.splitlines()
+                if line.split(" ", 1)[0] in ("closed", "alive", "done"))  # Ray's own warnings go there too
+    assert driver.returncode == 0 and said.get("alive") == "7" and "done" in said, \
+        (driver.stdout, driver.stderr[-2000:])
+    assert int(said["closed"]) >= 3  # lanes did close, and their workers were stopped
     assert wait_until(lambda: live_leases() == 0)
