@@ -129,6 +129,15 @@ Bugs, fixed, each with a regression test that fails without the fix:
   let it expire** (a `diverged` violation after two placement actor kills in a row): the sync freed only
   active leases. It now frees any lease the node actor no longer holds, except one still being reserved
   (`tests/runtime/test_service.py`).
+- **A pod slice held by nothing for 98 s after a placement actor kill** (an `orphan` violation in the
+  short test, unloaded, at `0ec1df4`; the pod was deleted 0.4 s before the kill): the placement actor
+  frees a pod's slice in its ledger, answers the bridge, and tells the node actor a moment later. Killed
+  in between, its next incarnation rebuilt the ledger from the node actor and held the slice again, for a
+  pod the bridge had freed and forgotten; only the next bridge restart freed it. The placement actor now
+  has an incarnation id that the bridge sees each second; after a new one, a failed release, or a release
+  the actor did not hold, the bridge reads the pods' leases again for 30 s and frees those of pods that are
+  gone (and otherwise every 5 minutes). A release that fails keeps the slice held in the bridge's view
+  until it is made (`tests/runtime/test_k8s_bridge.py`, `tests/k8s/test_ray_inventory.py`).
 
 ## Not covered yet
 

@@ -510,6 +510,13 @@ def metrics_serve(
     _every(1.0, seconds, lambda: None)
 
 
+def _daemon_logging() -> None:
+    """What a long-running command logs: INFO and above, with times (an operator reads it afterwards)."""
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _kube_client(kubeconfig: Path | None) -> Any:
     """A Kubernetes client: ``kubeconfig``, else the pod's ServiceAccount (in-cluster), else ~/.kube/config."""
     from kubernetes import client, config  # noqa: PLC0415
@@ -595,6 +602,7 @@ def k8s_scheduler(
         console.print(f"bound {stats.bound}, unschedulable {stats.unschedulable}, invalid {stats.invalid}, "
                       f"released {stats.released}, nodes skipped {len(stats.skipped_nodes)}")
         return
+    _daemon_logging()
     stop = threading.Event()
     try:
         if leader_elect:
@@ -662,13 +670,12 @@ def k8s_device_plugin(
 ) -> None:
     """The kubelet device plugin: HAMi's node annotations, Allocate from the pods the bridge bound
     (RBAC: deploy/k8s/device-plugin.yaml)."""
-    import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
     from hami_ray.k8s.deviceplugin import DevicePlugin, discover_devices  # noqa: PLC0415
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _daemon_logging()
     api = _kube_client(kubeconfig)
     try:
         devices, health = discover_devices(node, simulate=simulate, libvgpu=libvgpu)
@@ -704,7 +711,6 @@ def k8s_extender(
 ) -> None:
     """A kube-scheduler extender: filter, prioritize and bind with HAMi's annotations
     (deploy/k8s/extender.yaml: kube-scheduler and this side by side)."""
-    import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
@@ -720,7 +726,7 @@ def k8s_extender(
     if filter_answers not in {a.value for a in extender.FilterAnswers}:
         console.print(f"[red]--filter-answers is 'best' or 'fitting', not {filter_answers!r}[/]")
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _daemon_logging()
     api = _kube_client(kubeconfig)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

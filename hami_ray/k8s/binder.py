@@ -149,8 +149,7 @@ class Binder:
             sched.locks.unclaim(node, uid)
             if exc.value is not None:
                 sched.locks.saw(node, exc.value)
-            if sched.inventory.holds(uid):
-                sched.inventory.release(uid)
+            sched.free(uid)
             if explain and uid in sched.pods:
                 sched.podqueue.remove(uid)
                 sched.podqueue.enqueue(sched.pods[uid])
@@ -188,9 +187,7 @@ class Binder:
             self._labelled.pop(uid, None)
             if node is not None:
                 sched.locks.unclaim(node, uid)
-            if sched.inventory.holds(uid):
-                sched.inventory.release(uid)
-                sched.changed()
+            sched.free(uid)
             if explain and uid in sched.pods:
                 sched.podqueue.park(pod, "BindingRejected", error)
         return error
@@ -207,9 +204,7 @@ class Binder:
             fresh = None if exc.status == 404 else pod
         with sched.lock:
             sched.landed(uid)
-            if sched.inventory.holds(uid):
-                sched.inventory.release(uid)
-                sched.changed()
+            sched.free(uid)
             if fresh is None or fresh["metadata"].get("uid") != uid:
                 return "binding refused (409): the pod is gone"
             sched.pods[uid] = fresh

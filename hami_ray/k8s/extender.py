@@ -241,9 +241,7 @@ class Extender:
         """Free the slices and the node claim a filter held for the pod. Under sched.lock."""
         self.sched.landed(uid)
         self.sched.locks.unclaim(choice.node, uid)
-        if self.sched.inventory.holds(uid):
-            self.sched.inventory.release(uid)
-            self.sched.changed()
+        self.sched.free(uid)
 
     def _sweep(self) -> None:
         """Free the choices whose bind did not come within :data:`CHOICE_TTL_S`. Under sched.lock."""

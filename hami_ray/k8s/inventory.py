@@ -36,6 +36,10 @@ from hami_ray.core.vendors import NVIDIA_SCORE_ANNOTATION, NVIDIA_VENDOR, VENDOR
 log = logging.getLogger(__name__)
 
 
+DOUBT_S = 30.0  # after the placement actor restarted or a release failed: how long its pods' leases are re-read
+RECHECK_EVERY_S = 300.0  # and otherwise, how often (a pod's slice held by nothing is found within that)
+
+
 def lease_id_of(uid: str) -> str:
     return f"pod-{uid}"
 
@@ -64,9 +68,16 @@ class Inventory(Protocol):
         """Hold what a pod was given before (its allocation annotation); False if ``node`` is unknown here.
         Raises HamiRayError when the slices cannot be held there."""
 
-    def release(self, uid: str) -> bool: ...
+    def release(self, uid: str) -> bool:
+        """Free the pod's slices; False if they were not held. Raises what the ledger's owner raised (the
+        placement actor restarting): the pod then still holds them here, and :meth:`recheck` says so."""
 
     def holds(self, uid: str) -> bool: ...
+
+    def recheck(self) -> bool:
+        """Read again what the ledger holds for pods, where it lives elsewhere and may hold what this bridge
+        freed (the placement actor restarted and rebuilt its ledger from its node actors, a release failed),
+        if that is due; True if it was read, so the bridge frees the slices of pods that are gone again."""
 
     def held(self) -> set[str]:
         """The uids of the pods holding leases."""
@@ -187,6 +198,9 @@ class AnnotationInventory:
     def holds(self, uid: str) -> bool:
         return lease_id_of(uid) in self.ledger.leases
 
+    def recheck(self) -> bool:
+        return False  # the ledger is this process's own
+
     def held(self) -> set[str]:
         return {lid.removeprefix("pod-") for lid in self.ledger.leases if lid.startswith("pod-")}
 
@@ -227,6 +241,9 @@ class RayInventory:
         self._task_error = ray.exceptions.RayTaskError
         self.placement = placement
         self._held: dict[str, str] = {}  # uid -> Kubernetes node
+        self._incarnation: str | None = None  # the placement actor's, as last seen
+        self._doubt_until = 0.0  # monotonic: until then, the pods' leases are read again every recheck
+        self._checked_at = time.monotonic()
         self.sync()
 
     def _get(self, ref: Any) -> Any:
@@ -243,7 +260,28 @@ class RayInventory:
         """What the placement actor holds for pods (after a restart of either side)."""
         state: dict[str, Any] = self._ray.get(self.placement.pod_leases.remote())
         self._held = {lid.removeprefix("pod-"): node for lid, node in state["leases"].items()}
+        self._saw(state["incarnation"])
+        self._checked_at = time.monotonic()
         return state
+
+    def _saw(self, incarnation: str) -> None:
+        if self._incarnation is not None and incarnation != self._incarnation:
+            self._doubt("the placement actor restarted")
+        self._incarnation = incarnation
+
+    def _doubt(self, why: str) -> None:
+        """The placement actor may hold pods' slices this bridge freed: read its pods' leases again, every
+        recheck, for :data:`DOUBT_S` (a node actor that answers the restarted actor late brings its leases
+        late)."""
+        log.info("%s: the pods' leases are read again for %.0f s", why, DOUBT_S)
+        self._doubt_until = time.monotonic() + DOUBT_S
+
+    def recheck(self) -> bool:
+        now = time.monotonic()
+        if now >= self._doubt_until and now - self._checked_at < RECHECK_EVERY_S:
+            return False
+        self.sync()
+        return True
 
     def set_node(self, name: str, annotations: dict[str, str]) -> bool:
         """Nothing to read: the node actors report the devices."""
@@ -274,9 +312,17 @@ class RayInventory:
         return ok
 
     def release(self, uid: str) -> bool:
-        if self._held.pop(uid, None) is None:
+        if uid not in self._held:
             return False
-        return bool(self._ray.get(self.placement.release_pod.remote(lease_id_of(uid))))
+        try:
+            freed = bool(self._ray.get(self.placement.release_pod.remote(lease_id_of(uid))))
+        except Exception:  # still held: the placement actor may have freed it or not (it died answering)
+            self._doubt(f"pod {uid}'s slices not freed")
+            raise
+        del self._held[uid]
+        if not freed:  # a restarted actor that has not heard from the node actor holding it yet
+            self._doubt(f"pod {uid}'s slices were not held by the placement actor")
+        return freed
 
     def holds(self, uid: str) -> bool:
         return uid in self._held
@@ -285,7 +331,9 @@ class RayInventory:
         return set(self._held)
 
     def changes(self) -> int:
-        return int(self._ray.get(self.placement.pod_changes.remote()))
+        answer = self._ray.get(self.placement.pod_changes.remote())
+        self._saw(answer["incarnation"])
+        return int(answer["changes"])
 
     def snapshot(self) -> ClusterSnapshot:
         snap = ClusterSnapshot.model_validate(self._ray.get(self.placement.status.remote())["snapshot"])

@@ -167,7 +167,7 @@ class PodQueue:
                 self.entries[uid] = _Entry(signature, [], node=placed_on)
                 self._direct.add(uid)
                 return
-            sched.inventory.release(uid)
+            sched.free(uid)
         try:
             containers = pod_requests(pod, sched.config)
             sched.reinterpreted(pod, containers)

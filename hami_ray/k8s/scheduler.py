@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 SCHEDULER_NAME = "hami-scheduler"
 COMPONENT = "hami-ray-scheduler"
 CHANGES_POLL_S = 1.0  # how often the inventory is asked whether somebody else freed slices (Ray tasks)
+RECHECK_S = 2.0  # how often the inventory is asked whether what it holds for pods must be read again
 REINTERPRETED = "HAMiRequestReinterpreted"  # the event a pod read with HAMi's meaning gets
 
 
@@ -127,6 +128,7 @@ class PodScheduler:
         self._outside = self.inventory.changes()
         self._outside_at = time.monotonic()
         self._swept_at = 0.0
+        self._rechecked_at = time.monotonic()
         self._pool: ThreadPoolExecutor | None = None  # run(): bindings and evictions, several at once
         self._notes: ThreadPoolExecutor | None = None  # run(): events and conditions, off the binding path
         self.pod_informer = Informer(self.kube, "/api/v1/pods", self._on_pod, "pods")
@@ -225,10 +227,8 @@ class PodScheduler:
                 node = self._bound_on.pop(uid, None)
                 if node is not None:
                     self._per_node[node] -= 1
-                if self.inventory.holds(uid):
-                    self.inventory.release(uid)
+                if self.free(uid):
                     self.stats.released += 1
-                    self.changed()
                 return
             self.pods[uid] = pod
             self._names[(meta.get("namespace"), meta.get("name"))] = uid
@@ -261,12 +261,25 @@ class PodScheduler:
                     if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")}
             gone = sorted(self.inventory.held() - live - self._in_flight)
             for uid in gone:
-                if self.inventory.release(uid):
+                if self.free(uid):
                     self.stats.released += 1
                     log.info("pod %s is gone: its slices are freed", uid)
-            if gone:
-                self.changed()
             return gone
+
+    def free(self, uid: str) -> bool:
+        """Free the pod's slices if they are held; True if they were. Under the lock. A release that fails
+        (the placement actor restarting) leaves them held here, and they are freed again when the
+        inventory's recheck is next due (:meth:`_time_passed`), if the pod is gone by then."""
+        if not self.inventory.holds(uid):
+            return False
+        try:
+            freed = self.inventory.release(uid)
+        except Exception as exc:  # noqa: BLE001 - the placement actor restarting: freed at the next recheck
+            log.warning("pod %s: its slices were not freed (%s); tried again", uid, exc)
+            return False
+        if freed:
+            self.changed()
+        return freed
 
     def _adopt(self, pod: dict[str, Any], node: str) -> None:
         """Hold what the pod's allocation annotations say it was given on ``node``, in its namespace's queue."""
@@ -298,6 +311,13 @@ class PodScheduler:
             if outside != self._outside:
                 self._outside = outside
                 self.changed()
+        if now - self._rechecked_at >= RECHECK_S:
+            self._rechecked_at = now
+            try:
+                if self.inventory.recheck():
+                    self.free_gone()
+            except Exception as exc:  # noqa: BLE001 - the placement actor restarting: checked again later
+                log.info("pods' leases not read again: %s", exc)
         if now - self._swept_at >= 0.2:
             self._swept_at = now
             self.podqueue.sweep(now)
@@ -378,8 +398,9 @@ class PodScheduler:
         with self._lock:
             if uid in self._in_flight:
                 raise TemporaryError(f"pod {owner_of(pod)} is being bound already")
-            if self.inventory.holds(uid):  # placed before (its annotations) and never bound: place it again
-                self.inventory.release(uid)
+            self.free(uid)  # placed before (its annotations) and never bound: place it again
+            if self.inventory.holds(uid):
+                raise TemporaryError(f"pod {owner_of(pod)}: the slices it held before are not freed yet")
             containers = pod_requests(pod, self.config)
             self.reinterpreted(pod, containers)
             requests = [c.request for c in containers if c.request is not None]

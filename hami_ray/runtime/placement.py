@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -77,6 +78,7 @@ class PlacementShell(GangCalls, PodLeases):
         self.bound_retries = 0  # tasks resubmitted to a process of their own (WorkerBound)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
         self.changes = 0  # slices freed so far: the Kubernetes bridge retries waiting pods when it moves
+        self.incarnation = uuid.uuid4().hex  # new at each restart: the bridge then checks the pods' leases again
         self._host = ""
         self._loop: asyncio.AbstractEventLoop | None = None  # this actor's loop (scrapes run their reads there)
         self._fast = AsyncServer({"acquire": self.acquire, "release": self.release, "ping": self.ping})

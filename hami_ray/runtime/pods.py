@@ -25,6 +25,7 @@ class PodLeases:
 
     svc: PlacementService
     changes: int
+    incarnation: str
 
     # provided by the placement actor's body
     async def _ensure_started(self) -> None:
@@ -102,11 +103,11 @@ class PodLeases:
 
     async def pod_leases(self) -> dict[str, Any]:
         """The pods' leases held (lease id -> Kubernetes node), the Kubernetes nodes with a node actor,
-        and :attr:`changes` (it moves whenever a slice is freed)."""
+        :attr:`changes` (it moves whenever a slice is freed) and :attr:`incarnation`."""
         await self._ensure_started()
         return {"leases": {x.lease_id: self._k8s_name(x.allocation.node) for x in self.svc.ledger.leases.values()
                            if x.holder == "pod"},
-                "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes}
+                "nodes": sorted(self.svc.k8s_nodes()), "changes": self.changes, "incarnation": self.incarnation}
 
     async def preempt_for_pod(self, lease_id: str, requests: list[dict[str, Any]], k8s_nodes: list[str],
                               spare: list[str]) -> dict[str, Any] | None:
@@ -139,9 +140,11 @@ class PodLeases:
     def _tell_victims(self, plan: Preemption) -> None:
         raise NotImplementedError
 
-    async def pod_changes(self) -> int:
-        """:attr:`changes` alone (the bridge asks every second whether slices were freed)."""
-        return self.changes
+    async def pod_changes(self) -> dict[str, Any]:
+        """:attr:`changes` and :attr:`incarnation` (the bridge asks every second whether slices were freed,
+        and whether this actor restarted: a restarted one rebuilds its ledger from the node actors, which
+        may still hold a pod's slice an earlier incarnation freed and had not told them of yet)."""
+        return {"changes": self.changes, "incarnation": self.incarnation}
 
     def _k8s_name(self, node_id: str) -> str:
         return self.svc.ledger.node(node_id).labels.get(K8S_NODE_LABEL, node_id)

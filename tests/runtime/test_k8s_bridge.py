@@ -196,5 +196,24 @@ def test_a_restarted_bridge_frees_the_slices_of_pods_deleted_while_it_was_down(b
         runner.join(timeout=30)
 
 
+def test_a_pods_slice_a_restarted_placement_actor_holds_again_is_freed(bridge: PodScheduler) -> None:
+    """The placement actor frees a pod's slice in its ledger, answers the bridge, and tells the node actor
+    afterwards: killed in between, its next incarnation rebuilds the ledger from the node actor and holds
+    the slice again, for a pod the bridge freed and forgot (bench/chaos.py: a pod slice held by nothing
+    for 98 s, until the bridge itself was restarted). The running bridge sees the new incarnation, reads
+    the pods' leases again and frees the slices of pods that are gone."""
+    placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+    with bridge.lock:
+        bridge.inventory.sync()  # its own periodic re-read (RECHECK_EVERY_S) is minutes away now
+    uid = "00000000-0000-4000-8000-0000000fa11e"
+    RayInventory(placement).place(uid, "gone/freed-before", [slice_request({"gpus": 1, "gpu_memory": "1GiB"})],
+                                  [K8S_NODE])  # what the node actor still holds (the bridge never saw it)
+    lease_id = f"pod-{uid}"
+    assert not bridge.inventory.holds(uid)
+    ray.kill(placement, no_restart=False)
+    assert wait_for(lambda: all(x.lease_id != lease_id for x in api_status_leases()), timeout=120), \
+        f"{lease_id} still held after the placement actor restarted"
+
+
 def api_status_leases() -> list[object]:
     return list(api.status().leases)
