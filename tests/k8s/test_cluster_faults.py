@@ -10,9 +10,11 @@ deleted, its heartbeats resumed)."""
 from __future__ import annotations
 
 import base64
+import gc
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -100,6 +102,25 @@ def test_an_object_whose_owner_is_deleted_is_garbage_collected(admin: client.Api
 def test_the_api_server_killed_is_started_again_and_the_same_kubeconfig_works(
         kubeconfig: Path, admin: client.ApiClient, api: client.ApiClient, namespace: str, node: str) -> None:
     """``node`` (a kwok node, tests/k8s/conftest.py) shows that kwok carries on after the restart."""
+    try:
+        _restart_apiserver(kubeconfig, admin, api, namespace, node)
+    finally:
+        _collect_dropped_connections()
+
+
+def _collect_dropped_connections() -> None:
+    """Close now what the restart left to the garbage collector: connections of this process's clients
+    that were open when the API server died. Left to the collector, they are closed at some later moment,
+    and pytest reports the ResourceWarning ("unclosed <ssl.SSLSocket ... raddr=<the API server>>") as an
+    error of whatever test runs then (seen once, in the setup of the next test, in the suite next to a
+    CPU hog at b2c3d94; not reproduced with a collection after every test)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def _restart_apiserver(kubeconfig: Path, admin: client.ApiClient, api: client.ApiClient, namespace: str,
+                       node: str) -> None:
     state = kubeconfig.parent
     written = kubeconfig.read_text()
     core = client.CoreV1Api(admin)
