@@ -201,8 +201,20 @@ def test_placement_actor_killed_mid_run(hami: RayCluster) -> None:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
     ray.kill(api._handle(), no_restart=False)
     assert sorted(ray.get(refs, timeout=400)) == list(range(500))
-    assert wait_until(lambda: live_leases() == 0, timeout=30)
+    assert wait_until(lambda: live_leases() == 0, timeout=30), _left_behind()
     assert_node_actors_empty_and_never_over()
+
+
+def _left_behind() -> str:
+    """What still holds slices, and this driver's lanes (a failure once next to a CPU hog left four
+    ``task:work`` slices that waiting lanes' workers took 5 s before the tasks ended, held until the
+    session's end; the cause is not known yet)."""
+    leases = [(x.lease_id, x.owner, x.holder, x.state, x.pids) for x in api.status().leases]
+    lanes = api._lanes
+    open_lanes = [] if lanes is None else [
+        (x.key[:40], "waiting" if x.request is not None else "held", x.in_flight, x.dead,
+         round(time.monotonic() - x.last, 1)) for v in list(lanes._lanes.values()) for x in v]
+    return f"leases {leases}; lanes (shape, kind, in flight, dead, idle s) {open_lanes}; stats {lanes and lanes.stats}"
 
 
 def test_node_actor_restarts_with_its_leases(hami: RayCluster) -> None:
