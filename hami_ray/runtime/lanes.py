@@ -324,16 +324,17 @@ class LaneClient:
         """Back to the idle pool, with the slice it is bound to (CUDA initialised there), if any."""
         if isinstance(bound, BaseException):
             return  # it died meanwhile
+        # A worker not kept is killed by another thread: this one is Ray's io thread (an _on_completed
+        # callback), and a ray.kill here would wait for ever for the GCS's answer, which only it delivers.
         with self._lock:
+            stopped = self._stopped
             pool = self._idle.setdefault(lane.pool_key, [])
-            if not self._stopped and len(pool) < MAX_IDLE_WORKERS:
+            if not stopped and len(pool) < MAX_IDLE_WORKERS:
                 pool.append(_IdleWorker(lane.worker, json.dumps(bound, sort_keys=True) if bound is not None else None))
                 return
-            # Killed by another thread: this one is Ray's io thread (an _on_completed callback), and a
-            # ray.kill here would wait for ever for the GCS's answer, which only this thread delivers.
-            if not self._stopped:
-                self._doomed.append(lane.worker)
-        if self._stopped:
+            if not stopped:
+                self._doomed.append(lane.worker)  # the lanes thread kills it
+        if stopped:  # the lanes thread is gone: a thread of its own
             threading.Thread(target=ray.kill, args=(lane.worker,), name="hami-ray-lane-kill", daemon=True).start()
         self._wake.set()
 
