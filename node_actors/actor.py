@@ -220,6 +220,14 @@ class NodeActorShell:
         with self._lock:
             self.agent.finish(lease_id, pid)
 
+    def disown(self, pid: int, pidns: int | None = None, keep: list[str] | None = None) -> list[str]:
+        """``pid`` holds no Ray slice here but ``keep`` (:meth:`NodeAgent.disown`); the slices it left."""
+        with self._lock:
+            left = self.agent.disown(pid, pidns, keep or ())
+        if left:
+            log.warning("process %d held slices it did not know of, now left: %s", pid, ", ".join(left))
+        return left
+
     def release(self, lease_id: str, token: str) -> bool:
         with self._lock:
             return self.agent.release(lease_id, token) is not None

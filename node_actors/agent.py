@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +289,19 @@ class NodeAgent:
             self._journal.upsert_lease(kept, self._regions[lease_id][1])
             return None
         return self._end(lease_id, EventKind.FINISHED, {"pid": pid})
+
+    def disown(self, pid: int, pidns: int | None = None, keep: Collection[str] = ()) -> list[str]:
+        """Process ``pid`` (numbered in ``pidns``, as :meth:`activate`) holds none of its Ray slices but
+        ``keep``: it leaves each other one (:meth:`finish`; one nothing else holds ends). A lane worker says
+        so when its lane ends, so that a slice bound to it that it never heard of (granted to it, the answer
+        lost to a placement actor that died) or forgot (released to a placement actor that died before
+        telling this node) is not held for as long as the worker lives. Returns the slices it left."""
+        local = self._local_pid(pid, pidns)
+        left = [x.lease_id for x in self._ledger.leases.values()
+                if x.holder == "process" and local in x.pids and x.lease_id not in keep]
+        for lease_id in left:
+            self.finish(lease_id, local)
+        return left
 
     def release(self, lease_id: str, token: str) -> Lease | None:
         """Free a lease. Idempotent, also across restarts: a lease that already ended returns None.

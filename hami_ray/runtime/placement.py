@@ -27,10 +27,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hami_ray.core.errors import (
     HamiRayError,
+    InvalidRequest,
     SlicePreempted,
     SliceQuotaExceeded,
     Unschedulable,
 )
+from hami_ray.core.ids import is_lease_id
 from hami_ray.core.model import Lease, Node, SliceRequest
 from hami_ray.core.queues import Preemption, QueueTree
 from hami_ray.observe.metrics import DecisionLatency, StatusCollector
@@ -216,6 +218,16 @@ class PlacementShell(GangCalls, PodLeases):
                 log.info("node %s fast path: %s; using a Ray call", node_id, exc)
         return await getattr(self._node_actor(node_id), op).remote(**args)
 
+    def _existing_node_actor(self, node_id: str) -> Any:
+        """``node_id``'s actor if it exists (registered here, or started by an earlier incarnation of this
+        actor), never started for a node id that may be wrong or gone; None when there is none."""
+        if node_id in self.svc.node_actor:
+            return self._node_actor(node_id)
+        try:
+            return ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
+        except ValueError:
+            return None
+
     def _orphaned(self, lease: Lease) -> bool:
         """Reserved by an earlier incarnation of this actor (it died between reserving and starting the
         work) and never claimed by a process: nobody will use it."""
@@ -361,8 +373,12 @@ class PlacementShell(GangCalls, PodLeases):
             return self.svc.confirm(plan.lease), env
         return None
 
-    async def _release(self, lease: Lease) -> None:
-        """Free in the ledger now (the queue moves on at once); tell the node actor without waiting.
+    async def _release(self, lease: Lease, told: bool = False) -> None:
+        """Free in the ledger now (the queue moves on at once); tell the node actor without waiting, or,
+        ``told``, before returning (a caller's release: were this actor to die between its answer and the
+        node actor hearing of it, its next incarnation would hold the slice again, rebuilt from the node
+        actor, for a holder that freed it and forgot it). A node actor that cannot be told now hears of it
+        with the node's next releases.
 
         Until the node actor hears of it, its own ledger still holds the slice, so a new reservation
         there may be refused once and retried: safe, never over-committed."""
@@ -371,6 +387,14 @@ class PlacementShell(GangCalls, PodLeases):
         self.changes += 1
         self._kick()
         node = lease.allocation.node
+        if told and node in self.svc.node_actor:
+            try:
+                await asyncio.wait_for(self._node_call(node, "release_many", releases=[(lease.lease_id, lease.token)]),
+                                       INFO_TIMEOUT_S)  # a node actor restarting, or of a node gone, is not waited for
+                return
+            except (RayError, HamiRayError, asyncio.TimeoutError) as exc:
+                log.info("release of %s on %s not told now: %s (told with its next releases)", lease.lease_id,
+                         node, exc)
         box = self._outbox.setdefault(node, [])
         box.append((lease.lease_id, lease.token))
         if len(box) == 1:  # after this call has answered; or sooner, with the node's next reservation
@@ -391,7 +415,7 @@ class PlacementShell(GangCalls, PodLeases):
     # --- API ---------------------------------------------------------------------------------
     async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None,
                       wait: bool = True, holder: str = "process", job: str = "",
-                      process: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                      process: dict[str, Any] | None = None, ticket: str | None = None) -> dict[str, Any] | None:
         """Wait for a slice; returns the lease, the node actor's name and the isolation environment.
         ``submitted``: the caller's ``time.time()`` when it asked (queue order); default: now.
         ``wait=False``: a slice now, never ahead of anyone waiting (a driver opening a lane), or
@@ -400,9 +424,25 @@ class PlacementShell(GangCalls, PodLeases):
         ``process`` (:func:`hami_ray.runtime.worker.this_process`): the calling process asks for itself;
         a slice granted on its node is bound to it before the answer, so that one granted after the process
         died while it waited (Ray Data ending a pool whose actors were starting) is reaped with it, not held
-        by nothing until the reservation's grace ends."""
+        by nothing until the reservation's grace ends.
+        ``ticket`` (a new lease id, :func:`hami_ray.core.ids.new_lease_id`, one per call): the lease's id. When
+        this actor dies after granting and before its answer is in, Ray runs the call again on the restarted
+        actor (``max_task_retries``), which then answers with the slice granted before (rebuilt from its node
+        actor, already bound to ``process``) instead of a second one that nothing would ever free while the
+        process lives (a lane worker goes back to the idle pool).
+
+        Raises:
+            InvalidRequest: a malformed request, or a ``ticket`` not of a lease id's form or naming another
+                owner's lease.
+        """
         req = self._request(request)
         who: dict[str, Any] = {"holder": holder, "job": job} if holder != "process" else {}
+        if ticket is not None:
+            again = await self._granted_before(ticket, owner, process)
+            if isinstance(again, dict):
+                return again
+            if again:
+                who["lease_id"] = ticket
         if not wait:
             await self._ensure_started()
             self.svc.scheduler.validate(req)
@@ -411,6 +451,32 @@ class PlacementShell(GangCalls, PodLeases):
             placed = await self._try_place(req, owner, **who)
             return {"waiting": 0} if placed is None else self._grant(*placed)
         lease, env = await self._acquire(req, owner, time.time() if submitted is None else submitted, **who)
+        if process is not None and process.get("node") == lease.allocation.node:
+            await self._bind(lease, process)
+        return self._grant(lease, env)
+
+    async def _granted_before(self, ticket: str, owner: str, process: dict[str, Any] | None) -> dict[str, Any] | bool:
+        """The grant of the lease ``ticket`` names if it is live (an earlier run of this call got it); else
+        whether the new lease may take ``ticket`` as its id (not when a lease of that id is being reserved, or
+        was freed here just now: its node actor may still hold it)."""
+        if not is_lease_id(ticket):
+            raise InvalidRequest("ticket", f"{ticket!r} is not a lease id (lease- and 16 hex digits)")
+        await self._ensure_started()
+        lease = self.svc.ledger.leases.get(ticket)
+        if lease is None or ticket in self._reserving:
+            return lease is None and ticket not in self._reserving
+        if lease.owner != owner:
+            raise InvalidRequest("ticket", f"{ticket} names a lease of {lease.owner}, not of {owner}")
+        try:
+            env = await asyncio.wait_for(self._node_actor(lease.allocation.node).isolation_env.remote(ticket),
+                                         INFO_TIMEOUT_S)
+        except (RayError, HamiRayError, asyncio.TimeoutError) as exc:  # gone there, or restarting: a new slice
+            log.info("lease %s granted before is not readable on its node (%s): it is freed, a new one planned",
+                     ticket, exc)
+            await self._release(lease)
+            return False
+        log.info("lease %s granted before this actor restarted goes to %s again", ticket, owner)
+        self._mine.add(ticket)  # claimed now: the orphan sweep leaves it alone
         if process is not None and process.get("node") == lease.allocation.node:
             await self._bind(lease, process)
         return self._grant(lease, env)
@@ -455,16 +521,18 @@ class PlacementShell(GangCalls, PodLeases):
 
     async def release(self, lease_id: str, token: str, node: str | None = None) -> bool:
         """Free a lease. ``node``: where it lives, so that it is freed there even if this (restarted)
-        actor's ledger does not hold it (any more, or yet)."""
+        actor's ledger does not hold it (any more, or yet: a node whose actor did not answer this actor's
+        first sync is registered later, with the slice)."""
         await self._ensure_started()
         lease = self.svc.ledger.leases.get(lease_id)
         if lease is None:
-            if node is not None and node in self.svc.node_actor:
-                await self._node_actor(node).release.remote(lease_id, token)  # raises on a wrong token
+            handle = self._existing_node_actor(node) if node is not None else None
+            if handle is not None:
+                await handle.release.remote(lease_id, token)  # raises on a wrong token
             return False
         if lease.token != token:
             self.svc.release(lease_id, token)  # raises LeaseTokenMismatch
-        await self._release(lease)
+        await self._release(lease, told=True)
         return True
 
     async def run(self, request: dict[str, Any], owner: str, fn_ref: list[Any], args: list[Any],

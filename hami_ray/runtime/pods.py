@@ -37,7 +37,7 @@ class PodLeases:
     async def _reserve_planned(self, planner: Callable[[frozenset[str]], Plan]) -> tuple[Lease, dict[str, str]] | None:
         raise NotImplementedError
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, lease: Lease, told: bool = False) -> None:
         raise NotImplementedError
 
     async def place_pod(self, requests: list[dict[str, Any]], owner: str, lease_id: str, token: str,
@@ -98,7 +98,7 @@ class PodLeases:
         lease = self.svc.ledger.leases.get(lease_id)
         if lease is None or lease.holder != "pod":
             return False
-        await self._release(lease)
+        await self._release(lease, told=True)  # answered once the node actor knows: a restart cannot bring it back
         return True
 
     async def pod_leases(self) -> dict[str, Any]:

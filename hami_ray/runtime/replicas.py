@@ -28,6 +28,7 @@ from typing import Any
 import ray
 
 from hami_ray.core.errors import HamiRayError, InvalidRequest
+from hami_ray.core.ids import new_lease_id
 from hami_ray.core.model import SliceRequest
 from hami_ray.core.request import KEYWORDS, slice_request
 from hami_ray.runtime.placement import PLACEMENT_NAME, slice_meta
@@ -77,7 +78,8 @@ def take_slice(request: dict[str, Any], owner: str) -> dict[str, Any]:
         if uuids is None:
             raise NodeCannotHold(node, owner, _describe(request), [name for name, _, _ in able])
         grant: dict[str, Any] = ray.get(placement.acquire.remote({**request, "include_uuids": uuids}, owner,
-                                                                 time.time(), process=this_process()))
+                                                                 time.time(), process=this_process(),
+                                                                 ticket=new_lease_id()))
         try:
             enter_slice(slice_meta(grant, grant["state_root"]), _started_env(grant["env"], owner), lane=True)
         except BaseException:

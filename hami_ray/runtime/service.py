@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hami_ray.core.errors import InvalidRequest, Unschedulable
+from hami_ray.core.ids import new_lease_id
 from hami_ray.core.ledger import Ledger
 from hami_ray.core.model import DEFAULT_QUEUE, K8S_NODE_LABEL, Allocation, ClusterSnapshot, Lease, LeaseState, Node, SliceRequest
 from hami_ray.core.policies.fgd import FgdDevicePolicy
@@ -179,8 +180,9 @@ class PlacementService:
 
     def plan(self, request: SliceRequest, owner: str, created_at: float,
              holder: Literal["process", "pod", "driver"] = "process", job: str = "", nominee: str | None = None,
-             avoid: Collection[str] = ()) -> Plan:
+             avoid: Collection[str] = (), lease_id: str | None = None) -> Plan:
         """Choose devices and hold them as ``reserved`` in the ledger, within the request's queue's limit.
+        ``lease_id``: the caller's (a ticket that makes a retried call find its lease); default: a new one.
 
         Raises:
             Unschedulable: nothing fits now, or its queue is at its limit (``never`` if nothing ever could).
@@ -193,7 +195,7 @@ class PlacementService:
             allocation = self.scheduler.place(request, avoid=avoid)
         self._within_limit(queue, allocation)
         self._placed_for(nominee)
-        lease = Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=owner, allocation=allocation,
+        lease = Lease(lease_id=lease_id or new_lease_id(), owner=owner, allocation=allocation,
                       token=secrets.token_urlsafe(16), priority=request.priority, created_at=created_at,
                       holder=holder, job=job, queue=queue, preemptible=request.preemptible)
         return Plan(self._hold(self.ledger.allocate(lease)), allocation.node)
@@ -446,7 +448,7 @@ class PlacementService:
             self.workload.observe(request)
 
         def lease_for(index: int, allocation: Allocation) -> Lease:
-            return Lease(lease_id=f"lease-{secrets.token_hex(8)}", owner=f"{owner}[{index}]", allocation=allocation,
+            return Lease(lease_id=new_lease_id(), owner=f"{owner}[{index}]", allocation=allocation,
                          token=secrets.token_urlsafe(16), priority=requests[index].priority, created_at=created_at,
                          holder=holder, job=job, queue=queue, preemptible=requests[index].preemptible)
 

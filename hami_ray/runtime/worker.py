@@ -29,6 +29,7 @@ from typing import Any
 import ray
 
 from hami_ray.core.errors import HamiRayError, SlicePreempted, SliceQuotaExceeded
+from hami_ray.core.ids import new_lease_id
 from hami_ray.core.model import DeviceGrant
 from hami_ray.runtime import framework_caps
 from node_actors import interrupt
@@ -118,6 +119,7 @@ _bound: dict[str, str] | None = None  # the slice environment CUDA initialised u
 # tasks are queued to it: a worker that gave the slice back in a gap between two of them let a later lane
 # go first, issue 15); a slice left this long with no task goes back anyway (a driver that stopped ending lanes)
 OWN_IDLE_S = 10.0
+DISOWN_TIMEOUT_S = 30.0
 PREEMPT_RETRIES = 3  # a lane's task whose slice is preempted runs again this often (Ray's default max_retries)
 QUEUE_ENV = "HAMI_RAY_QUEUE"  # the job's team queue: requests that name none go there (then to "default")
 
@@ -477,7 +479,8 @@ class SliceWorkerShell:
             self._place = time.time()  # renewing: behind those waiting now
         if own is None:
             grant: dict[str, Any] = dict(ray.get(placement.acquire.remote(request, owner, self._place,
-                                                                          process=this_process())))
+                                                                          process=this_process(),
+                                                                          ticket=new_lease_id())))
             grant["meta"] = slice_meta(grant, grant["state_root"])
             with self._lock:
                 self._own, self._own_key = grant, key
@@ -492,27 +495,52 @@ class SliceWorkerShell:
         self._asked = now
         return bool(ray.get(placement.waiting.remote()))
 
-    def _give_back(self, if_idle: bool = False) -> None:
+    def _give_back(self, if_idle: bool = False) -> str | None:
+        """Give this worker's own slice back (``if_idle``: only one left with no task for ``idle_s``); the
+        lease id given back, if the placement actor was asked to free one."""
         from hami_ray.runtime.placement import PLACEMENT_NAME  # noqa: PLC0415
 
         with self._lock:
             if if_idle and (self._running or time.monotonic() - self._own_last <= self._idle_s):
-                return
+                return None
             own, self._own = self._own, None
-        if own is not None:
-            lease = own["lease"]
-            ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE).release.remote(lease["lease_id"], lease["token"],
-                                                                              lease["allocation"]["node"])
+        if own is None:
+            return None
+        lease = own["lease"]
+        try:
+            ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE).release.remote(
+                lease["lease_id"], lease["token"], lease["allocation"]["node"])
+        except Exception as exc:  # noqa: BLE001 - its node actor frees it when told the lane ended (binding)
+            log.warning("slice %s not given back to the placement actor: %s", lease["lease_id"], exc)
+            return None
+        return str(lease["lease_id"])
 
     def binding(self) -> dict[str, str] | None:
         """The slice environment CUDA was initialised under in this process (None: any slice may come);
         asked when a lane ends, before the worker serves another: the slice it acquired itself for the
-        lane goes back now (Ray runs this after the lane's tasks: the driver asks after the last one)."""
+        lane goes back now (Ray runs this after the lane's tasks: the driver asks after the last one), and
+        its node actor hears that this process holds no slice now (:meth:`_disown`)."""
         global _bound
-        self._give_back()
+        given = self._give_back()
+        self._disown(keep=[given] if given else [])
         if _bound is None and self._env is not None and _cuda_loaded():
             _bound = dict(self._env)
         return _bound
+
+    @staticmethod
+    def _disown(keep: list[str]) -> None:
+        """Tell this node's actor that this process holds no slice but ``keep`` (the one it just gave back:
+        the placement actor frees that one): one bound to it that it never heard of (the placement actor died
+        between granting it and answering) or that it gave back to a placement actor that died before telling
+        the node actor would otherwise be held for as long as the worker lives (the idle pool keeps it, and
+        the node actor only reaps slices of dead processes)."""
+        from node_actors.actor import node_actor_name  # noqa: PLC0415 - the actor shell, only when a lane ends
+
+        try:
+            node_actor = ray.get_actor(node_actor_name(ray.get_runtime_context().get_node_id()), namespace=NAMESPACE)
+            ray.get(node_actor.disown.remote(os.getpid(), pid_namespace(), keep), timeout=DISOWN_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a restarting node actor: the next lane's end tells it
+            log.info("could not tell the node actor that this worker holds no slice: %s", exc)
 
     def _watch(self) -> None:
         """Have a long task check Ray's cancel flag; give back an own lease left with no task for ``idle_s``."""

@@ -373,6 +373,33 @@ def test_finish_ends_the_lease_when_its_last_holder_is_done(agent: NodeAgent) ->
     assert agent.finish(lease.lease_id, 1) is None
 
 
+def test_a_process_that_disowns_its_slices_leaves_all_but_those_it_keeps(agent: NodeAgent) -> None:
+    """A lane worker says, when its lane ends, that it holds no slice: one bound to it at a grant whose answer
+    it never got ends; one another process shares keeps that process; a kept one, another process's, a
+    driver's and a pod's stay as they are."""
+    me = os.getpid()
+    alone = agent.reserve(make_lease((0, 1024, 10), lease_id="alone"))
+    agent.activate(alone.lease_id, me)
+    shared = agent.reserve(make_lease((0, 1024, 10), lease_id="shared"))
+    agent.activate(shared.lease_id, me)
+    agent.attach_pid(shared.lease_id, 1)
+    kept = agent.reserve(make_lease((0, 1024, 10), lease_id="kept"))
+    agent.activate(kept.lease_id, me)
+    other = agent.reserve(make_lease((1, 1024, 10), lease_id="other"))
+    agent.activate(other.lease_id, 1)
+    driver = agent.reserve(make_lease((1, 1024, 10), lease_id="driver").model_copy(
+        update={"holder": "driver", "job": "01000000"}))
+    agent.claim(driver.lease_id, me)
+    pod = agent.reserve(make_lease((1, 1024, 10), lease_id="pod").model_copy(update={"holder": "pod"}))
+
+    assert sorted(agent.disown(me, keep=["kept"])) == ["alone", "shared"]
+    held = {x.lease_id: x.pids for x in agent.leases()}
+    assert held == {"shared": (1,), "kept": (me,), "other": (1,), "driver": (me,), pod.lease_id: ()}
+    assert agent.events(lease_id="alone")[-1].kind == "finished"
+    assert agent.release(alone.lease_id, alone.token) is None  # the placement actor's release is then a no-op
+    assert agent.disown(me, keep=["kept"]) == []
+
+
 # --- preemption -----------------------------------------------------------------------------------
 def _read_when_written(path: Path, what: str) -> dict[str, object]:
     """The JSON the child writes to ``path``, once it is all there."""

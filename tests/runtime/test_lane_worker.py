@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hami_ray.core.ids import is_lease_id
 from hami_ray.runtime import worker
 from hami_ray.runtime.placement import PLACEMENT_NAME
 
@@ -40,6 +41,7 @@ class Placement:
     waiting_now: int = 0
     asked: list[float] = field(default_factory=list)
     processes: list[dict[str, Any] | None] = field(default_factory=list)
+    tickets: list[str | None] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     granted: list[str] = field(default_factory=list)
 
@@ -47,9 +49,10 @@ class Placement:
         self.acquire, self.release, self.waiting = _Call(self._acquire), _Call(self._release), _Call(lambda: self.waiting_now)
 
     def _acquire(self, request: dict[str, Any], owner: str, submitted: float,
-                 process: dict[str, Any] | None = None) -> dict[str, Any]:
+                 process: dict[str, Any] | None = None, ticket: str | None = None) -> dict[str, Any]:
         self.asked.append(submitted)
         self.processes.append(process)
+        self.tickets.append(ticket)
         lease_id = f"lease-{len(self.asked)}"
         self.granted.append(lease_id)
         return grant(lease_id, request["include_uuids"], self.state_root)
@@ -66,9 +69,11 @@ class NodeActor:
     held: set[str] = field(default_factory=set)
     activated: list[str] = field(default_factory=list)
     starting: list[bool] = field(default_factory=list)
+    disowned: list[tuple[int, int | None, list[str] | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.activate, self.finish = _Call(self._activate), _Call(lambda lease_id, pid: None)
+        self.disown = _Call(lambda pid, pidns=None, keep=None: self.disowned.append((pid, pidns, keep)) or [])
 
     def _activate(self, lease_id: str, pid: int, pidns: int | None = None, starting: bool = False) -> bool:
         self.activated.append(lease_id)
@@ -137,6 +142,8 @@ def test_a_waiting_lane_queues_at_its_own_place_whichever_worker_serves_it(stage
     # each ask names this process, so that a slice granted after it died is reaped with it
     assert {(p or {}).get("node") for p in stage.placement.processes} == {NODE}
     assert {(p or {}).get("pid") for p in stage.placement.processes} == {os.getpid()}
+    # and a ticket of its own, so that Ray running it again on a restarted placement actor gets the same slice
+    assert all(is_lease_id(t) for t in stage.placement.tickets) and len(set(stage.placement.tickets)) == 3
     shell._give_back()
 
 
@@ -184,6 +191,9 @@ def test_a_gap_between_a_lanes_tasks_keeps_its_slice_until_the_driver_ends_the_l
     assert stage.placement.released == [] and stage.placement.asked == [100.0]
     assert shell.binding() is None  # the driver ends the lane
     assert stage.placement.released == ["lease-1"]
+    # and its node actor hears that this process holds no slice now but the one the placement actor frees (any
+    # other bound to it, that it never heard of, goes)
+    assert stage.node.disowned == [(os.getpid(), worker.pid_namespace(), ["lease-1"])]
 
 
 def test_a_lane_task_whose_slice_went_before_the_worker_started_runs_in_a_new_one(stage: Stage) -> None:
