@@ -13,6 +13,10 @@ tp=d['throughput']; done=d['done']; fb=d['failed_by_error']
 rf=d['meta'].get('state_disk_full_journal_refused', [])
 refused=f"{sum(rf)} of {len(rf)} here"
 fails=', '.join(f'{k} {v}' for k,v in fb.items()) or 'none'
+hbn=d['meta'].get('held_by_nothing_max_s') or {}
+held=(f"- Longest a lease was held by nothing before it was freed, per holder: "
+      f"{', '.join(f'{k} {v} s' for k, v in sorted(hbn.items()))} (the bound: {d['meta']['bounds_s']['orphan']} s).\n"
+      if hbn else "")
 doc=f"""# Chaos: mixed load, injected faults, invariants checked all the time
 
 `bench/chaos.py` runs one long mixed load on a local multi-node Ray with simulated devices and the Go
@@ -37,7 +41,7 @@ suite runs the short form (`tests/test_chaos.py`: two minutes, seed 11, each fau
 {rows}
 
 - Invariant violations: **{d['invariant_violations']}** ({d['audits']} audits). Lost work: **{d['lost']}**.
-- Done: {done.get('tasks',0):,} tasks, {done.get('actors',0)} actors (3 calls each), {done.get('leases',0)} driver leases of the
+{held}- Done: {done.get('tasks',0):,} tasks, {done.get('actors',0)} actors (3 calls each), {done.get('leases',0)} driver leases of the
   bench's own driver, {done.get('pods',0)} pods bound and deleted, {done.get('drivers',0)} second drivers killed and replaced,
   {done.get('stopped_over_slice',0)} processes over their slice stopped with `SliceQuotaExceeded`, {done.get('preemptors',0)} high-priority
   requests served by preemption ({done.get('pods_withdrawn',0)} pods still waiting at the end withdrawn).
@@ -166,7 +170,7 @@ try:  # bench/suite_under_hog.py's runs: the whole suite next to a CPU hog
 The whole suite (the two-minute chaos run included) next to a CPU hog, a busy loop on each of the
 {H['meta']['hogs']} cores, from a fresh clone (`{H['meta']['command']}`): **{streak} run(s) in a row
 passed**{bar}, at `{', '.join(sorted({str(r['commit']) for r in runs}))}`, {span} minutes each
-(about 10 unloaded); the last one: `{runs[-1]['pytest']}`. Every failure so far, its cause and its fix:
+(clone, set-up and suite); the last one: `{runs[-1]['pytest']}`. Every failure so far, its cause and its fix:
 [docs/suite_under_hog.md](docs/suite_under_hog.md).
 """
 except FileNotFoundError:
