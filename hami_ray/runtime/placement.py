@@ -387,14 +387,9 @@ class PlacementShell(GangCalls, PodLeases):
         self.changes += 1
         self._kick()
         node = lease.allocation.node
-        if told and node in self.svc.node_actor:
-            try:
-                await asyncio.wait_for(self._node_call(node, "release_many", releases=[(lease.lease_id, lease.token)]),
-                                       INFO_TIMEOUT_S)  # a node actor restarting, or of a node gone, is not waited for
+        if told and node in self.svc.node_actor:  # a node actor restarting, or of a node gone, is not waited for
+            if await self._send_releases(node, [(lease.lease_id, lease.token)], INFO_TIMEOUT_S):
                 return
-            except (RayError, HamiRayError, asyncio.TimeoutError) as exc:
-                log.info("release of %s on %s not told now: %s (told with its next releases)", lease.lease_id,
-                         node, exc)
         box = self._outbox.setdefault(node, [])
         box.append((lease.lease_id, lease.token))
         if len(box) == 1:  # after this call has answered; or sooner, with the node's next reservation
@@ -406,11 +401,14 @@ class PlacementShell(GangCalls, PodLeases):
         if box and node in self.svc.node_actor:
             asyncio.get_running_loop().create_task(self._send_releases(node, box))
 
-    async def _send_releases(self, node: str, box: list[tuple[str, str]]) -> None:
+    async def _send_releases(self, node: str, box: list[tuple[str, str]], timeout: float | None = None) -> bool:
+        """Tell ``node``'s actor of ``box``'s releases; False when it could not be told (within ``timeout``)."""
         try:
-            await self._node_call(node, "release_many", releases=box)
-        except (RayError, HamiRayError) as exc:
-            log.info("releases on %s not told: %s (the node actor reaps them)", node, exc)
+            await asyncio.wait_for(self._node_call(node, "release_many", releases=box), timeout)
+        except (RayError, HamiRayError, asyncio.TimeoutError) as exc:
+            log.info("releases on %s not told: %s", node, exc)
+            return False
+        return True
 
     # --- API ---------------------------------------------------------------------------------
     async def acquire(self, request: dict[str, Any], owner: str, submitted: float | None = None,
